@@ -1,0 +1,442 @@
+"""Argument normalization and all integer shape/padding math: no arrays, no I/O.
+
+Everything here works on Python ints and tuples. The public entry points are `plan_conv_transpose` and
+`plan_conv`, which validate every argument and return a frozen `Plan` that the engine trusts; the per-axis
+helpers (`legal_output_range`, `pads_for`, ...) are small pure functions that the tests check exhaustively.
+
+Per spatial axis, with I the transposed op's input size (= the forward conv's output size), O its output size
+(= the forward conv's input size), K the kernel size, s the stride, d the dilation and eff = (K-1)*d + 1:
+
+    output[o] += input[i] * filters[k]   for o = i*s + k*d - lo,   0 <= o < O
+
+which is exactly TF's Conv*DBackpropInput; `pads_for` gives lo (and hi) as TF computes them.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import dataclass
+
+CHANNELS_LAST_NAMES = {1: "NWC", 2: "NHWC", 3: "NDHWC"}
+CHANNELS_FIRST_NAMES = {1: "NCW", 2: "NCHW", 3: "NCDHW"}
+
+
+def _fail(op: str, message: str):
+    from .errors import ConvtError
+
+    raise ConvtError(f"{op}: {message}")
+
+
+def _int(op: str, label: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        _fail(op, f"{label} must be an integer, got {value!r}")
+    return int(value)
+
+
+def _int_sequence(op: str, label: str, value) -> tuple[int, ...]:
+    if isinstance(value, (str, bytes)) or not hasattr(value, "__len__"):
+        _fail(op, f"{label} must be a sequence of integers, got {value!r}")
+    if getattr(value, "ndim", 1) != 1:
+        _fail(op, f"{label} must be one-dimensional, got {value!r}")
+    return tuple(_int(op, f"{label}[{j}]", v) for j, v in enumerate(value))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Normalization: the many spellings of each argument become one frozen spec.
+
+
+def normalize_data_format(op: str, data_format, n: int) -> bool:
+    """Return True for channels-first. Accepts None, TF's strings for N <= 3, channels_last/channels_first."""
+    if data_format is None:
+        return False
+    if not isinstance(data_format, str):
+        _fail(op, f"data_format must be a string or None, got {data_format!r}")
+    name = data_format.strip().upper()
+    if name == "CHANNELS_LAST" or name == CHANNELS_LAST_NAMES.get(n):
+        return False
+    if name == "CHANNELS_FIRST" or name == CHANNELS_FIRST_NAMES.get(n):
+        return True
+    expected = [f"'{CHANNELS_LAST_NAMES[n]}'", f"'{CHANNELS_FIRST_NAMES[n]}'"] if n in CHANNELS_LAST_NAMES else []
+    expected += ["'channels_last'", "'channels_first'"]
+    fits = [r for r, names in ((1, "NWC NCW"), (2, "NHWC NCHW"), (3, "NDHWC NCDHW")) if name in names.split()]
+    why = f" (it is for {fits[0]} spatial dims)" if fits else ""
+    _fail(
+        op,
+        f"data_format={data_format!r} does not fit {n} spatial dim{'s' if n != 1 else ''} "
+        f"(input rank {n + 2}){why}: expected {', '.join(expected[:-1])} or {expected[-1]}",
+    )
+
+
+def _spatial_positions(n: int, channels_first: bool) -> tuple[int, ...]:
+    return tuple(range(2, n + 2)) if channels_first else tuple(range(1, n + 1))
+
+
+def _non_spatial_positions(n: int, channels_first: bool) -> tuple[int, int]:
+    """(batch, channel) positions in a full N+2 list in data_format order."""
+    return (0, 1) if channels_first else (0, n + 1)
+
+
+def normalize_window(op: str, label: str, value, n: int, channels_first: bool) -> tuple[int, ...]:
+    """strides or dilations: None, an int, or a list of length 1, N or N+2 (data_format order) -> N ints >= 1."""
+    if value is None:
+        return (1,) * n
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        values = (int(value),) * n
+        labels = [label] * n
+    else:
+        given = _int_sequence(op, label, value)
+        if len(given) == 1:
+            values, labels = given * n, [f"{label}[0]"] * n
+        elif len(given) == n:
+            values, labels = given, [f"{label}[{j}]" for j in range(n)]
+        elif len(given) == n + 2:
+            for pos, what in zip(_non_spatial_positions(n, channels_first), ("batch", "channel")):
+                if given[pos] != 1:
+                    _fail(op, f"{label}[{pos}]={given[pos]} is the {what} entry and must be 1")
+            positions = _spatial_positions(n, channels_first)
+            values = tuple(given[p] for p in positions)
+            labels = [f"{label}[{p}]" for p in positions]
+        else:
+            _fail(
+                op,
+                f"{label} must have length 1, N={n} or N+2={n + 2}, got length {len(given)}: {list(given)}",
+            )
+    for lab, v in zip(labels, values):
+        if v < 1:
+            _fail(op, f"{lab}={v} must be >= 1")
+    return tuple(values)
+
+
+def normalize_padding(op: str, padding, n: int, channels_first: bool):
+    """'SAME' / 'VALID' in any case, or explicit (lo, hi) pairs: N of them, or N+2 in data_format order."""
+    if isinstance(padding, str):
+        name = padding.strip().upper()
+        if name in ("SAME", "VALID"):
+            return name
+        _fail(op, f"padding={padding!r} is not a padding: expected 'SAME', 'VALID' or {n} (lo, hi) pairs")
+    if not hasattr(padding, "__len__"):
+        _fail(op, f"padding must be 'SAME', 'VALID' or {n} (lo, hi) pairs, got {padding!r}")
+    pairs = []
+    for j, pair in enumerate(padding):
+        got = _int_sequence(op, f"padding[{j}]", pair)
+        if len(got) != 2:
+            _fail(op, f"padding[{j}] must be a (lo, hi) pair, got {list(got)}")
+        pairs.append(got)
+    if len(pairs) == n + 2:
+        for pos, what in zip(_non_spatial_positions(n, channels_first), ("batch", "channel")):
+            if pairs[pos] != (0, 0):
+                _fail(op, f"padding[{pos}]={list(pairs[pos])} is the {what} pair and must be (0, 0)")
+        pairs = [pairs[p] for p in _spatial_positions(n, channels_first)]
+    elif len(pairs) != n:
+        _fail(op, f"explicit padding must have N={n} or N+2={n + 2} (lo, hi) pairs, got {len(pairs)}")
+    for j, (lo, hi) in enumerate(pairs):
+        if lo < 0 or hi < 0:
+            _fail(op, f"padding for spatial axis {j} is ({lo}, {hi}): pads must be >= 0")
+    return tuple(pairs)
+
+
+@dataclass(frozen=True)
+class ConvSpec:
+    """Normalized flags: per spatial axis, in spatial order."""
+
+    n: int
+    channels_first: bool
+    strides: tuple[int, ...]
+    dilations: tuple[int, ...]
+    padding: object  # "SAME", "VALID" or a tuple of N (lo, hi) pairs
+
+    def axis_padding(self, j: int):
+        return self.padding if isinstance(self.padding, str) else self.padding[j]
+
+    @property
+    def data_format(self) -> str:
+        names = CHANNELS_FIRST_NAMES if self.channels_first else CHANNELS_LAST_NAMES
+        return names.get(self.n, "channels_first" if self.channels_first else "channels_last")
+
+
+def normalize_spec(op, n, strides=1, padding="SAME", data_format=None, dilations=None) -> ConvSpec:
+    channels_first = normalize_data_format(op, data_format, n)
+    return ConvSpec(
+        n=n,
+        channels_first=channels_first,
+        strides=normalize_window(op, "strides", strides, n, channels_first),
+        dilations=normalize_window(op, "dilations", dilations, n, channels_first),
+        padding=normalize_padding(op, padding, n, channels_first),
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Per-axis integer math. `padding` is "SAME", "VALID" or a (lo, hi) pair.
+
+
+def effective_kernel(k: int, d: int) -> int:
+    return (k - 1) * d + 1
+
+
+def _trunc_div(a: int, b: int) -> int:
+    # C++ integer division, as in TF's GetWindowedOutputSizeVerbose
+    q = abs(a) // b
+    return q if a >= 0 else -q
+
+
+def forward_size(o: int, k: int, s: int, d: int, padding) -> int:
+    """Output size of the forward conv on an input of size o (TF's rule; may be negative = illegal)."""
+    if padding == "SAME":
+        return _trunc_div(o + s - 1, s)
+    p = 0 if padding == "VALID" else padding[0] + padding[1]
+    return _trunc_div(o + p - effective_kernel(k, d) + s, s)
+
+
+def legal_output_range(i: int, k: int, s: int, d: int, padding):
+    """(min, max) of the transposed output sizes O >= 0 with forward_size(O) == i, or None if there is none."""
+    if padding == "SAME":
+        return (0, 0) if i == 0 else ((i - 1) * s + 1, i * s)
+    p = 0 if padding == "VALID" else padding[0] + padding[1]
+    eff = effective_kernel(k, d)
+    if i == 0:  # truncation toward zero: -s < O + p - eff + s < s
+        lo, hi = eff - p - 2 * s + 1, eff - p - 1
+    else:
+        lo, hi = (i - 1) * s + eff - p, i * s + eff - 1 - p
+    lo = max(lo, 0)
+    return (lo, hi) if lo <= hi else None
+
+
+def default_output_size(i: int, k: int, s: int, d: int, padding) -> int:
+    """I*s for SAME, (I-1)*s + eff - lo - hi otherwise (TF's usual choice), never below 0."""
+    if padding == "SAME":
+        return i * s
+    p = 0 if padding == "VALID" else padding[0] + padding[1]
+    return max(0, (i - 1) * s + effective_kernel(k, d) - p)
+
+
+def pads_for(i: int, o: int, k: int, s: int, d: int, padding) -> tuple[int, int]:
+    """(lo, hi) padding of the forward conv between an input of size o and an output of size i."""
+    if padding == "SAME":
+        total = max(0, (i - 1) * s + effective_kernel(k, d) - o)
+        return total // 2, total - total // 2
+    if padding == "VALID":
+        return 0, 0
+    return tuple(padding)
+
+
+def rule_text(padding) -> str:
+    if padding == "SAME":
+        return "SAME needs (I-1)*s+1 <= O <= I*s"
+    if padding == "VALID":
+        return "VALID needs (I-1)*s+eff <= O <= I*s+eff-1 with eff=(K-1)*d+1"
+    return "explicit (lo, hi) needs (O+lo+hi-eff)//s+1 == I with eff=(K-1)*d+1"
+
+
+def padding_text(padding) -> str:
+    return padding if isinstance(padding, str) else f"({padding[0]}, {padding[1]})"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Plans: every shape and pad, validated, before any data is touched.
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The validated shapes of one conv_transpose or conv call.
+
+    `input_spatial`/`output_spatial` are the op's own input and output (for conv_transpose the output is the
+    larger one); `pads[j]` = (lo, hi) of the forward convolution on axis j; `legal_ranges[j]` = the legal
+    conv_transpose output sizes on axis j (None for conv).
+    """
+
+    op: str
+    spec: ConvSpec
+    batch: int
+    in_channels: int
+    out_channels: int
+    input_spatial: tuple[int, ...]
+    kernel: tuple[int, ...]
+    output_spatial: tuple[int, ...]
+    pads: tuple[tuple[int, int], ...]
+    legal_ranges: tuple | None = None
+
+    def _full(self, spatial, channels):
+        if self.spec.channels_first:
+            return (self.batch, channels, *spatial)
+        return (self.batch, *spatial, channels)
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return self._full(self.input_spatial, self.in_channels)
+
+    @property
+    def output_shape(self) -> tuple[int, ...]:
+        return self._full(self.output_spatial, self.out_channels)
+
+    @property
+    def filters_shape(self) -> tuple[int, ...]:
+        if self.op == "conv_transpose":
+            return (*self.kernel, self.out_channels, self.in_channels)
+        return (*self.kernel, self.in_channels, self.out_channels)
+
+    @property
+    def flops(self) -> int:
+        """2 * multiply-adds over every (input element, tap, output channel), clipped taps included."""
+        small = self.input_spatial if self.op == "conv_transpose" else self.output_spatial
+        return 2 * self.batch * math.prod(small) * math.prod(self.kernel) * self.in_channels * self.out_channels
+
+
+def _check_ranks(op: str, input_shape, filters_shape, filters_layout: str) -> int:
+    input_shape = tuple(input_shape)
+    filters_shape = tuple(filters_shape)
+    if len(input_shape) < 3:
+        _fail(
+            op,
+            f"input must have rank >= 3 (batch, spatial..., channels), got rank {len(input_shape)} "
+            f"with shape {input_shape}",
+        )
+    n = len(input_shape) - 2
+    if len(filters_shape) != n + 2:
+        _fail(
+            op,
+            f"filters must have rank {n + 2} like the input ({filters_layout}), got rank {len(filters_shape)} "
+            f"with shape {filters_shape}",
+        )
+    for j, k in enumerate(filters_shape[:n]):
+        if k < 1:
+            _fail(op, f"filters.shape[{j}]={k}: kernel sizes must be >= 1 (filters shape {filters_shape})")
+    return n
+
+
+def _split(shape, n, channels_first):
+    shape = tuple(int(v) for v in shape)
+    if channels_first:
+        return shape[0], shape[1], shape[2:]
+    return shape[0], shape[-1], shape[1:-1]
+
+
+def plan_conv_transpose(
+    input_shape, filters_shape, output_shape=None, strides=1, padding="SAME", data_format=None, dilations=None
+) -> Plan:
+    """Validate a conv_transpose call on shapes alone.
+
+    Args:
+        input_shape: (batch, *spatial, in_channels), or (batch, in_channels, *spatial) channels-first.
+        filters_shape: (*kernel, out_channels, in_channels), whatever the data_format.
+        output_shape: None, the N spatial sizes, or the full N+2 shape in data_format order.
+
+    Returns:
+        A Plan.
+
+    >>> plan_conv_transpose((8, 32, 32, 256), (4, 4, 128, 256), strides=2).output_shape
+    (8, 64, 64, 128)
+    """
+    op = "conv_transpose"
+    n = _check_ranks(op, input_shape, filters_shape, "spatial..., out_channels, in_channels")
+    spec = normalize_spec(op, n, strides, padding, data_format, dilations)
+    batch, c_in, in_spatial = _split(input_shape, n, spec.channels_first)
+    kernel = tuple(int(v) for v in tuple(filters_shape)[:n])
+    c_out, filter_c_in = int(filters_shape[-2]), int(filters_shape[-1])
+    if filter_c_in != c_in:
+        _fail(
+            op,
+            f"filters.shape[-1]={filter_c_in} (in_channels) must equal the input's channels {c_in} "
+            f"(filters are spatial + [out_channels, in_channels]; input shape {tuple(input_shape)}, "
+            f"data_format {spec.data_format})",
+        )
+
+    axes = [(in_spatial[j], kernel[j], spec.strides[j], spec.dilations[j], spec.axis_padding(j)) for j in range(n)]
+    if output_shape is None:
+        out_spatial = tuple(default_output_size(*a) for a in axes)
+        labels = [f"default output size on spatial axis {j}" for j in range(n)]
+    else:
+        given = _int_sequence(op, "output_shape", output_shape)
+        if len(given) == n + 2:
+            b_pos, c_pos = _non_spatial_positions(n, spec.channels_first)
+            if given[b_pos] != batch:
+                _fail(op, f"output_shape[{b_pos}]={given[b_pos]} (batch) must equal the input's batch size {batch}")
+            if given[c_pos] != c_out:
+                _fail(
+                    op,
+                    f"output_shape[{c_pos}]={given[c_pos]} (channels) must equal filters.shape[-2]={c_out} "
+                    f"(out_channels)",
+                )
+            positions = _spatial_positions(n, spec.channels_first)
+        elif len(given) == n:
+            positions = tuple(range(n))
+        else:
+            _fail(
+                op,
+                f"output_shape must have N+2={n + 2} entries (the full shape in data_format order) or N={n} "
+                f"(spatial sizes only), got {len(given)}: {list(given)}",
+            )
+        out_spatial = tuple(given[p] for p in positions)
+        labels = [f"output_shape[{p}]" for p in positions]
+        for label, o in zip(labels, out_spatial):
+            if o < 0:
+                _fail(op, f"{label}={o} must be >= 0")
+
+    ranges = []
+    for label, o, (i, k, s, d, pad) in zip(labels, out_spatial, axes):
+        legal = legal_output_range(i, k, s, d, pad)
+        if legal is None or not legal[0] <= o <= legal[1]:
+            sizes = "no output size is legal" if legal is None else f"legal sizes are {legal[0]}..{legal[1]}"
+            _fail(
+                op,
+                f"{label}={o} is not reachable from input size {i} with kernel {k}, stride {s}, dilation {d}, "
+                f"padding {padding_text(pad)}: {sizes} ({rule_text(pad)})",
+            )
+        ranges.append(legal)
+    pads = tuple(pads_for(i, o, k, s, d, pad) for o, (i, k, s, d, pad) in zip(out_spatial, axes))
+    return Plan(op, spec, batch, c_in, c_out, in_spatial, kernel, out_spatial, pads, tuple(ranges))
+
+
+def plan_conv(input_shape, filters_shape, strides=1, padding="SAME", data_format=None, dilations=None) -> Plan:
+    """Validate a forward conv call (tf.nn.convolution) on shapes alone.
+
+    Args:
+        input_shape: (batch, *spatial, in_channels), or (batch, in_channels, *spatial) channels-first.
+        filters_shape: (*kernel, in_channels, out_channels), whatever the data_format.
+
+    Returns:
+        A Plan.
+
+    >>> plan_conv((8, 64, 64, 128), (4, 4, 128, 256), strides=2).output_shape
+    (8, 32, 32, 256)
+    """
+    op = "conv"
+    n = _check_ranks(op, input_shape, filters_shape, "spatial..., in_channels, out_channels")
+    spec = normalize_spec(op, n, strides, padding, data_format, dilations)
+    batch, c_in, in_spatial = _split(input_shape, n, spec.channels_first)
+    kernel = tuple(int(v) for v in tuple(filters_shape)[:n])
+    filter_c_in, c_out = int(filters_shape[-2]), int(filters_shape[-1])
+    if filter_c_in != c_in:
+        _fail(
+            op,
+            f"filters.shape[-2]={filter_c_in} (in_channels) must equal the input's channels {c_in} "
+            f"(filters are spatial + [in_channels, out_channels]; input shape {tuple(input_shape)}, "
+            f"data_format {spec.data_format})",
+        )
+    out_spatial, pads = [], []
+    for j in range(n):
+        o, k, s, d, pad = in_spatial[j], kernel[j], spec.strides[j], spec.dilations[j], spec.axis_padding(j)
+        i = forward_size(o, k, s, d, pad)
+        if i < 0:
+            _fail(
+                op,
+                f"input spatial axis {j} has size {o}, too small for kernel {k} with dilation {d} and padding "
+                f"{padding_text(pad)}: the output size would be negative (needs at least "
+                f"{max(0, effective_kernel(k, d) - 2 * s + 1 - (0 if isinstance(pad, str) else sum(pad)))})",
+            )
+        out_spatial.append(i)
+        pads.append(pads_for(i, o, k, s, d, pad))
+    return Plan(op, spec, batch, c_in, c_out, in_spatial, kernel, tuple(out_spatial), tuple(pads))
+
+
+def tap_span(i: int, o: int, tap: int, s: int, d: int, lo: int):
+    """Inputs [i0, i1) that tap `tap` sends inside [0, o), and the first output o0 = i0*s + tap*d - lo.
+
+    None when the tap lands wholly in the padding.
+    """
+    shift = tap * d - lo  # output position of input 0
+    i0 = max(0, -(shift // s) if shift < 0 else 0)  # ceil(-shift / s) for negative shift
+    i1 = min(i, (o - 1 - shift) // s + 1) if o > 0 else 0
+    if i0 >= i1:
+        return None
+    return i0, i1, i0 * s + shift
