@@ -71,7 +71,7 @@ def _finish(op: str, out: np.ndarray, dtype: np.dtype) -> np.ndarray:
                 f"{op}: int32 result overflows: output{list(where)} = {bad} is outside "
                 f"[{_INT32_MIN}, {_INT32_MAX}]; cast the inputs to float64 instead"
             )
-    return out.astype(dtype, copy=False)
+    return out.astype(dtype.newbyteorder("="), copy=False)  # big-endian in, native out
 
 
 def conv_transpose(

@@ -1,0 +1,342 @@
+"""conv_transpose and conv on arrays, against oracles that share no code with the engine.
+
+Matrix:
+- TF goldens (tests/golden/*.npz, made by tests/golden/make_golden.py): every committed case, both ops.
+- loop reference (tests/loop_reference.py): 160 seeded random configs over rank 1-4 x layout x
+  SAME/VALID/explicit x strides 1-4 x dilations 1-3 x output size at either end of the legal range, both ops.
+- adjoint identity <conv_transpose(y, W), x> = <y, conv(x, W)>: hypothesis over rank 1-3 and every flag.
+- dtypes: float16, bfloat16, float32, float64, int32 (exact, overflow refused), complex64, complex128.
+- array layouts: non-contiguous, Fortran order, big-endian, lists; inputs never modified; zero sizes.
+"""
+
+import glob
+import json
+import os
+
+import ml_dtypes
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from convt_cli import ConvtError, conv, conv_transpose
+from loop_reference import conv_loop, conv_transpose_loop
+
+GOLDEN = sorted(glob.glob(os.path.join(os.path.dirname(__file__), "golden", "*.npz")))
+TF_FORMATS = {1: ("NWC", "NCW"), 2: ("NHWC", "NCHW"), 3: ("NDHWC", "NCDHW")}
+# relative to max|expected|: float32 accumulation order differs from oneDNN's; half types round once
+GOLDEN_RTOL = {"float64": 1e-12, "float32": 2e-5, "float16": 2e-3, "bfloat16": 2e-2}
+
+
+def _legal_range(i, k, s, d, padding):
+    """The issue's rule, written out independently of convt_cli.shapes."""
+    eff = (k - 1) * d + 1
+    if padding == "SAME":
+        return (i - 1) * s + 1, i * s
+    p = 0 if padding == "VALID" else sum(padding)
+    return (i - 1) * s + eff - p, i * s + eff - 1 - p
+
+
+def _load_golden(path):
+    with np.load(path, allow_pickle=False) as z:
+        params = json.loads(str(z["params"]))
+        arrays = {key: z[key] for key in ("input", "filters", "output")}
+    if params["dtype"] == "bfloat16":
+        arrays = {key: a.astype(ml_dtypes.bfloat16) for key, a in arrays.items()}
+    return params, arrays
+
+
+@pytest.mark.skipif(not GOLDEN, reason="no golden arrays committed")
+@pytest.mark.parametrize("path", GOLDEN, ids=[os.path.basename(p)[:-4] for p in GOLDEN])
+def test_matches_tensorflow_golden(path):
+    params, a = _load_golden(path)
+    padding = params["padding"]
+    flags = dict(strides=params["strides"], padding=padding, data_format=params["data_format"],
+                 dilations=params["dilations"])
+    if params["op"] == "conv_transpose":
+        got = conv_transpose(a["input"], a["filters"], params["output_shape"], **flags)
+    else:
+        got = conv(a["input"], a["filters"], **flags)
+    want = a["output"]
+    assert got.shape == want.shape
+    assert got.dtype == want.dtype
+    scale = float(np.abs(want.astype(np.float64)).max()) if want.size else 0.0
+    rtol = GOLDEN_RTOL[params["dtype"]]
+    np.testing.assert_allclose(got.astype(np.float64), want.astype(np.float64), rtol=rtol, atol=rtol * scale)
+
+
+def test_golden_suite_is_large_enough():
+    ops = [json.loads(str(np.load(p)["params"]))["op"] for p in GOLDEN]
+    assert ops.count("conv_transpose") >= 150
+    assert ops.count("conv") >= 50
+
+
+def _random_config(seed):
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(1, 5))
+    channels_first = bool(rng.integers(2))
+    kind = ["SAME", "VALID", "explicit"][int(rng.integers(3))]
+    strides = [int(v) for v in rng.integers(1, 5, n)]
+    dilations = [int(v) for v in rng.integers(1, 4, n)] if rng.random() < 0.6 else [1] * n
+    kernel = [int(v) for v in rng.integers(1, 4 if n < 4 else 3, n)]
+    in_sizes = [int(v) for v in rng.integers(1, 5 if n < 4 else 3, n)]
+    padding = kind if kind != "explicit" else [tuple(int(p) for p in rng.integers(0, 3, 2)) for _ in range(n)]
+    out_sizes = []
+    for j in range(n):
+        lo, hi = _legal_range(in_sizes[j], kernel[j], strides[j], dilations[j],
+                              padding if kind != "explicit" else padding[j])
+        if hi < max(lo, 0):  # pads too large for this input: no output size is legal, drop them
+            padding[j] = (0, 0)
+            lo, hi = _legal_range(in_sizes[j], kernel[j], strides[j], dilations[j], padding[j])
+        lo = max(lo, 0)
+        out_sizes.append(lo if rng.random() < 0.5 else max(hi, lo))
+    batch, c_in, c_out = (int(v) for v in rng.integers(1, 4, 3))
+    x_shape = (batch, c_in, *in_sizes) if channels_first else (batch, *in_sizes, c_in)
+    x = rng.standard_normal(x_shape)
+    w = rng.standard_normal((*kernel, c_out, c_in))
+    flags = dict(strides=strides, padding=padding, dilations=dilations)
+    return x, w, out_sizes, channels_first, flags
+
+
+@pytest.mark.parametrize("seed", range(160))
+def test_conv_transpose_matches_loop_reference(seed):
+    x, w, out_sizes, first, flags = _random_config(seed)
+    got = conv_transpose(x, w, out_sizes, data_format="channels_first" if first else None, **flags)
+    want = conv_transpose_loop(x, w, out_sizes, channels_first=first, **flags)
+    np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("seed", range(160))
+def test_conv_matches_loop_reference(seed):
+    # conv's input is conv_transpose's output: the same configs, read the other way
+    y, w, out_sizes, first, flags = _random_config(seed)
+    batch, c_out = y.shape[0], w.shape[-2]
+    rng = np.random.default_rng(seed + 10_000)
+    x = rng.standard_normal((batch, c_out, *out_sizes) if first else (batch, *out_sizes, c_out))
+    got = conv(x, w, data_format="channels_first" if first else None, **flags)
+    want = conv_loop(x, w, channels_first=first, **flags)
+    assert got.shape == y.shape
+    np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
+
+
+@st.composite
+def adjoint_cases(draw):
+    n = draw(st.integers(1, 3))
+    first = draw(st.booleans())
+    strides = draw(st.lists(st.integers(1, 4), min_size=n, max_size=n))
+    dilations = draw(st.lists(st.integers(1, 3), min_size=n, max_size=n))
+    kernel = draw(st.lists(st.integers(1, 4), min_size=n, max_size=n))
+    in_sizes = draw(st.lists(st.integers(0, 6), min_size=n, max_size=n))
+    kind = draw(st.sampled_from(["SAME", "VALID", "explicit"]))
+    pads = draw(st.lists(st.tuples(st.integers(0, 3), st.integers(0, 3)), min_size=n, max_size=n))
+    padding = pads if kind == "explicit" else draw(st.sampled_from([kind, kind.lower()]))
+    out_sizes = []
+    for j in range(n):
+        pad = padding[j] if kind == "explicit" else kind
+        lo, hi = _legal_range(in_sizes[j], kernel[j], strides[j], dilations[j], pad)
+        if in_sizes[j] == 0 or hi < max(lo, 0):
+            in_sizes[j] = max(1, in_sizes[j])
+            pads[j] = (0, 0)
+            if kind == "explicit":
+                padding[j] = (0, 0)
+                pad = (0, 0)
+            lo, hi = _legal_range(in_sizes[j], kernel[j], strides[j], dilations[j], pad)
+        out_sizes.append(draw(st.integers(max(lo, 0), hi)))
+    batch, c_in, c_out = draw(st.integers(1, 3)), draw(st.integers(1, 4)), draw(st.integers(1, 4))
+    seed = draw(st.integers(0, 2**32 - 1))
+    return n, first, strides, dilations, kernel, in_sizes, padding, out_sizes, batch, c_in, c_out, seed
+
+
+@settings(max_examples=300, deadline=None)
+@given(adjoint_cases())
+def test_adjoint_identity(case):
+    n, first, strides, dilations, kernel, in_sizes, padding, out_sizes, batch, c_in, c_out, seed = case
+    rng = np.random.default_rng(seed)
+    y = rng.standard_normal((batch, c_in, *in_sizes) if first else (batch, *in_sizes, c_in))
+    w = rng.standard_normal((*kernel, c_out, c_in))
+    x = rng.standard_normal((batch, c_out, *out_sizes) if first else (batch, *out_sizes, c_out))
+    flags = dict(strides=strides, padding=padding, dilations=dilations,
+                 data_format=TF_FORMATS[n][first])
+    ct = conv_transpose(y, w, out_sizes, **flags)
+    cx = conv(x, w, **flags)
+    assert ct.shape == x.shape and cx.shape == y.shape
+    a, b = np.vdot(ct, x), np.vdot(y, cx)
+    scale = np.sqrt(np.vdot(ct, ct) * np.vdot(x, x)) + 1e-300
+    assert abs(a - b) <= 1e-12 * scale
+
+
+def _small_case(dtype, seed=0, first=False):
+    rng = np.random.default_rng(seed)
+    shape = (2, 3, 4, 5) if first else (2, 4, 5, 3)
+    x = rng.standard_normal(shape)
+    w = rng.standard_normal((3, 2, 4, 3))
+    return x, w, dict(strides=[2, 3], padding="SAME", data_format="NCHW" if first else "NHWC", dilations=[1, 2])
+
+
+@pytest.mark.parametrize(
+    "dtype,rtol",
+    [(np.float64, 1e-13), (np.float32, 1e-5), (np.float16, 2e-3), (ml_dtypes.bfloat16, 1e-2)],
+)
+@pytest.mark.parametrize("first", [False, True])
+def test_float_dtypes_keep_dtype_and_round_once(dtype, rtol, first):
+    x, w, flags = _small_case(dtype, first=first)
+    x, w = x.astype(dtype), w.astype(dtype)
+    got = conv_transpose(x, w, **flags)
+    assert got.dtype == np.dtype(dtype)
+    out_spatial = got.shape[2:] if first else got.shape[1:-1]
+    exact = conv_transpose_loop(x.astype(np.float64), w.astype(np.float64), out_spatial,
+                                channels_first=first, strides=flags["strides"], padding="SAME",
+                                dilations=flags["dilations"])
+    # rounding the float64 result once to the dtype is the best possible answer; accumulating in float32
+    # may differ from it by at most one unit in the last place of the half type
+    np.testing.assert_allclose(got.astype(np.float64), exact, rtol=rtol, atol=rtol * np.abs(exact).max())
+    back = conv(got, w, **flags)
+    assert back.dtype == np.dtype(dtype) and back.shape == x.shape
+
+
+def test_float16_accumulates_in_float32():
+    # 4096 terms of 1 + 2**-11: float16 accumulation would stall at 2048; float32 gets 4100 -> fp16 4100
+    x = np.full((1, 1, 4096), 1.0, np.float16)
+    w = np.full((1, 1, 4096), 1 + 2**-10, np.float16)
+    got = conv_transpose(x, w, [1], padding="VALID")
+    assert got.dtype == np.float16
+    assert float(got[0, 0, 0]) == float(np.float16(4096 * (1 + 2**-10)))
+
+
+def test_int32_is_exact():
+    rng = np.random.default_rng(3)
+    x = rng.integers(-1000, 1000, (2, 5, 6, 3)).astype(np.int32)
+    w = rng.integers(-1000, 1000, (3, 3, 4, 3)).astype(np.int32)
+    got = conv_transpose(x, w, strides=2, padding="VALID")
+    want = conv_transpose_loop(x.astype(np.int64), w.astype(np.int64), got.shape[1:-1], strides=2,
+                               padding="VALID")
+    assert got.dtype == np.int32
+    np.testing.assert_array_equal(got, want.astype(np.int64))
+    probe = rng.integers(-1000, 1000, got.shape).astype(np.int32)
+    y = conv(probe, w, strides=2, padding="VALID")
+    assert y.dtype == np.int32
+    np.testing.assert_array_equal(y, conv_loop(probe.astype(np.int64), w.astype(np.int64), strides=2,
+                                               padding="VALID"))
+
+
+def test_int32_overflow_is_refused():
+    x = np.full((1, 2, 2), 2**20, np.int32)
+    w = np.full((1, 1, 2), 2**11, np.int32)
+    with pytest.raises(ConvtError, match=r"int32 result overflows: output\[0, 0, 0\] = 4294967296 is outside"):
+        conv_transpose(x, w, padding="VALID")
+    # one below the limit computes
+    w = np.full((1, 1, 2), 2**10 - 1, np.int32)
+    assert conv_transpose(x, w, padding="VALID")[0, 0, 0] == 2 * 2**20 * (2**10 - 1)
+
+
+def test_int32_partial_sums_beyond_int64_are_refused():
+    x = np.full((1, 1, 3), 2**31 - 1, np.int32)
+    w = np.full((1, 1, 3), -(2**31), np.int32)
+    with pytest.raises(ConvtError, match="int32 input too large to accumulate exactly"):
+        conv_transpose(x, w, padding="VALID")
+
+
+@pytest.mark.parametrize("dtype", [np.complex64, np.complex128])
+def test_complex_is_bilinear(dtype):
+    rng = np.random.default_rng(5)
+    x = (rng.standard_normal((2, 4, 3)) + 1j * rng.standard_normal((2, 4, 3))).astype(dtype)
+    w = (rng.standard_normal((3, 2, 3)) + 1j * rng.standard_normal((3, 2, 3))).astype(dtype)
+    got = conv_transpose(x, w, strides=2)
+    assert got.dtype == dtype
+    want = conv_transpose_loop(x, w, got.shape[1:-1], strides=2)
+    np.testing.assert_allclose(got, want, rtol=1e-5 if dtype == np.complex64 else 1e-12, atol=1e-5)
+    probe = (rng.standard_normal(got.shape) + 1j * rng.standard_normal(got.shape)).astype(dtype)
+    # the bilinear pairing (no conjugation) is the one for which conv is the transpose
+    np.testing.assert_allclose(np.sum(got * probe), np.sum(x * conv(probe, w, strides=2)), rtol=1e-5)
+
+
+def test_any_array_layout_gives_the_same_numbers_and_inputs_stay_untouched():
+    x, w, flags = _small_case(np.float64, seed=7)
+    want = conv_transpose(x, w, **flags)
+    variants = [
+        (np.asfortranarray(x), np.asfortranarray(w)),
+        (x.astype(">f8"), w.astype(">f8")),
+        (np.repeat(x, 2, axis=2)[:, :, ::2], w[::-1][::-1]),
+        (x.tolist(), w.tolist()),
+    ]
+    for xv, wv in variants:
+        before = (np.array(xv, copy=True), np.array(wv, copy=True))
+        got = conv_transpose(xv, wv, **flags)
+        np.testing.assert_array_equal(got, want)
+        assert got.dtype.isnative
+        np.testing.assert_array_equal(np.asarray(xv), before[0])
+        np.testing.assert_array_equal(np.asarray(wv), before[1])
+    back = conv(want.astype(">f8"), np.asfortranarray(w), **flags)
+    np.testing.assert_array_equal(back, conv(want, w, **flags))
+
+
+def test_results_do_not_depend_on_the_batch_slice():
+    rng = np.random.default_rng(11)
+    x = rng.standard_normal((6, 5, 7, 8)).astype(np.float32)
+    w = rng.standard_normal((3, 3, 4, 8)).astype(np.float32)
+    whole = conv_transpose(x, w, strides=2)
+    parts = np.concatenate([conv_transpose(x[i:i + 2], w, strides=2) for i in range(0, 6, 2)])
+    np.testing.assert_allclose(parts, whole, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("first", [False, True])
+def test_zero_batch_gives_empty_output_of_the_right_shape(first):
+    x = np.zeros((0, 3, 4, 5) if first else (0, 4, 5, 3), np.float32)
+    w = np.ones((3, 3, 2, 3), np.float32)
+    fmt = "NCHW" if first else "NHWC"
+    got = conv_transpose(x, w, strides=2, data_format=fmt)
+    assert got.shape == ((0, 2, 8, 10) if first else (0, 8, 10, 2))
+    assert conv(got, w, strides=2, data_format=fmt).shape == x.shape
+
+
+def test_zero_size_spatial_input_gives_zeros():
+    # VALID, I=0, K=3, s=2: O=1 is legal (TF: forward size trunc((1-3+2)/2) = 0)
+    x = np.ones((2, 0, 3), np.float64)
+    w = np.ones((3, 4, 3), np.float64)
+    got = conv_transpose(x, w, [2, 1, 4], strides=2, padding="VALID")
+    assert got.shape == (2, 1, 4)
+    assert not got.any()
+    assert conv(np.ones((2, 1, 4)), w, strides=2, padding="VALID").shape == (2, 0, 3)
+
+
+def test_zero_channels():
+    assert not conv_transpose(np.ones((1, 3, 0)), np.ones((2, 4, 0)), strides=2).any()
+    assert conv_transpose(np.ones((1, 3, 2)), np.ones((2, 0, 2)), strides=2).shape == (1, 6, 0)
+
+
+def test_rank_five_spatial_four_channels_first():
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((1, 2, 2, 3, 2, 2))
+    w = rng.standard_normal((2, 1, 2, 2, 3, 2))
+    got = conv_transpose(x, w, strides=[1, 2, 2, 1], padding="VALID", data_format="channels_first")
+    want = conv_transpose_loop(x, w, got.shape[2:], strides=[1, 2, 2, 1], padding="VALID", channels_first=True)
+    assert got.shape == (1, 3, 3, 5, 4, 3)
+    np.testing.assert_allclose(got, want, rtol=1e-12)
+
+
+@pytest.mark.parametrize(
+    "x_dtype,w_dtype,message",
+    [
+        (np.float32, np.float64, "conv_transpose: input and filters must share a dtype, got input float32 and "
+                                 "filters float64"),
+        (np.int64, np.int64, "conv_transpose: input dtype int64 is not supported: expected one of float16, "
+                             "bfloat16, float32, float64, int32, complex64, complex128"),
+        (np.float32, np.bool_, "conv_transpose: filters dtype bool is not supported"),
+    ],
+)
+def test_dtype_errors(x_dtype, w_dtype, message):
+    with pytest.raises(ConvtError) as e:
+        conv_transpose(np.zeros((1, 2, 3), x_dtype), np.zeros((1, 3, 3), w_dtype))
+    assert str(e.value).startswith(message)
+
+
+def test_object_and_string_arrays_are_refused():
+    with pytest.raises(ConvtError, match="input dtype object is not supported"):
+        conv(np.array([[[None]]], dtype=object), np.zeros((1, 1, 1)))
+    with pytest.raises(ConvtError, match="input dtype str"):
+        conv(np.array([[["a"]]]), np.zeros((1, 1, 1)))
+
+
+def test_convt_error_is_a_value_error():
+    with pytest.raises(ValueError):
+        conv_transpose(np.zeros((1, 2, 3)), np.zeros((1, 3, 4)))
