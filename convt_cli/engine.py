@@ -28,19 +28,23 @@ COMPUTE_DTYPES = {
 _INT32_MIN, _INT32_MAX = -(2**31), 2**31 - 1
 
 
+def check_dtypes(op: str, x_dtype: np.dtype, w_dtype: np.dtype) -> None:
+    """Both dtypes supported and equal, else ConvtError."""
+    for label, dtype in (("input", x_dtype), ("filters", w_dtype)):
+        if dtype.name not in COMPUTE_DTYPES:
+            raise ConvtError(
+                f"{op}: {label} dtype {dtype.name} is not supported: expected one of {', '.join(COMPUTE_DTYPES)}"
+            )
+    if x_dtype.name != w_dtype.name:
+        raise ConvtError(
+            f"{op}: input and filters must share a dtype, got input {x_dtype.name} and filters {w_dtype.name}"
+        )
+
+
 def _as_arrays(op: str, input, filters):
     x = input if isinstance(input, np.ndarray) else np.asarray(input)
     w = filters if isinstance(filters, np.ndarray) else np.asarray(filters)
-    for label, a in (("input", x), ("filters", w)):
-        if a.dtype.name not in COMPUTE_DTYPES:
-            raise ConvtError(
-                f"{op}: {label} dtype {a.dtype.name} is not supported: expected one of "
-                f"{', '.join(COMPUTE_DTYPES)}"
-            )
-    if x.dtype.name != w.dtype.name:
-        raise ConvtError(
-            f"{op}: input and filters must share a dtype, got input {x.dtype.name} and filters {w.dtype.name}"
-        )
+    check_dtypes(op, x.dtype, w.dtype)
     return x, w
 
 

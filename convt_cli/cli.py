@@ -1,0 +1,290 @@
+"""The `convt` command line: the only module that imports click.
+
+Each command reads, plans, computes and writes; every user mistake becomes one `Error: ...` line on stderr
+and exit code 2 (1 is kept for `verify` finding a mismatch).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+
+import click
+
+from . import __version__
+from .errors import ConvtError
+
+EXIT_MISMATCH, EXIT_TROUBLE = 1, 2
+DTYPES = ["float16", "bfloat16", "float32", "float64", "int32", "complex64", "complex128"]
+
+
+class ConvtGroup(click.Group):
+    """Translates every user mistake (ours or click's) into a single `Error:` line and exit code 2."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        try:
+            code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except (ConvtError, click.ClickException) as e:
+            message = e.format_message() if isinstance(e, click.ClickException) else str(e)
+            click.echo(f"Error: {' '.join(message.split())}", err=True)
+            code = EXIT_TROUBLE
+        except (KeyboardInterrupt, click.exceptions.Abort):
+            click.echo("Error: interrupted; no output was written", err=True)
+            code = EXIT_TROUBLE
+        except BrokenPipeError:
+            code = EXIT_TROUBLE  # the reader went away; nothing more can be said on stdout
+        code = code or 0
+        if standalone_mode:
+            sys.exit(code)
+        return code
+
+
+def _ints(param: str, text: str | None):
+    if text is None:
+        return None
+    try:
+        values = [int(v) for v in text.split(",")]
+    except ValueError:
+        raise ConvtError(f"{param}: expected comma-separated integers like 2 or 1,2,2,1, got '{text}'") from None
+    return values
+
+
+def _padding(text: str):
+    if text.strip().upper() in ("SAME", "VALID"):
+        return text.strip().upper()
+    pairs = []
+    for part in text.split(","):
+        lo, sep, hi = part.partition(":")
+        try:
+            if not sep:
+                raise ValueError
+            pairs.append((int(lo), int(hi)))
+        except ValueError:
+            raise ConvtError(
+                f"--padding: expected SAME, VALID or lo:hi per spatial axis like 0:1,1:1, got '{text}'"
+            ) from None
+    return pairs
+
+
+def conv_options(f):
+    """The flags shared by run, shape and verify: the arguments of tf.nn.conv_transpose."""
+    options = [
+        click.option("--output-shape", metavar="S",
+                     help="Full shape in data-format order (8,64,64,128) or spatial only (64,64). "
+                          "Default: I*s (SAME) or (I-1)*s+(K-1)*d+1 (VALID) per axis."),
+        click.option("--strides", metavar="S", default="1", show_default=True,
+                     help="One value, one per spatial axis, or N+2 in data-format order (2 or 1,2,2,1)."),
+        click.option("--padding", metavar="P", default="SAME", show_default=True,
+                     help="SAME, VALID (any case), or lo:hi per spatial axis (0:1,1:1)."),
+        click.option("--data-format", metavar="F",
+                     help="NWC/NCW, NHWC/NCHW, NDHWC/NCDHW, channels_last or channels_first. "
+                          "Default: channels-last."),
+        click.option("--dilations", metavar="D", default="1", show_default=True,
+                     help="Like --strides."),
+        click.option("--dtype", type=click.Choice(DTYPES, case_sensitive=False),
+                     help="Cast input and filters to this dtype before computing."),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+def _plan_args(output_shape, strides, padding, data_format, dilations):
+    return dict(
+        output_shape=_ints("--output-shape", output_shape),
+        strides=_ints("--strides", strides),
+        padding=_padding(padding),
+        data_format=data_format,
+        dilations=_ints("--dilations", dilations),
+    )
+
+
+def _refs(input_ref, filters_ref):
+    from .io import parse_ref
+
+    x_ref, w_ref = parse_ref("INPUT", input_ref), parse_ref("FILTERS", filters_ref)
+    if x_ref.is_std and w_ref.is_std:
+        raise ConvtError("FILTERS '-': stdin is already the INPUT; give FILTERS as a file")
+    return x_ref, w_ref
+
+
+def _checked_dtype(cast, *refs_and_dtypes):
+    """The dtype the run computes in: --dtype, else the shared dtype of INPUT and FILTERS."""
+    import numpy as np
+
+    from .engine import COMPUTE_DTYPES
+
+    for ref, dtype in refs_and_dtypes:
+        castable = dtype.kind in "biufc" or dtype.name == "bfloat16"
+        if dtype.name not in COMPUTE_DTYPES and not (cast and castable):
+            hint = "; pass --dtype float32 (or another) to cast it" if castable else ""
+            ref.fail(f"dtype {dtype.name} is not supported: expected one of {', '.join(COMPUTE_DTYPES)}{hint}")
+    if cast:
+        if cast.lower() == "bfloat16":
+            import ml_dtypes
+
+            return np.dtype(ml_dtypes.bfloat16)
+        return np.dtype(cast.lower())
+    (x_ref, x_dtype), (w_ref, w_dtype) = refs_and_dtypes
+    if x_dtype.name != w_dtype.name:
+        raise ConvtError(
+            f"INPUT is {x_dtype.name} but FILTERS is {w_dtype.name}: they must share a dtype; "
+            f"pass --dtype {x_dtype.name} (or another) to cast both"
+        )
+    return x_dtype
+
+
+def _summary(plan, dtype, args, refs, seconds=None):
+    info = {
+        "input": str(refs[0]), "filters": str(refs[1]),
+        "input_shape": list(plan.input_shape), "filters_shape": list(plan.filters_shape),
+        "output_shape": list(plan.output_shape), "dtype": dtype.name,
+        "strides": list(plan.spec.strides), "dilations": list(plan.spec.dilations),
+        "padding": plan.spec.padding if isinstance(plan.spec.padding, str) else [list(p) for p in plan.spec.padding],
+        "data_format": plan.spec.data_format,
+        "pads": [list(p) for p in plan.pads],
+        "legal_output_sizes": [list(r) for r in plan.legal_ranges],
+        "flops": plan.flops,
+        "output_bytes": int(dtype.itemsize) * _prod(plan.output_shape),
+    }
+    if len(refs) > 2:
+        info["output"] = str(refs[2])
+    if seconds is not None:
+        info["seconds"] = round(seconds, 6)
+        info["gflop_per_s"] = round(plan.flops / seconds / 1e9, 3) if seconds > 0 else None
+    return info
+
+
+def _prod(values):
+    out = 1
+    for v in values:
+        out *= int(v)
+    return out
+
+
+@click.group(cls=ConvtGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="convt")
+def cli():
+    """Transposed convolution exactly as TensorFlow's tf.nn.conv_transpose, on .npy/.npz/.h5 arrays.
+
+    Arrays are given as PATH.npy, PATH.npz[:NAME], PATH.h5[:/group/dataset], or - for a .npy stream on
+    stdin (stdout for -o -). Exit codes: 0 success, 1 verify found a mismatch, 2 usage or input trouble.
+
+    \b
+    Example:
+      convt run x.npy w.npy --strides 2 -o y.npy
+    """
+
+
+@cli.command()
+@click.argument("input_ref", metavar="INPUT")
+@click.argument("filters_ref", metavar="FILTERS")
+@click.option("-o", "--output", "output_ref", required=True, metavar="OUTPUT",
+              help="Where to write: .npy, .npz[:NAME], .h5[:/group/dataset], or - for stdout.")
+@conv_options
+@click.option("--force", is_flag=True, help="Replace an existing output file or dataset.")
+@click.option("--json", "as_json", is_flag=True,
+              help="Print a JSON summary (on stderr when the array goes to stdout).")
+def run(input_ref, filters_ref, output_ref, output_shape, strides, padding, data_format, dilations, dtype, force,
+        as_json):
+    """Compute conv_transpose(INPUT, FILTERS) and write it to OUTPUT.
+
+    FILTERS are spatial + [out_channels, in_channels] (TF's behaviour): the last axis matches INPUT's channels.
+
+    \b
+    Examples:
+      convt run x.npy w.npy --strides 2 -o y.npy
+      convt run data.h5:/layer1/x w.npy --strides 2 --padding valid -o out.h5:/layer1/y
+      convt run - w.npy --strides 2 -o - < x.npy | convt info -
+    """
+    from . import io
+    from .engine import run_conv_transpose
+    from .shapes import plan_conv_transpose
+
+    x_ref, w_ref = _refs(input_ref, filters_ref)
+    out_ref = io.parse_ref("OUTPUT", output_ref, must_exist=False)
+    io.check_output(out_ref, [x_ref, w_ref], force)
+    args = _plan_args(output_shape, strides, padding, data_format, dilations)
+    (x_shape, x_dtype), (w_shape, w_dtype) = io.read_header(x_ref), io.read_header(w_ref)
+    plan = plan_conv_transpose(x_shape, w_shape, **args)  # every shape error before any data is read
+    out_dtype = _checked_dtype(dtype, (x_ref, x_dtype), (w_ref, w_dtype))
+    x, w = io.load(x_ref), io.load(w_ref)
+    if dtype:
+        x, w = x.astype(out_dtype), w.astype(out_dtype)
+    start = time.perf_counter()
+    y = run_conv_transpose(plan, x, w)
+    seconds = time.perf_counter() - start
+    info = _summary(plan, out_dtype, args, (x_ref, w_ref, out_ref), seconds)
+    provenance = {
+        "convt_version": __version__,
+        "convt_op": "conv_transpose",
+        "convt_input": str(x_ref),
+        "convt_filters": str(w_ref),
+        "convt_parameters": {k: info[k] for k in ("output_shape", "strides", "padding", "data_format",
+                                                   "dilations", "dtype", "pads")},
+    }
+    io.write(out_ref, y, provenance, force)
+    if as_json:
+        click.echo(json.dumps(info), err=out_ref.is_std)
+
+
+@cli.command()
+@click.argument("input_ref", metavar="INPUT")
+@click.argument("filters_ref", metavar="FILTERS")
+@conv_options
+@click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
+def shape(input_ref, filters_ref, output_shape, strides, padding, data_format, dilations, dtype, as_json):
+    """Print the output shape, legal output sizes, pads, FLOPs and bytes, reading headers only.
+
+    \b
+    Example:
+      convt shape x.npy w.npy --strides 2 --padding valid
+    """
+    from . import io
+    from .shapes import plan_conv_transpose
+
+    x_ref, w_ref = _refs(input_ref, filters_ref)
+    args = _plan_args(output_shape, strides, padding, data_format, dilations)
+    (x_shape, x_dtype), (w_shape, w_dtype) = io.read_header(x_ref), io.read_header(w_ref)
+    plan = plan_conv_transpose(x_shape, w_shape, **args)
+    out_dtype = _checked_dtype(dtype, (x_ref, x_dtype), (w_ref, w_dtype))
+    info = _summary(plan, out_dtype, args, (x_ref, w_ref))
+    if as_json:
+        click.echo(json.dumps(info))
+        return
+    ranges = ", ".join(f"{lo}..{hi}" for lo, hi in info["legal_output_sizes"])
+    pads = ", ".join(f"{lo}:{hi}" for lo, hi in info["pads"])
+    click.echo(f"output shape  {tuple(info['output_shape'])} {info['dtype']} ({info['data_format']})")
+    click.echo(f"legal sizes   {ranges} (per spatial axis)")
+    click.echo(f"pads          {pads} (lo:hi of the forward convolution)")
+    click.echo(f"flops         {info['flops']:,}")
+    click.echo(f"output bytes  {info['output_bytes']:,}")
+
+
+@cli.command()
+@click.argument("files", nargs=-1, required=True, metavar="FILE...")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object per file.")
+def info(files, as_json):
+    """List the arrays in each file: shape and dtype (and chunks for HDF5 datasets); - reads stdin.
+
+    \b
+    Examples:
+      convt info samples/input.npy samples/batch.h5
+      convt run - w.npy -o - < x.npy | convt info -
+    """
+    from .io import list_arrays
+
+    for path in files:
+        arrays = list_arrays(path)
+        if as_json:
+            click.echo(json.dumps({"file": path, "arrays": arrays}))
+            continue
+        for a in arrays:
+            name = f"{path}:{a['name']}" if a["name"] else path
+            chunks = f"  chunks {tuple(a['chunks'])}" if a.get("chunks") else ""
+            click.echo(f"{name}  {tuple(a['shape'])} {a['dtype']}{chunks}")
+
+
+def main():
+    cli.main(prog_name="convt")

@@ -1,0 +1,420 @@
+"""Array references, format sniffing, .npy/.npz/.h5 reading and atomic writing, stdin/stdout.
+
+A reference is `-` (a .npy stream on stdin or stdout), `PATH` or `PATH:NAME`, where NAME is an .npz member
+or an HDF5 dataset path. Formats are told by their magic bytes (`\\x93NUMPY`, `PK`, `\\x89HDF`), the suffix
+only where there are no bytes yet (an output). Pickles are never loaded.
+
+bfloat16 has no .npy or HDF5 type of its own. convt's convention, which is what `np.save` and h5py already do
+with an `ml_dtypes.bfloat16` array: the raw 2-byte values as a 2-byte void type (.npy descr `'<V2'`, HDF5
+opaque of size 2, tagged with the dataset attribute `dtype="bfloat16"`). Any 2-byte void array is read
+back as bfloat16.
+
+h5py is imported only when an HDF5 file is touched, so that commands on .npy files start fast.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import sys
+import tempfile
+import zipfile
+from dataclasses import dataclass
+
+import numpy as np
+
+from .errors import ConvtError
+
+NPY_MAGIC, ZIP_MAGIC, HDF5_MAGIC = b"\x93NUMPY", b"PK", b"\x89HDF\r\n\x1a\n"
+CONTAINER_SUFFIXES = (".npz", ".h5", ".hdf5")
+SUFFIX_FORMATS = {".npy": "npy", ".npz": "npz", ".h5": "h5", ".hdf5": "h5"}
+
+
+@dataclass(frozen=True)
+class ArrayRef:
+    """A parsed reference; `label` names the parameter (INPUT, FILTERS, OUTPUT) in messages."""
+
+    label: str
+    text: str
+    path: str | None  # None: stdin / stdout
+    name: str | None  # .npz member or HDF5 dataset path
+
+    @property
+    def is_std(self) -> bool:
+        return self.path is None
+
+    def __str__(self) -> str:
+        return self.text
+
+    def fail(self, message: str):
+        raise ConvtError(f"{self.label} '{self.text}': {message}")
+
+
+def parse_ref(label: str, text: str, must_exist: bool = True) -> ArrayRef:
+    """Split PATH[:NAME]; the whole text wins when it names an existing file (paths may hold colons)."""
+    if text == "-":
+        return ArrayRef(label, text, None, None)
+    if not text:
+        raise ConvtError(f"{label}: expected a file reference like x.npy, x.npz:name or x.h5:/group/data, got ''")
+    if not os.path.isfile(text):
+        lowered = text.lower()
+        for suffix in CONTAINER_SUFFIXES:
+            at = lowered.find(suffix + ":")
+            if at > 0:
+                path, name = text[: at + len(suffix)], text[at + len(suffix) + 1 :]
+                return ArrayRef(label, text, path, name or None)
+        if must_exist:
+            folder = os.path.dirname(text)
+            if folder and not os.path.isdir(folder):
+                raise ConvtError(f"{label} '{text}': folder '{folder}' does not exist")
+            raise ConvtError(f"{label} '{text}': no such file")
+    return ArrayRef(label, text, text, None)
+
+
+def sniff(ref: ArrayRef) -> str:
+    """'npy', 'npz' or 'h5' from the magic bytes of an existing file."""
+    if os.path.isdir(ref.path):
+        ref.fail("is a folder, expected a .npy, .npz or HDF5 file")
+    try:
+        with open(ref.path, "rb") as f:
+            head = f.read(8)
+    except FileNotFoundError:
+        ref.fail("no such file")
+    except OSError as e:
+        ref.fail(f"cannot be read: {e.strerror}")
+    return _format_of(ref, head)
+
+
+def _format_of(ref: ArrayRef, head: bytes) -> str:
+    if head.startswith(NPY_MAGIC):
+        return "npy"
+    if head.startswith(ZIP_MAGIC):
+        return "npz"
+    if head.startswith(HDF5_MAGIC):
+        return "h5"
+    if not head:
+        ref.fail("is empty, expected a .npy, .npz or HDF5 file")
+    ref.fail(f"is not a .npy, .npz or HDF5 file (it starts with {head[:8]!r})")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Reading
+
+
+def _fix_dtype(a: np.ndarray) -> np.ndarray:
+    if a.dtype.kind == "V" and a.dtype.itemsize == 2 and a.dtype.names is None:
+        import ml_dtypes
+
+        return a.view(ml_dtypes.bfloat16)
+    return a
+
+
+def _fix_header_dtype(dtype: np.dtype) -> np.dtype:
+    if dtype.kind == "V" and dtype.itemsize == 2 and dtype.names is None:
+        import ml_dtypes
+
+        return np.dtype(ml_dtypes.bfloat16)
+    return dtype
+
+
+def _check_plain(ref: ArrayRef, dtype: np.dtype) -> None:
+    if dtype.hasobject:
+        ref.fail("holds Python objects (a pickle); convt never unpickles: save a numeric array instead")
+
+
+def _npy_header(ref: ArrayRef, f, size: int | None):
+    """(shape, dtype) of a .npy stream positioned at its start, checking that the data is all there."""
+    try:
+        version = np.lib.format.read_magic(f)
+        if version == (1, 0):
+            shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
+        else:
+            shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
+    except (ValueError, OSError, EOFError, SyntaxError) as e:
+        ref.fail(f"is not a readable .npy file ({str(e).splitlines()[0] if str(e) else type(e).__name__})")
+    _check_plain(ref, dtype)
+    if size is not None:
+        need = f.tell() + int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        if size < need:
+            ref.fail(f"is truncated: header says shape {shape} {dtype}, needing {need} bytes, the file has {size}")
+    return tuple(shape), _fix_header_dtype(dtype)
+
+
+def _npz_member(ref: ArrayRef, names: list[str]) -> str:
+    if ref.name is not None:
+        if ref.name not in names:
+            ref.fail(f"has no array '{ref.name}': it holds {', '.join(names) or 'nothing'}")
+        return ref.name
+    if len(names) != 1:
+        ref.fail(f"holds {len(names)} arrays ({', '.join(names)}): name one, as {ref.path}:{names[0] if names else 'NAME'}")
+    return names[0]
+
+
+def _h5_dataset(ref: ArrayRef, f):
+    import h5py
+
+    if ref.name is None:
+        found = []
+        f.visititems(lambda path, obj: found.append(path) if isinstance(obj, h5py.Dataset) else None)
+        if len(found) != 1:
+            listing = ", ".join("/" + p for p in found[:5]) + (", ..." if len(found) > 5 else "")
+            ref.fail(f"holds {len(found)} datasets ({listing}): name one, as {ref.path}:/{found[0] if found else 'NAME'}")
+        return f[found[0]]
+    obj = f.get(ref.name)
+    if obj is None:
+        ref.fail(f"has no dataset '{ref.name}'")
+    if not isinstance(obj, h5py.Dataset):
+        ref.fail(f"'{ref.name}' is a group, not a dataset: name a dataset inside it")
+    return obj
+
+
+def _open_h5(ref: ArrayRef, mode: str = "r"):
+    import h5py
+
+    try:
+        return h5py.File(ref.path, mode)
+    except OSError as e:
+        ref.fail(f"cannot be opened as HDF5 ({str(e).splitlines()[0]})")
+
+
+def read_header(ref: ArrayRef):
+    """(shape, dtype) without reading the data (stdin has to be read whole)."""
+    if ref.is_std:
+        a = load(ref)
+        return a.shape, a.dtype
+    kind = sniff(ref)
+    if kind == "npy":
+        with open(ref.path, "rb") as f:
+            return _npy_header(ref, f, os.path.getsize(ref.path))
+    if kind == "npz":
+        with _open_zip(ref) as z:
+            names = [n[:-4] for n in z.namelist() if n.endswith(".npy")]
+            member = _npz_member(ref, names)
+            info = z.getinfo(member + ".npy")
+            with z.open(info) as f:
+                return _npy_header(ref, io.BufferedReader(f), None)
+    with _open_h5(ref) as f:
+        d = _h5_dataset(ref, f)
+        return tuple(d.shape), _fix_header_dtype(d.dtype)
+
+
+def _open_zip(ref: ArrayRef):
+    try:
+        return zipfile.ZipFile(ref.path)
+    except (zipfile.BadZipFile, OSError) as e:
+        ref.fail(f"is not a readable .npz file ({e})")
+
+
+_stdin_cache: dict[str, bytes] = {}
+
+
+def _read_stdin(ref: ArrayRef) -> bytes:
+    # a pipe cannot seek: buffer it once, so that header and data come from the same bytes
+    if "data" not in _stdin_cache:
+        _stdin_cache["data"] = sys.stdin.buffer.read()
+    data = _stdin_cache["data"]
+    if not data:
+        ref.fail("stdin is empty: expected a .npy stream")
+    if not data.startswith(NPY_MAGIC):
+        ref.fail(f"stdin is not a .npy stream (it starts with {data[:8]!r})")
+    return data
+
+
+def load(ref: ArrayRef) -> np.ndarray:
+    """The whole array. Pickles are refused; bfloat16 stored as 2-byte void comes back as bfloat16."""
+    if ref.is_std:
+        data = _read_stdin(ref)
+        _npy_header(ref, io.BytesIO(data), len(data))
+        return _fix_dtype(_np_load(ref, io.BytesIO(data)))
+    kind = sniff(ref)
+    if kind == "npy":
+        with open(ref.path, "rb") as f:
+            _npy_header(ref, f, os.path.getsize(ref.path))
+        return _fix_dtype(_np_load(ref, ref.path))
+    if kind == "npz":
+        read_header(ref)  # member choice, pickles and truncation, before any data is read
+        with np.load(ref.path, allow_pickle=False) as z:
+            return _fix_dtype(_np_guard(ref, lambda: z[_npz_member(ref, list(z.files))]))
+    with _open_h5(ref) as f:
+        d = _h5_dataset(ref, f)
+        _check_plain(ref, d.dtype)
+        return _fix_dtype(_np_guard(ref, lambda: d[()]))
+
+
+def _np_load(ref: ArrayRef, source) -> np.ndarray:
+    return _np_guard(ref, lambda: np.load(source, allow_pickle=False))
+
+
+def _np_guard(ref: ArrayRef, read):
+    try:
+        return np.asarray(read())
+    except ConvtError:
+        raise
+    except MemoryError:
+        ref.fail("does not fit in memory")
+    except Exception as e:  # numpy/h5py/zipfile raise many kinds for a damaged file
+        ref.fail(f"cannot be read ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})")
+
+
+def list_arrays(path: str) -> list[dict]:
+    """Every array in a file: name (None for .npy), shape, dtype, and chunks for HDF5 datasets."""
+    ref = parse_ref("FILE", path)
+    if ref.is_std:
+        a = load(ref)
+        return [dict(name=None, shape=list(a.shape), dtype=a.dtype.name)]
+    kind = sniff(ref)
+    if kind == "npy":
+        shape, dtype = read_header(ref)
+        return [dict(name=None, shape=list(shape), dtype=dtype.name)]
+    if kind == "npz":
+        out = []
+        with _open_zip(ref) as z:
+            for member in z.namelist():
+                if member.endswith(".npy"):
+                    with z.open(member) as f:
+                        shape, dtype = _npy_header(ref, io.BufferedReader(f), None)
+                    out.append(dict(name=member[:-4], shape=list(shape), dtype=dtype.name))
+        return out
+    import h5py
+
+    out = []
+    with _open_h5(ref) as f:
+        def visit(name, obj):
+            if isinstance(obj, h5py.Dataset):
+                out.append(dict(name="/" + name, shape=list(obj.shape), dtype=_fix_header_dtype(obj.dtype).name,
+                                chunks=list(obj.chunks) if obj.chunks else None))
+        f.visititems(visit)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Writing
+
+
+def output_format(ref: ArrayRef) -> str:
+    if ref.is_std:
+        return "npy"
+    suffix = os.path.splitext(ref.path)[1].lower()
+    if suffix not in SUFFIX_FORMATS:
+        ref.fail(f"unknown output format '{suffix or '(no suffix)'}': expected .npy, .npz, .h5 or .hdf5, or - for stdout")
+    return SUFFIX_FORMATS[suffix]
+
+
+def _same_file(a: str, b: str) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return os.path.realpath(a) == os.path.realpath(b)
+
+
+def _h5_name(name: str | None) -> str:
+    return "/" + (name or "output").strip("/")
+
+
+def check_output(ref: ArrayRef, inputs: list[ArrayRef], force: bool) -> None:
+    """Refuse, before any work, an output that would replace an input, exist already, or land nowhere."""
+    kind = output_format(ref)
+    if ref.is_std:
+        return
+    if kind == "npy" and ref.name is not None:
+        ref.fail("a .npy file holds one array: drop the ':NAME'")
+    folder = os.path.dirname(os.path.abspath(ref.path))
+    if not os.path.isdir(folder):
+        ref.fail(f"folder '{os.path.dirname(ref.path)}' does not exist")
+    if not os.access(folder, os.W_OK):
+        ref.fail(f"folder '{os.path.dirname(ref.path) or '.'}' is not writable")
+    for other in inputs:
+        if other.is_std or not os.path.exists(ref.path) or not _same_file(ref.path, other.path):
+            continue
+        if kind != "h5" or _h5_name(ref.name) == _h5_name(other.name):
+            ref.fail(f"is the same as {other.label} '{other.text}': write the output elsewhere")
+    if not os.path.exists(ref.path):
+        return
+    if os.path.isdir(ref.path):
+        ref.fail("is a folder")
+    if kind == "h5":
+        if sniff(ref) != "h5":
+            ref.fail("exists and is not an HDF5 file")
+        with _open_h5(ref) as f:
+            if _h5_name(ref.name) in f and not force:
+                ref.fail(f"dataset '{_h5_name(ref.name)}' exists: pass --force to replace it")
+        if not os.access(ref.path, os.W_OK):
+            ref.fail("is not writable")
+    elif not force:
+        ref.fail("exists: pass --force to replace it")
+
+
+def write(ref: ArrayRef, array: np.ndarray, provenance: dict | None = None, force: bool = False) -> None:
+    """Write atomically: a temporary file beside the target, renamed into place only when complete."""
+    kind = output_format(ref)
+    if ref.is_std:
+        out = sys.stdout.buffer
+        np.save(out, array, allow_pickle=False)
+        out.flush()
+        return
+    if kind == "h5" and os.path.exists(ref.path):
+        _write_into_h5(ref, array, provenance or {}, force)
+        return
+    folder = os.path.dirname(os.path.abspath(ref.path))
+    fd, tmp = tempfile.mkstemp(prefix=".convt-", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            if kind == "npy":
+                np.save(f, array, allow_pickle=False)
+            elif kind == "npz":
+                np.savez(f, **{ref.name or "output": array})
+        if kind == "h5":
+            import h5py
+
+            with h5py.File(tmp, "w") as f:
+                _create_dataset(f, _h5_name(ref.name), array, provenance or {})
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, ref.path)
+    except OSError as e:
+        _remove(tmp)
+        ref.fail(f"could not be written: {e.strerror or e}")
+    except BaseException:
+        _remove(tmp)
+        raise
+
+
+def _remove(path: str) -> None:
+    try:
+        os.remove(path)
+    except OSError:
+        pass
+
+
+def _create_dataset(f, name: str, array: np.ndarray, provenance: dict):
+    d = f.create_dataset(name, data=array)
+    if array.dtype.name == "bfloat16":
+        d.attrs["dtype"] = "bfloat16"
+    for key, value in provenance.items():
+        d.attrs[key] = value if isinstance(value, str) else json.dumps(value)
+    return d
+
+
+def _write_into_h5(ref: ArrayRef, array, provenance: dict, force: bool) -> None:
+    # inside an existing file: build the dataset under a hidden name, then link it into place, so that an
+    # interrupted write never leaves a half-made dataset under the real name; other datasets stay untouched
+    name = _h5_name(ref.name)
+    parent, _, leaf = name.rpartition("/")
+    tmp = f"{parent}/.convt-partial-{os.getpid()}-{leaf}"
+    f = _open_h5(ref, "r+")
+    try:
+        with f:
+            try:
+                _create_dataset(f, tmp, array, provenance)
+                if name in f:
+                    if not force:
+                        ref.fail(f"dataset '{name}' exists: pass --force to replace it")
+                    del f[name]
+                f.move(tmp, name)
+            except BaseException:
+                if tmp in f:
+                    del f[tmp]
+                raise
+    except OSError as e:
+        ref.fail(f"could not be written: {e}")
