@@ -109,6 +109,17 @@ def _refs(input_ref, filters_ref):
     return x_ref, w_ref
 
 
+def _open(ref):
+    """(shape, dtype, load): the header now, the data on demand; stdin can only be read whole, at once."""
+    from . import io
+
+    if ref.is_std:
+        a = io.load(ref)
+        return a.shape, a.dtype, lambda: a
+    shape, dtype = io.read_header(ref)
+    return shape, dtype, lambda: io.load(ref)
+
+
 def _checked_dtype(cast, *refs_and_dtypes):
     """The dtype the run computes in: --dtype, else the shared dtype of INPUT and FILTERS."""
     import numpy as np
@@ -206,10 +217,10 @@ def run(input_ref, filters_ref, output_ref, output_shape, strides, padding, data
     out_ref = io.parse_ref("OUTPUT", output_ref, must_exist=False)
     io.check_output(out_ref, [x_ref, w_ref], force)
     args = _plan_args(output_shape, strides, padding, data_format, dilations)
-    (x_shape, x_dtype), (w_shape, w_dtype) = io.read_header(x_ref), io.read_header(w_ref)
+    (x_shape, x_dtype, x_load), (w_shape, w_dtype, w_load) = _open(x_ref), _open(w_ref)
     plan = plan_conv_transpose(x_shape, w_shape, **args)  # every shape error before any data is read
     out_dtype = _checked_dtype(dtype, (x_ref, x_dtype), (w_ref, w_dtype))
-    x, w = io.load(x_ref), io.load(w_ref)
+    x, w = x_load(), w_load()
     if dtype:
         x, w = x.astype(out_dtype), w.astype(out_dtype)
     start = time.perf_counter()
@@ -246,7 +257,7 @@ def shape(input_ref, filters_ref, output_shape, strides, padding, data_format, d
 
     x_ref, w_ref = _refs(input_ref, filters_ref)
     args = _plan_args(output_shape, strides, padding, data_format, dilations)
-    (x_shape, x_dtype), (w_shape, w_dtype) = io.read_header(x_ref), io.read_header(w_ref)
+    (x_shape, x_dtype, _), (w_shape, w_dtype, _) = _open(x_ref), _open(w_ref)
     plan = plan_conv_transpose(x_shape, w_shape, **args)
     out_dtype = _checked_dtype(dtype, (x_ref, x_dtype), (w_ref, w_dtype))
     info = _summary(plan, out_dtype, args, (x_ref, w_ref))

@@ -179,10 +179,7 @@ def _open_h5(ref: ArrayRef, mode: str = "r"):
 
 
 def read_header(ref: ArrayRef):
-    """(shape, dtype) without reading the data (stdin has to be read whole)."""
-    if ref.is_std:
-        a = load(ref)
-        return a.shape, a.dtype
+    """(shape, dtype) without reading the data. Not for stdin, which can only be read whole, once."""
     kind = sniff(ref)
     if kind == "npy":
         with open(ref.path, "rb") as f:
@@ -206,14 +203,9 @@ def _open_zip(ref: ArrayRef):
         ref.fail(f"is not a readable .npz file ({e})")
 
 
-_stdin_cache: dict[str, bytes] = {}
-
-
 def _read_stdin(ref: ArrayRef) -> bytes:
-    # a pipe cannot seek: buffer it once, so that header and data come from the same bytes
-    if "data" not in _stdin_cache:
-        _stdin_cache["data"] = sys.stdin.buffer.read()
-    data = _stdin_cache["data"]
+    # a pipe cannot seek: buffer it whole before np.load
+    data = sys.stdin.buffer.read()
     if not data:
         ref.fail("stdin is empty: expected a .npy stream")
     if not data.startswith(NPY_MAGIC):
@@ -334,8 +326,9 @@ def check_output(ref: ArrayRef, inputs: list[ArrayRef], force: bool) -> None:
     if os.path.isdir(ref.path):
         ref.fail("is a folder")
     if kind == "h5":
-        if sniff(ref) != "h5":
-            ref.fail("exists and is not an HDF5 file")
+        with open(ref.path, "rb") as f:
+            if f.read(8) != HDF5_MAGIC:
+                ref.fail("exists and is not an HDF5 file")
         with _open_h5(ref) as f:
             if _h5_name(ref.name) in f and not force:
                 ref.fail(f"dataset '{_h5_name(ref.name)}' exists: pass --force to replace it")
@@ -402,6 +395,7 @@ def _write_into_h5(ref: ArrayRef, array, provenance: dict, force: bool) -> None:
     name = _h5_name(ref.name)
     parent, _, leaf = name.rpartition("/")
     tmp = f"{parent}/.convt-partial-{os.getpid()}-{leaf}"
+    backup = f"{parent}/.convt-replaced-{os.getpid()}-{leaf}"
     f = _open_h5(ref, "r+")
     try:
         with f:
@@ -410,11 +404,15 @@ def _write_into_h5(ref: ArrayRef, array, provenance: dict, force: bool) -> None:
                 if name in f:
                     if not force:
                         ref.fail(f"dataset '{name}' exists: pass --force to replace it")
-                    del f[name]
+                    f.move(name, backup)
                 f.move(tmp, name)
+                if backup in f:
+                    del f[backup]
             except BaseException:
                 if tmp in f:
                     del f[tmp]
+                if backup in f and name not in f:
+                    f.move(backup, name)
                 raise
     except OSError as e:
         ref.fail(f"could not be written: {e}")

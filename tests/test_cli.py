@@ -1,0 +1,353 @@
+"""The `convt` command line through click's CliRunner, and a few real subprocess pipes.
+
+Matrix: run / shape / info x .npy, .npz, .h5, stdin/stdout x every flag (output-shape full and spatial,
+strides, padding SAME/VALID/explicit, data-format, dilations, dtype, force, json); the exact `Error:` line
+for each kind of mistake; provenance on .h5 outputs; help texts carry an example.
+"""
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import h5py
+import ml_dtypes
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from convt_cli.cli import cli
+from loop_reference import conv_transpose_loop
+
+SAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "samples")
+
+
+@pytest.fixture
+def work(tmp_path, monkeypatch):
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((2, 5, 6, 3)).astype(np.float32)
+    w = rng.standard_normal((3, 3, 4, 3)).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    np.save(tmp_path / "w.npy", w)
+    monkeypatch.chdir(tmp_path)
+    return x, w
+
+
+def invoke(*args, input=None):
+    return CliRunner().invoke(cli, [str(a) for a in args], input=input)
+
+
+def error_line(r):
+    assert r.exit_code == 2, r.output
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1, r.stderr
+    assert "Traceback" not in r.output
+    return lines[0]
+
+
+def reference(x, w, out_spatial, **flags):
+    return conv_transpose_loop(x.astype(np.float64), w.astype(np.float64), out_spatial, **flags)
+
+
+def test_run_npy_default_same(work):
+    x, w = work
+    r = invoke("run", "x.npy", "w.npy", "--strides", "2", "-o", "y.npy")
+    assert r.exit_code == 0, r.output
+    assert r.stdout == "" and r.stderr == ""
+    y = np.load("y.npy")
+    assert y.shape == (2, 10, 12, 4) and y.dtype == np.float32
+    np.testing.assert_allclose(y, reference(x, w, (10, 12), strides=2), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "flags,out_spatial,ref_flags",
+    [
+        (["--output-shape", "2,9,11,4", "--strides", "2"], (9, 11), dict(strides=2)),
+        (["--output-shape", "9,12", "--strides", "1,2,2,1"], (9, 12), dict(strides=2)),
+        (["--padding", "valid", "--strides", "2,3"], (11, 18), dict(strides=[2, 3], padding="VALID")),
+        (["--padding", "1:0,0:2", "--strides", "2"], (10, 11), dict(strides=2, padding=[(1, 0), (0, 2)])),
+        (["--dilations", "2", "--padding", "VALID"], (9, 10), dict(dilations=2, padding="VALID")),
+    ],
+)
+def test_run_flags(work, flags, out_spatial, ref_flags):
+    x, w = work
+    r = invoke("run", "x.npy", "w.npy", "-o", "y.npy", *flags)
+    assert r.exit_code == 0, r.output
+    np.testing.assert_allclose(np.load("y.npy"), reference(x, w, out_spatial, **ref_flags), rtol=1e-5, atol=1e-5)
+
+
+def test_run_channels_first(work):
+    x, w = work
+    np.save("xc.npy", np.moveaxis(x, -1, 1))
+    r = invoke("run", "xc.npy", "w.npy", "--data-format", "NCHW", "--strides", "1,1,2,2", "-o", "yc.npy")
+    assert r.exit_code == 0, r.output
+    want = reference(np.moveaxis(x, -1, 1), w, (10, 12), strides=2, channels_first=True)
+    np.testing.assert_allclose(np.load("yc.npy"), want, rtol=1e-5, atol=1e-5)
+
+
+def test_run_dtype_cast_and_mismatch(work):
+    x, w = work
+    np.save("w64.npy", w.astype(np.float64))
+    r = invoke("run", "x.npy", "w64.npy", "-o", "y.npy")
+    assert error_line(r) == ("Error: INPUT is float32 but FILTERS is float64: they must share a dtype; "
+                             "pass --dtype float32 (or another) to cast both")
+    assert not os.path.exists("y.npy")
+    r = invoke("run", "x.npy", "w64.npy", "--dtype", "float64", "-o", "y.npy")
+    assert r.exit_code == 0, r.output
+    assert np.load("y.npy").dtype == np.float64
+
+
+def test_run_bfloat16_round_trips_through_npy_and_h5(work):
+    x, w = work
+    r = invoke("run", "x.npy", "w.npy", "--dtype", "bfloat16", "-o", "y.npy")
+    assert r.exit_code == 0, r.output
+    raw = np.load("y.npy")
+    assert raw.dtype == np.dtype("V2")  # the convention: 2-byte void holding bfloat16 bits
+    y = raw.view(ml_dtypes.bfloat16)
+    want = reference(x.astype(ml_dtypes.bfloat16), w.astype(ml_dtypes.bfloat16), (5, 6))
+    np.testing.assert_allclose(y.astype(np.float64), want, rtol=2e-2, atol=2e-2 * np.abs(want).max())
+    # bfloat16 files are read back as bfloat16, from .npy and .h5, with no --dtype
+    r = invoke("run", "x.npy", "w.npy", "--dtype", "bfloat16", "-o", "y.h5:/y")
+    assert r.exit_code == 0, r.output
+    with h5py.File("y.h5") as f:
+        assert f["y"].attrs["dtype"] == "bfloat16"
+    np.save("wb.npy", np.ones((1, 1, 2, 4), ml_dtypes.bfloat16))
+    for source in ("y.npy", "y.h5:/y"):
+        r = invoke("run", source, "wb.npy", "-o", "z.npy", "--force")
+        assert r.exit_code == 0, r.output
+        z = np.load("z.npy").view(ml_dtypes.bfloat16)
+        np.testing.assert_array_equal(z, y.astype(np.float32).sum(-1, keepdims=True).repeat(2, -1)
+                                      .astype(ml_dtypes.bfloat16))
+    r = invoke("info", "y.h5", "y.npy")
+    assert r.stdout.splitlines() == ["y.h5:/y  (2, 5, 6, 4) bfloat16", "y.npy  (2, 5, 6, 4) bfloat16"]
+
+
+def test_run_npz_in_and_out(work):
+    x, w = work
+    np.savez("both.npz", x=x, w=w)
+    r = invoke("run", "both.npz:x", "both.npz:w", "-o", "y.npz:result")
+    assert r.exit_code == 0, r.output
+    with np.load("y.npz") as z:
+        assert z.files == ["result"]
+        np.testing.assert_allclose(z["result"], reference(x, w, (5, 6)), rtol=1e-5, atol=1e-5)
+    r = invoke("run", "both.npz", "w.npy", "-o", "y2.npy")
+    assert error_line(r) == "Error: INPUT 'both.npz': holds 2 arrays (x, w): name one, as both.npz:x"
+    r = invoke("run", "both.npz:q", "w.npy", "-o", "y2.npy")
+    assert error_line(r) == "Error: INPUT 'both.npz:q': has no array 'q': it holds x, w"
+
+
+def test_run_h5_in_and_out_keeps_other_datasets_and_records_provenance(work):
+    x, w = work
+    with h5py.File("data.h5", "w") as f:
+        f["inputs/a"] = x
+        f["keep/me"] = np.arange(5)
+    r = invoke("run", "data.h5:/inputs/a", "w.npy", "--strides", "2", "-o", "data.h5:/outputs/a")
+    assert r.exit_code == 0, r.output
+    with h5py.File("data.h5") as f:
+        np.testing.assert_array_equal(f["keep/me"][()], np.arange(5))
+        np.testing.assert_array_equal(f["inputs/a"][()], x)
+        y = f["outputs/a"]
+        np.testing.assert_allclose(y[()], reference(x, w, (10, 12), strides=2), rtol=1e-5, atol=1e-5)
+        assert y.attrs["convt_input"] == "data.h5:/inputs/a"
+        assert y.attrs["convt_filters"] == "w.npy"
+        params = json.loads(y.attrs["convt_parameters"])
+        assert params["strides"] == [2, 2] and params["output_shape"] == [2, 10, 12, 4]
+        assert y.attrs["convt_version"]
+        assert not [k for k in f["outputs"] if k.startswith(".convt")]
+    r = invoke("run", "data.h5:/inputs/a", "w.npy", "-o", "data.h5:/outputs/a")
+    assert error_line(r) == "Error: OUTPUT 'data.h5:/outputs/a': dataset '/outputs/a' exists: pass --force to replace it"
+    r = invoke("run", "data.h5:/inputs/a", "w.npy", "-o", "data.h5:/outputs/a", "--force")
+    assert r.exit_code == 0, r.output
+    with h5py.File("data.h5") as f:
+        assert f["outputs/a"].shape == (2, 5, 6, 4)
+        assert sorted(f) == ["inputs", "keep", "outputs"]
+
+
+def test_run_h5_single_dataset_and_new_file(work):
+    x, w = work
+    with h5py.File("one.h5", "w") as f:
+        f["deep/inside/x"] = x
+    r = invoke("run", "one.h5", "w.npy", "-o", "new.hdf5")
+    assert r.exit_code == 0, r.output
+    with h5py.File("new.hdf5") as f:
+        assert list(f) == ["output"]
+
+
+def test_run_refuses_to_write_onto_an_input(work):
+    before = hashlib.sha256(open("x.npy", "rb").read()).hexdigest()
+    r = invoke("run", "x.npy", "w.npy", "-o", "x.npy", "--force")
+    assert error_line(r) == "Error: OUTPUT 'x.npy': is the same as INPUT 'x.npy': write the output elsewhere"
+    assert hashlib.sha256(open("x.npy", "rb").read()).hexdigest() == before
+
+
+def test_run_refuses_existing_output_without_force(work):
+    open("y.npy", "wb").write(b"keep")
+    r = invoke("run", "x.npy", "w.npy", "-o", "y.npy")
+    assert error_line(r) == "Error: OUTPUT 'y.npy': exists: pass --force to replace it"
+    assert open("y.npy", "rb").read() == b"keep"
+
+
+def test_run_json_summary(work):
+    r = invoke("run", "x.npy", "w.npy", "--strides", "2", "-o", "y.npy", "--json")
+    assert r.exit_code == 0, r.output
+    info = json.loads(r.stdout)
+    assert info["output_shape"] == [2, 10, 12, 4]
+    assert info["pads"] == [[0, 1], [0, 1]]
+    assert info["flops"] == 2 * 2 * 5 * 6 * 9 * 4 * 3
+    assert info["seconds"] >= 0 and "gflop_per_s" in info
+    assert info["output"] == "y.npy" and info["dtype"] == "float32"
+
+
+def test_run_stdin_to_stdout_with_json_on_stderr(work):
+    x, w = work
+    r = invoke("run", "-", "w.npy", "-o", "-", "--json", input=open("x.npy", "rb").read())
+    assert r.exit_code == 0, r.stderr
+    import io
+
+    y = np.load(io.BytesIO(r.stdout_bytes))
+    np.testing.assert_allclose(y, reference(x, w, (5, 6)), rtol=1e-5, atol=1e-5)
+    assert json.loads(r.stderr)["output"] == "-"
+
+
+@pytest.mark.parametrize(
+    "args,stdin,message",
+    [
+        (["run", "-", "w.npy", "-o", "y.npy"], b"", "Error: INPUT '-': stdin is empty: expected a .npy stream"),
+        (["run", "-", "w.npy", "-o", "y.npy"], b"hello", "Error: INPUT '-': stdin is not a .npy stream (it starts "
+                                                         "with b'hello')"),
+        (["run", "-", "-", "-o", "y.npy"], b"", "Error: FILTERS '-': stdin is already the INPUT; give FILTERS as a "
+                                                "file"),
+        (["run", "missing.npy", "w.npy", "-o", "y.npy"], None, "Error: INPUT 'missing.npy': no such file"),
+        (["run", "x.npy", "w.npy", "-o", "nowhere/y.npy"], None, "Error: OUTPUT 'nowhere/y.npy': folder 'nowhere' "
+                                                                 "does not exist"),
+        (["run", "x.npy", "w.npy", "-o", "y.txt"], None, "Error: OUTPUT 'y.txt': unknown output format '.txt': "
+                                                         "expected .npy, .npz, .h5 or .hdf5, or - for stdout"),
+        (["run", "x.npy", "w.npy", "-o", "y.npy", "--strides", "2,x"], None,
+         "Error: --strides: expected comma-separated integers like 2 or 1,2,2,1, got '2,x'"),
+        (["run", "x.npy", "w.npy", "-o", "y.npy", "--padding", "0:1,1"], None,
+         "Error: --padding: expected SAME, VALID or lo:hi per spatial axis like 0:1,1:1, got '0:1,1'"),
+        (["run", "x.npy", "w.npy", "-o", "y.npy", "--output-shape", "2,99,12,4", "--strides", "2"], None,
+         "Error: conv_transpose: output_shape[1]=99 is not reachable from input size 5 with kernel 3, stride 2, "
+         "dilation 1, padding SAME: legal sizes are 9..10 (SAME needs (I-1)*s+1 <= O <= I*s)"),
+        (["run", "x.npy", "w.npy", "-o", "y.npy", "--data-format", "NCW"], None,
+         "Error: conv_transpose: data_format='NCW' does not fit 2 spatial dims (input rank 4) (it is for 1 spatial "
+         "dims): expected 'NHWC', 'NCHW', 'channels_last' or 'channels_first'"),
+        (["run", "x.npy", "w.npy", "-o", "y.npy", "--dtype", "float8"], None,
+         "Error: Invalid value for '--dtype': 'float8' is not one of 'float16', 'bfloat16', 'float32', 'float64', "
+         "'int32', 'complex64', 'complex128'."),
+        (["run", "x.npy", "-o", "y.npy"], None, "Error: Missing argument 'FILTERS'."),
+        (["run", "x.npy", "w.npy"], None, "Error: Missing option '-o' / '--output'."),
+        (["frobnicate"], None, "Error: No such command 'frobnicate'."),
+    ],
+)
+def test_mistakes_give_one_error_line_and_exit_2(work, args, stdin, message):
+    r = invoke(*args, input=stdin)
+    assert error_line(r) == message
+    assert not os.path.exists("y.npy")
+
+
+def test_unsupported_dtype_suggests_cast(work):
+    np.save("xi.npy", np.zeros((1, 3, 3), np.int64))
+    np.save("wi.npy", np.zeros((1, 3, 3), np.int64))
+    r = invoke("run", "xi.npy", "wi.npy", "-o", "y.npy")
+    assert error_line(r) == ("Error: INPUT 'xi.npy': dtype int64 is not supported: expected one of float16, "
+                             "bfloat16, float32, float64, int32, complex64, complex128; pass --dtype float32 "
+                             "(or another) to cast it")
+    r = invoke("run", "xi.npy", "wi.npy", "-o", "y.npy", "--dtype", "int32", "--padding", "valid")
+    assert r.exit_code == 0, r.output
+    assert np.load("y.npy").dtype == np.int32
+
+
+def test_shape_reads_headers_only(work):
+    r = invoke("shape", "x.npy", "w.npy", "--strides", "2", "--padding", "valid")
+    assert r.exit_code == 0, r.output
+    assert r.stdout.splitlines() == [
+        "output shape  (2, 11, 13, 4) float32 (NHWC)",
+        "legal sizes   11..12, 13..14 (per spatial axis)",
+        "pads          0:0, 0:0 (lo:hi of the forward convolution)",
+        f"flops         {2 * 2 * 5 * 6 * 9 * 4 * 3:,}",
+        f"output bytes  {2 * 11 * 13 * 4 * 4:,}",
+    ]
+    r = invoke("shape", "x.npy", "w.npy", "--json", "--output-shape", "9,12", "--strides", "2")
+    info = json.loads(r.stdout)
+    assert info["output_shape"] == [2, 9, 12, 4] and info["legal_output_sizes"] == [[9, 10], [11, 12]]
+
+
+def test_shape_does_not_read_the_data(work):
+    # a 64 GB array: only its header exists on disk (a sparse file), and shape answers at once
+    shape = (64, 256, 256, 4096)
+    header = np.lib.format.header_data_from_array_1_0(np.zeros((1,), np.float32))
+    header["shape"] = shape
+    with open("huge.npy", "wb") as f:
+        np.lib.format.write_array_header_2_0(f, header)
+        f.truncate(f.tell() + int(np.prod(shape)) * 4)
+    np.save("wh.npy", np.zeros((2, 2, 8, 4096), np.float32))
+    r = invoke("shape", "huge.npy", "wh.npy", "--strides", "2", "--json")
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["output_shape"] == [64, 512, 512, 8]
+
+
+def test_info_lists_every_array(work):
+    x, w = work
+    np.savez("z.npz", a=x, b=w)
+    with h5py.File("d.h5", "w") as f:
+        f.create_dataset("g/c", data=x, chunks=(1, 5, 6, 3))
+    r = invoke("info", "x.npy", "z.npz", "d.h5")
+    assert r.exit_code == 0, r.output
+    assert r.stdout.splitlines() == [
+        "x.npy  (2, 5, 6, 3) float32",
+        "z.npz:a  (2, 5, 6, 3) float32",
+        "z.npz:b  (3, 3, 4, 3) float32",
+        "d.h5:/g/c  (2, 5, 6, 3) float32  chunks (1, 5, 6, 3)",
+    ]
+    r = invoke("info", "d.h5", "--json")
+    assert json.loads(r.stdout) == {"file": "d.h5", "arrays": [
+        {"name": "/g/c", "shape": [2, 5, 6, 3], "dtype": "float32", "chunks": [1, 5, 6, 3]}]}
+
+
+@pytest.mark.parametrize("command", ["run", "shape", "info"])
+def test_help_has_an_example(command):
+    r = invoke(command, "--help")
+    assert r.exit_code == 0
+    assert "Example" in r.stdout and "convt " + command in r.stdout
+
+
+def test_version():
+    r = invoke("--version")
+    assert r.exit_code == 0 and r.stdout.startswith("convt, version ")
+
+
+def _convt():
+    exe = shutil.which("convt")
+    return [exe] if exe else [sys.executable, "-m", "convt_cli"]
+
+
+def test_real_pipe_through_the_installed_command(tmp_path):
+    cmd = " ".join(_convt())
+    shutil.copy(os.path.join(SAMPLES, "input.npy"), tmp_path)
+    shutil.copy(os.path.join(SAMPLES, "filters.npy"), tmp_path)
+    p = subprocess.run(f"{cmd} run - filters.npy --strides 2 -o - < input.npy | {cmd} run - filters.npy -o "
+                       f"- --output-shape 31,32 --strides 2 --dtype float32 2>/dev/null | {cmd} info -",
+                       shell=True, cwd=tmp_path, capture_output=True, text=True)
+    # the second stage's filters have 16 input channels but its input has 8: a clean error, not a traceback
+    assert "Traceback" not in p.stderr
+    p = subprocess.run(f"{cmd} run - filters.npy --strides 2 -o - < input.npy | {cmd} info -", shell=True,
+                       cwd=tmp_path, capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout == "-  (2, 16, 16, 8) float32\n"
+
+
+def test_real_h5_in_and_out_and_error_exit_code(tmp_path):
+    shutil.copy(os.path.join(SAMPLES, "batch.h5"), tmp_path)
+    p = subprocess.run(_convt() + ["run", "batch.h5:/inputs/b", "batch.h5:/filters/w", "--strides", "2", "-o",
+                                   "out.h5:/b"], cwd=tmp_path, capture_output=True, text=True)
+    assert p.returncode == 0 and p.stdout == "" and p.stderr == ""
+    with h5py.File(tmp_path / "out.h5") as f:
+        assert f["b"].shape == (1, 16, 16, 8)
+    p = subprocess.run(_convt() + ["run", "batch.h5:/inputs", "batch.h5:/filters/w", "-o", "o.npy"], cwd=tmp_path,
+                       capture_output=True, text=True)
+    assert p.returncode == 2
+    assert p.stderr == ("Error: INPUT 'batch.h5:/inputs': '/inputs' is a group, not a dataset: name a dataset "
+                        "inside it\n")
