@@ -252,7 +252,6 @@ def shape(input_ref, filters_ref, output_shape, strides, padding, data_format, d
     Example:
       convt shape x.npy w.npy --strides 2 --padding valid
     """
-    from . import io
     from .shapes import plan_conv_transpose
 
     x_ref, w_ref = _refs(input_ref, filters_ref)

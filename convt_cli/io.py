@@ -147,7 +147,8 @@ def _npz_member(ref: ArrayRef, names: list[str]) -> str:
             ref.fail(f"has no array '{ref.name}': it holds {', '.join(names) or 'nothing'}")
         return ref.name
     if len(names) != 1:
-        ref.fail(f"holds {len(names)} arrays ({', '.join(names)}): name one, as {ref.path}:{names[0] if names else 'NAME'}")
+        first = names[0] if names else "NAME"
+        ref.fail(f"holds {len(names)} arrays ({', '.join(names)}): name one, as {ref.path}:{first}")
     return names[0]
 
 
@@ -159,7 +160,8 @@ def _h5_dataset(ref: ArrayRef, f):
         f.visititems(lambda path, obj: found.append(path) if isinstance(obj, h5py.Dataset) else None)
         if len(found) != 1:
             listing = ", ".join("/" + p for p in found[:5]) + (", ..." if len(found) > 5 else "")
-            ref.fail(f"holds {len(found)} datasets ({listing}): name one, as {ref.path}:/{found[0] if found else 'NAME'}")
+            first = found[0] if found else "NAME"
+            ref.fail(f"holds {len(found)} datasets ({listing}): name one, as {ref.path}:/{first}")
         return f[found[0]]
     obj = f.get(ref.name)
     if obj is None:
@@ -289,7 +291,9 @@ def output_format(ref: ArrayRef) -> str:
         return "npy"
     suffix = os.path.splitext(ref.path)[1].lower()
     if suffix not in SUFFIX_FORMATS:
-        ref.fail(f"unknown output format '{suffix or '(no suffix)'}': expected .npy, .npz, .h5 or .hdf5, or - for stdout")
+        ref.fail(
+            f"unknown output format '{suffix or '(no suffix)'}': expected .npy, .npz, .h5 or .hdf5, or - for stdout"
+        )
     return SUFFIX_FORMATS[suffix]
 
 

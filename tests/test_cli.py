@@ -157,7 +157,8 @@ def test_run_h5_in_and_out_keeps_other_datasets_and_records_provenance(work):
         assert y.attrs["convt_version"]
         assert not [k for k in f["outputs"] if k.startswith(".convt")]
     r = invoke("run", "data.h5:/inputs/a", "w.npy", "-o", "data.h5:/outputs/a")
-    assert error_line(r) == "Error: OUTPUT 'data.h5:/outputs/a': dataset '/outputs/a' exists: pass --force to replace it"
+    assert error_line(r) == ("Error: OUTPUT 'data.h5:/outputs/a': dataset '/outputs/a' exists: pass --force to "
+                             "replace it")
     r = invoke("run", "data.h5:/inputs/a", "w.npy", "-o", "data.h5:/outputs/a", "--force")
     assert r.exit_code == 0, r.output
     with h5py.File("data.h5") as f:

@@ -151,8 +151,8 @@ X, F = (2, 5, 6, 3), (3, 3, 4, 3)
 @pytest.mark.parametrize(
     "kwargs,message",
     [
-        (dict(input_shape=(5, 3)), "conv_transpose: input must have rank >= 3 (batch, spatial..., channels), got rank 2 "
-                                   "with shape (5, 3)"),
+        (dict(input_shape=(5, 3)), "conv_transpose: input must have rank >= 3 (batch, spatial..., channels), got "
+                                   "rank 2 with shape (5, 3)"),
         (dict(filters_shape=(3, 4, 3)), "conv_transpose: filters must have rank 4 like the input (spatial..., "
                                         "out_channels, in_channels), got rank 3 with shape (3, 4, 3)"),
         (dict(filters_shape=(3, 3, 4, 2)), "conv_transpose: filters.shape[-1]=2 (in_channels) must equal the input's "
