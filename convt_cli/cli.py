@@ -296,5 +296,60 @@ def info(files, as_json):
             click.echo(f"{name}  {tuple(a['shape'])} {a['dtype']}{chunks}")
 
 
+@cli.command()
+@click.argument("input_ref", metavar="INPUT")
+@click.argument("filters_ref", metavar="FILTERS")
+@click.argument("output_ref", metavar="[OUTPUT]", required=False)
+@conv_options
+@click.option("--probes", type=click.IntRange(min=1), help="Number of random probes (default 8).")
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True, help="Seed of the probes.")
+@click.option("--rtol", type=click.FloatRange(min=0), help="Tolerance on each probe's residual (default: derived "
+              "from the dtype and the number of terms per output element).")
+@click.option("--json", "as_json", is_flag=True, help="Print the whole report as JSON.")
+def verify(input_ref, filters_ref, output_ref, output_shape, strides, padding, data_format, dilations, dtype, probes,
+           seed, rtol, as_json):
+    """Check that OUTPUT is conv_transpose(INPUT, FILTERS) through the adjoint identity.
+
+    For random probes x it compares <OUTPUT, x> with <INPUT, conv(x, FILTERS)>, never computing
+    conv_transpose itself, so it can check results from TensorFlow, an accelerator, or convt. Without OUTPUT,
+    convt computes the output and checks that. Exit code 0: passed; 1: mismatch (or non-finite output); 2: trouble.
+
+    \b
+    Examples:
+      convt verify x.npy w.npy y.npy --strides 2
+      convt verify x.npy w.npy --strides 2 --probes 16 --seed 7 --json
+    """
+    from . import io
+    from .engine import run_conv_transpose
+    from .shapes import plan_conv_transpose
+    from .verify import verify_conv_transpose
+
+    x_ref, w_ref = _refs(input_ref, filters_ref)
+    y_ref = None if output_ref is None else io.parse_ref("OUTPUT", output_ref)
+    if y_ref is not None and y_ref.is_std and (x_ref.is_std or w_ref.is_std):
+        raise ConvtError("OUTPUT '-': stdin is already used; give OUTPUT as a file")
+    args = _plan_args(output_shape, strides, padding, data_format, dilations)
+    (x_shape, x_dtype, x_load), (w_shape, w_dtype, w_load) = _open(x_ref), _open(w_ref)
+    y_open = None if y_ref is None else _open(y_ref)
+    if y_open is not None and args["output_shape"] is None:
+        args["output_shape"] = list(y_open[0])
+    plan = plan_conv_transpose(x_shape, w_shape, **args)
+    if y_open is not None and tuple(y_open[0]) != plan.output_shape:
+        y_ref.fail(f"has shape {tuple(y_open[0])} but --output-shape asks for {plan.output_shape}")
+    out_dtype = _checked_dtype(dtype, (x_ref, x_dtype), (w_ref, w_dtype))
+    if y_open is not None and y_open[1].name != out_dtype.name:
+        y_ref.fail(f"has dtype {y_open[1].name} but INPUT and FILTERS compute in {out_dtype.name}")
+    x, w = x_load().astype(out_dtype, copy=False), w_load().astype(out_dtype, copy=False)
+    y = run_conv_transpose(plan, x, w) if y_open is None else y_open[2]()
+    report = verify_conv_transpose(x, w, y, plan.spec.strides, plan.spec.padding, plan.spec.data_format,
+                                   plan.spec.dilations, probes=probes, seed=seed, rtol=rtol)
+    if as_json:
+        click.echo(json.dumps(report.to_dict()))
+    else:
+        click.echo(report.summary())
+    if not report.passed:
+        sys.exit(EXIT_MISMATCH)
+
+
 def main():
     cli.main(prog_name="convt")

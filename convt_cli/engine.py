@@ -41,7 +41,8 @@ def check_dtypes(op: str, x_dtype: np.dtype, w_dtype: np.dtype) -> None:
         )
 
 
-def _as_arrays(op: str, input, filters):
+def as_arrays(op: str, input, filters):
+    """Both as arrays (no copy when they already are), with supported and equal dtypes."""
     x = input if isinstance(input, np.ndarray) else np.asarray(input)
     w = filters if isinstance(filters, np.ndarray) else np.asarray(filters)
     check_dtypes(op, x.dtype, w.dtype)
@@ -104,7 +105,7 @@ def conv_transpose(
     >>> conv_transpose(np.ones((2, 5, 5, 3), np.float32), np.ones((3, 3, 4, 3), np.float32), strides=2).shape
     (2, 10, 10, 4)
     """
-    x, w = _as_arrays("conv_transpose", input, filters)
+    x, w = as_arrays("conv_transpose", input, filters)
     plan = plan_conv_transpose(x.shape, w.shape, output_shape, strides, padding, data_format, dilations)
     return run_conv_transpose(plan, x, w)
 
@@ -174,7 +175,7 @@ def conv(input, filters, strides=1, padding="SAME", data_format=None, dilations=
     >>> conv(np.ones((2, 10, 10, 4), np.float32), np.ones((3, 3, 4, 3), np.float32), strides=2).shape
     (2, 5, 5, 3)
     """
-    x, w = _as_arrays("conv", input, filters)
+    x, w = as_arrays("conv", input, filters)
     plan = plan_conv(x.shape, w.shape, strides, padding, data_format, dilations)
     return run_conv(plan, x, w)
 

@@ -308,7 +308,7 @@ def test_info_lists_every_array(work):
         {"name": "/g/c", "shape": [2, 5, 6, 3], "dtype": "float32", "chunks": [1, 5, 6, 3]}]}
 
 
-@pytest.mark.parametrize("command", ["run", "shape", "info"])
+@pytest.mark.parametrize("command", ["run", "shape", "info", "verify"])
 def test_help_has_an_example(command):
     r = invoke(command, "--help")
     assert r.exit_code == 0
@@ -352,3 +352,50 @@ def test_real_h5_in_and_out_and_error_exit_code(tmp_path):
     assert p.returncode == 2
     assert p.stderr == ("Error: INPUT 'batch.h5:/inputs': '/inputs' is a group, not a dataset: name a dataset "
                         "inside it\n")
+
+
+def test_verify_passes_fails_and_reports(work):
+    x, w = work
+    assert invoke("run", "x.npy", "w.npy", "--strides", "2", "-o", "y.npy").exit_code == 0
+    r = invoke("verify", "x.npy", "w.npy", "y.npy", "--strides", "2")
+    assert r.exit_code == 0, r.output
+    assert r.stdout.startswith("PASS: max residual ") and r.stdout.endswith(
+        "(8 probes, float32 output (2, 10, 12, 4), seed 0)\n")
+    y = np.load("y.npy")
+    y[1, 4, 5, 2] += 0.01 * np.abs(y).max()
+    np.save("bad.npy", y)
+    r = invoke("verify", "x.npy", "w.npy", "bad.npy", "--strides", "2", "--json", "--probes", "5", "--seed", "3")
+    assert r.exit_code == 1, r.output
+    report = json.loads(r.stdout)
+    assert report["passed"] is False and report["probe_count"] == 5 and report["seed"] == 3
+    assert len(report["probes"]) == 5 and report["max_residual"] > report["tolerance"]
+    r = invoke("verify", "x.npy", "w.npy", "bad.npy", "--strides", "2", "--rtol", "1")
+    assert r.exit_code == 0, r.output
+    y[0, 0, 0, 0] = np.nan
+    np.save("nan.npy", y)
+    r = invoke("verify", "x.npy", "w.npy", "nan.npy", "--strides", "2")
+    assert r.exit_code == 1 and r.stdout.startswith("FAIL: output has 1 non-finite value")
+
+
+def test_verify_without_output_checks_convt_itself(work):
+    r = invoke("verify", "x.npy", "w.npy", "--strides", "2", "--padding", "valid", "--dilations", "2")
+    assert r.exit_code == 0, r.output
+    assert "float32 output (2, 13, 15, 4)" in r.stdout
+
+
+@pytest.mark.parametrize(
+    "extra,message",
+    [
+        (["--strides", "3"], "Error: conv_transpose: output_shape[1]=10 is not reachable from input size 5 with "
+                             "kernel 3, stride 3, dilation 1, padding SAME: legal sizes are 13..15"),
+        (["--strides", "2", "--output-shape", "9,12"], "Error: OUTPUT 'y.npy': has shape (2, 10, 12, 4) but "
+                                                       "--output-shape asks for (2, 9, 12, 4)"),
+        (["--strides", "2", "--dtype", "float64"], "Error: OUTPUT 'y.npy': has dtype float32 but INPUT and FILTERS "
+                                                   "compute in float64"),
+        (["--strides", "2", "--probes", "0"], "Error: Invalid value for '--probes': 0 is not in the range x>=1."),
+    ],
+)
+def test_verify_mistakes(work, extra, message):
+    assert invoke("run", "x.npy", "w.npy", "--strides", "2", "-o", "y.npy").exit_code == 0
+    r = invoke("verify", "x.npy", "w.npy", "y.npy", *extra)
+    assert error_line(r).startswith(message)

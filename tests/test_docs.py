@@ -26,15 +26,19 @@ def _quick_start():
     return [line for block in re.findall(r"```sh\n(.*?)```", section, flags=re.S) for line in block.splitlines()]
 
 
-def _commands():
-    lines = [line for block in _blocks("sh") for line in block.splitlines() if line.strip()]
-    commands = []
-    for line in lines:
-        if line.startswith("pip install . && "):
-            line = line[len("pip install . && "):]
-        if line.startswith("convt "):
-            commands.append(line)
-    return commands
+def _command_blocks():
+    """The convt lines of each ```sh block, in order: a block's lines run one after another in one folder."""
+    blocks = []
+    for block in _blocks("sh"):
+        commands = []
+        for line in block.splitlines():
+            if line.startswith("pip install . && "):
+                line = line[len("pip install . && "):]
+            if line.startswith("convt "):
+                commands.append(line)
+        if commands:
+            blocks.append(commands)
+    return blocks
 
 
 def test_quick_start_has_two_commands_and_ci_runs_the_second():
@@ -45,19 +49,20 @@ def test_quick_start_has_two_commands_and_ci_runs_the_second():
     assert install_test in ci.splitlines()
 
 
-@pytest.mark.parametrize("command", _commands())
-def test_readme_command_runs(command, tmp_path):
+@pytest.mark.parametrize("commands", _command_blocks(), ids=lambda c: c[0][:60])
+def test_readme_commands_run(commands, tmp_path):
     shutil.copytree(os.path.join(ROOT, "samples"), tmp_path / "samples")
     env = dict(os.environ)
     bindir = os.path.dirname(shutil.which("convt") or sys.executable)
     env["PATH"] = bindir + os.pathsep + env.get("PATH", "")
-    p = subprocess.run(command, shell=True, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
-    assert p.returncode == 0, p.stderr
-    assert "Traceback" not in p.stderr
+    for command in commands:
+        p = subprocess.run(command, shell=True, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+        assert p.returncode == 0, (command, p.stderr)
+        assert "Traceback" not in p.stderr
 
 
 def test_readme_lists_enough_commands():
-    assert len(_commands()) >= 8
+    assert sum(map(len, _command_blocks())) >= 10
 
 
 def test_python_api_example_runs():
