@@ -79,6 +79,20 @@ def _finish(op: str, out: np.ndarray, dtype: np.dtype) -> np.ndarray:
     return out.astype(dtype.newbyteorder("="), copy=False)  # big-endian in, native out
 
 
+def estimate_bytes(plan: Plan, dtype) -> int:
+    """Peak bytes run_conv_transpose allocates for this plan beyond its input and filters (an upper bound)."""
+    dtype = np.dtype(dtype)
+    compute = np.dtype(COMPUTE_DTYPES[dtype.name]).itemsize
+    out = math.prod(plan.output_shape)
+    inp = math.prod(plan.input_shape)
+    taps_w = math.prod(plan.filters_shape)
+    total = out * compute + inp * compute + taps_w * compute  # accumulator and native compute copies
+    total += plan.batch * math.prod(plan.input_spatial) * plan.out_channels * compute  # per-tap product buffer
+    if compute != dtype.itemsize:
+        total += out * dtype.itemsize  # the result cast back
+    return total
+
+
 def conv_transpose(
     input, filters, output_shape=None, strides=1, padding="SAME", data_format=None, dilations=None
 ) -> np.ndarray:
