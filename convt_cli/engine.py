@@ -8,12 +8,13 @@ against the other, so a mistake in one must not be repeated in the other.
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import numpy as np
 
 from .errors import ConvtError
-from .shapes import Plan, plan_conv, plan_conv_transpose, tap_span
+from .shapes import Plan, axis_phases, plan_conv, plan_conv_transpose, tap_span
 
 # dtype name -> the dtype the engine accumulates in; the result is cast back once at the end
 COMPUTE_DTYPES = {
@@ -124,49 +125,214 @@ def conv_transpose(
     return run_conv_transpose(plan, x, w)
 
 
-def run_conv_transpose(plan: Plan, x: np.ndarray, w: np.ndarray) -> np.ndarray:
-    """Execute a plan on arrays whose shapes match it (any batch size: batch elements are independent)."""
-    batch = x.shape[0]
-    out_shape = (batch, *plan.output_shape[1:])
-    _check_int32_bound(plan.op, x, w, plan.in_channels * math.prod(plan.kernel))
-    xc, wc = _compute_copy(x), _compute_copy(w)
-    out = np.zeros(out_shape, dtype=xc.dtype)
-    if out.size == 0 or xc.size == 0 or wc.size == 0:
-        return _finish(plan.op, out, x.dtype)
+def run_conv_transpose(plan: Plan, x: np.ndarray, w: np.ndarray, strategy: str | None = None) -> np.ndarray:
+    """Execute a plan on arrays whose shapes match it (any batch size: batch elements are independent).
 
-    n, first = plan.spec.n, plan.spec.channels_first
+    `strategy` ("phases" or "taps") overrides the choice by shape; the tests run both.
+    """
+    batch = x.shape[0]
+    _check_int32_bound(plan.op, x, w, plan.in_channels * math.prod(plan.kernel))
+    out = np.zeros((batch, *plan.output_shape[1:]), dtype=x.dtype.newbyteorder("="))
+    if out.size == 0 or x.size == 0 or w.size == 0:
+        return out
+    compute = np.dtype(COMPUTE_DTYPES[x.dtype.name])
+    wc = np.ascontiguousarray(w, dtype=compute)
+    strategy = strategy or choose_strategy(plan)
+    if strategy == "phases":
+        _transpose_phases(plan, x, wc, out, compute)
+    elif strategy == "taps":
+        _transpose_taps(plan, x, wc, out, compute)
+    else:
+        raise ValueError(f"unknown strategy {strategy!r}")
+    return out
+
+
+WORK_BYTES = 8 << 20  # aim for one batch chunk's workspace to stay in the last-level cache
+
+
+def _batch_chunk(batch: int, per_image: int) -> int:
+    return max(1, min(batch, WORK_BYTES // max(1, per_image)))
+
+
+def _chunk_of(x: np.ndarray, b0: int, b1: int, compute: np.dtype) -> np.ndarray:
+    return np.ascontiguousarray(x[b0:b1], dtype=compute)  # a view when x is already so
+
+
+def _store(plan: Plan, dst: np.ndarray, src: np.ndarray) -> None:
+    # the one place results are cast to the output dtype; int32 must not wrap on the way
+    if dst.dtype.name == "int32" and src.size:
+        lo, hi = int(src.min()), int(src.max())
+        if lo < _INT32_MIN or hi > _INT32_MAX:
+            bad = hi if hi > _INT32_MAX else lo
+            raise ConvtError(
+                f"{plan.op}: int32 result overflows: an output element is {bad}, outside "
+                f"[{_INT32_MIN}, {_INT32_MAX}]; cast the inputs to float64 instead"
+            )
+    dst[...] = src
+
+
+def _phase_groups(plan: Plan):
+    """Output phases grouped by their per-axis input shifts: a group shares one shifted-input matrix."""
+    s, d, lo = plan.spec.strides, plan.spec.dilations, [p[0] for p in plan.pads]
+    axes = [axis_phases(plan.input_spatial[j], plan.output_spatial[j], plan.kernel[j], s[j], d[j], lo[j])
+            for j in range(plan.spec.n)]
+    groups: dict[tuple, list] = {}
+    for combo in itertools.product(*axes):
+        groups.setdefault(tuple(ph.shifts for ph in combo), []).append(combo)
+    return list(groups.items())
+
+
+def _transpose_phases(plan: Plan, x, w, out, compute) -> None:
+    # Sub-pixel decomposition: output phase p (o = q*s + residue - lo) is a plain correlation of the input
+    # with the phase's own taps, so per group of phases one GEMM of [shifted inputs] (rows, U*c_in) by
+    # (U*c_in, P*c_out) weights writes each output element exactly once; no scatter-add.
+    first, n = plan.spec.channels_first, plan.spec.n
+    c_in, c_out, spatial = plan.in_channels, plan.out_channels, plan.input_spatial
+    prepared = []
+    for shift_sets, combos in _phase_groups(plan):
+        qa = [min(c[j].q0 for c in combos) for j in range(n)]
+        qb = [max(c[j].q1 for c in combos) for j in range(n)]
+        shifts = list(itertools.product(*shift_sets))
+        weights = np.empty((len(shifts), c_in, len(combos), c_out), dtype=compute)  # (U, c_in, P, c_out)
+        for p, combo in enumerate(combos):
+            for u, ms in enumerate(shifts):
+                tap = tuple(ph.taps[ph.shifts.index(m)] for ph, m in zip(combo, ms))
+                weights[u, :, p, :] = w[tap].T
+        weights = weights.reshape(len(shifts) * c_in, len(combos) * c_out)
+        if first:
+            weights = np.ascontiguousarray(weights.T)  # (P*c_out, U*c_in)
+        prepared.append((combos, qa, qb, shifts, weights))
+    if not prepared:
+        return  # no phase reaches the output: it stays zero
+    per_image = max(
+        math.prod(b - a for a, b in zip(qa, qb)) * (len(sh) * c_in + len(cb) * c_out)
+        for cb, qa, qb, sh, _ in prepared
+    ) * compute.itemsize
+    chunk = _batch_chunk(x.shape[0], per_image)
+    for b0 in range(0, x.shape[0], chunk):
+        b1 = min(x.shape[0], b0 + chunk)
+        xb = _chunk_of(x, b0, b1, compute)
+        for combos, qa, qb, shifts, weights in prepared:
+            nq = [b - a for a, b in zip(qa, qb)]
+            a = _shifted_inputs(xb, shifts, qa, nq, spatial, first, compute)
+            rows = math.prod(nq)
+            if first:
+                y = np.matmul(weights, a.reshape(b1 - b0, len(shifts) * c_in, rows))  # (nb, P*c_out, rows)
+                y = y.reshape(b1 - b0, len(combos), c_out, *nq)
+            else:
+                # one GEMM per image (a stacked matmul), never one across images: BLAS rounds a row by its
+                # place in the matrix, and results must not depend on how the batch is cut
+                y = np.matmul(a.reshape(b1 - b0, rows, len(shifts) * c_in), weights)  # (nb, rows, P*c_out)
+                y = y.reshape(b1 - b0, *nq, len(combos), c_out)
+            for p, combo in enumerate(combos):
+                dst = tuple(slice(ph.o0, ph.o0 + (ph.q1 - ph.q0 - 1) * s + 1, s)
+                            for ph, s in zip(combo, plan.spec.strides))
+                src = tuple(slice(ph.q0 - a0, ph.q1 - a0) for ph, a0 in zip(combo, qa))
+                if first:
+                    _store(plan, out[(slice(b0, b1), slice(None), *dst)], y[(slice(None), p, slice(None), *src)])
+                else:
+                    _store(plan, out[(slice(b0, b1), *dst, slice(None))], y[(slice(None), *src, p, slice(None))])
+
+
+def _shifted_inputs(xb, shifts, qa, nq, spatial, first, compute):
+    """(nb, *nq, U, c_in), or (nb, U, c_in, *nq) channels-first: block u holds x[q - shift_u], zero outside."""
+    nb, c_in = xb.shape[0], xb.shape[1 if first else -1]
+    shape = (nb, len(shifts), c_in, *nq) if first else (nb, *nq, len(shifts), c_in)
+    a = np.empty(shape, dtype=compute)
+    for u, ms in enumerate(shifts):
+        block = a[:, u] if first else a[(slice(None), *[slice(None)] * len(nq), u)]
+        lead = 2 if first else 1  # index of the first spatial axis in block
+        dst, src = [], []
+        for j, m in enumerate(ms):
+            q_lo, q_hi = max(qa[j], m), min(qa[j] + nq[j], spatial[j] + m)
+            dst.append((q_lo - qa[j], max(q_lo, q_hi) - qa[j]))
+            src.append(slice(q_lo - m, q_hi - m))
+        for j, (d0, d1) in enumerate(dst):  # zero the border slabs the input does not reach
+            for part in (slice(0, d0), slice(d1, nq[j])):
+                if part.stop > part.start:
+                    index = [slice(None)] * block.ndim
+                    index[lead + j] = part
+                    block[tuple(index)] = 0
+        if all(d1 > d0 for d0, d1 in dst):
+            inner = tuple(slice(d0, d1) for d0, d1 in dst)
+            if first:
+                block[(slice(None), slice(None), *inner)] = xb[(slice(None), slice(None), *src)]
+            else:
+                block[(slice(None), *inner, slice(None))] = xb[(slice(None), *src, slice(None))]
+    return a
+
+
+def _transpose_taps(plan: Plan, x, w, out, compute) -> None:
+    # Scatter: one GEMM gives every tap's contribution for a group of taps, (rows, c_in) by (c_in, T*c_out),
+    # and strided slices add each tap's block into the output.
+    first, n = plan.spec.channels_first, plan.spec.n
     c_in, c_out, spatial = plan.in_channels, plan.out_channels, plan.input_spatial
     positions = math.prod(spatial)
-    if first:
-        x_mat = xc.reshape(batch, c_in, positions)  # (n, c_in, P)
-        buf = np.empty((batch, c_out, positions), dtype=xc.dtype)
-        y = buf.reshape(batch, c_out, *spatial)
-    else:
-        x_mat = xc.reshape(batch * positions, c_in)  # (n*P, c_in)
-        buf = np.empty((batch * positions, c_out), dtype=xc.dtype)
-        y = buf.reshape(batch, *spatial, c_out)
-
+    taps = []
     for tap in np.ndindex(*plan.kernel):
-        spans = [
-            tap_span(spatial[j], plan.output_spatial[j], tap[j], plan.spec.strides[j], plan.spec.dilations[j],
-                     plan.pads[j][0])
-            for j in range(n)
-        ]
-        if any(span is None for span in spans):
-            continue  # the tap lands wholly in the padding
-        w_tap = wc[tap]  # (c_out, c_in)
-        if first:
-            np.matmul(w_tap, x_mat, out=buf)  # (n, c_out, P)
-        else:
-            np.matmul(x_mat, w_tap.T, out=buf)  # (n*P, c_out)
-        src = tuple(slice(i0, i1) for i0, i1, _ in spans)
-        dst = tuple(slice(o0, o0 + (i1 - i0 - 1) * s + 1, s) for (i0, i1, o0), s in zip(spans, plan.spec.strides))
-        if first:
-            src, dst = (slice(None), slice(None), *src), (slice(None), slice(None), *dst)
-        else:
-            src, dst = (slice(None), *src, slice(None)), (slice(None), *dst, slice(None))
-        out[dst] += y[src]
-    return _finish(plan.op, out, x.dtype)
+        spans = [tap_span(spatial[j], plan.output_spatial[j], tap[j], plan.spec.strides[j], plan.spec.dilations[j],
+                          plan.pads[j][0]) for j in range(n)]
+        if all(span is not None for span in spans):  # else the tap lands wholly in the padding
+            taps.append((tap, spans))
+    if not taps:
+        return
+    per_tap = max(1, -(-256 // c_out))  # aim for GEMMs at least 256 wide
+    group = min(len(taps), per_tap, max(1, WORK_BYTES // max(1, positions * c_out * compute.itemsize)))
+    groups = [taps[i:i + group] for i in range(0, len(taps), group)]
+    weights = []
+    for g in groups:
+        wg = np.stack([w[tap] for tap, _ in g])  # (T, c_out, c_in)
+        weights.append(wg.reshape(len(g) * c_out, c_in) if first else
+                       np.ascontiguousarray(wg.reshape(len(g) * c_out, c_in).T))
+    per_image = positions * (group * c_out + c_in) * compute.itemsize
+    chunk = _batch_chunk(x.shape[0], per_image)
+    accumulate_in_place = out.dtype == compute
+    for b0 in range(0, x.shape[0], chunk):
+        b1 = min(x.shape[0], b0 + chunk)
+        xb = _chunk_of(x, b0, b1, compute)
+        acc = out[b0:b1] if accumulate_in_place else np.zeros((b1 - b0, *out.shape[1:]), dtype=compute)
+        for g, wg in zip(groups, weights):
+            if first:
+                y = np.matmul(wg, xb.reshape(b1 - b0, c_in, positions))  # (nb, T*c_out, P)
+                y = y.reshape(b1 - b0, len(g), c_out, *spatial)
+            else:
+                y = np.matmul(xb.reshape(b1 - b0, positions, c_in), wg)  # (nb, P, T*c_out), a GEMM per image
+                y = y.reshape(b1 - b0, *spatial, len(g), c_out)
+            for t, (_, spans) in enumerate(g):
+                src = tuple(slice(i0, i1) for i0, i1, _ in spans)
+                dst = tuple(slice(o0, o0 + (i1 - i0 - 1) * s + 1, s)
+                            for (i0, i1, o0), s in zip(spans, plan.spec.strides))
+                if first:
+                    acc[(slice(None), slice(None), *dst)] += y[(slice(None), t, slice(None), *src)]
+                else:
+                    acc[(slice(None), *dst, slice(None))] += y[(slice(None), *src, t, slice(None))]
+        if not accumulate_in_place:
+            _store(plan, out[b0:b1], acc)
+
+
+def choose_strategy(plan: Plan) -> str:
+    """'phases' or 'taps', by a rough cost model of one image (never the batch size, so that any batch slicing
+    gives bitwise the same numbers): GEMM time at an efficiency that falls for thin matrices, plus memory
+    traffic (phases: the shifted-input matrices and one pass over the output; taps: three passes per tap).
+    The weights were fitted to timings of the benchmark workloads on a 2-core AVX-512 machine."""
+    c_in, c_out = plan.in_channels, plan.out_channels
+    if all(s == 1 for s in plan.spec.strides) and c_in >= 16:
+        return "taps"  # one phase holding every tap: its shifted-input matrix costs more than the adds
+
+    def gemm(k, n, rows):
+        return 2.0 * rows * k * n * (1 + 16 / k + 32 / n) / 200e9
+
+    memory = 4 / 8e9  # seconds per float32 moved
+    phases = 0.0
+    for shift_sets, combos in _phase_groups(plan):
+        rows = math.prod(max(c[j].q1 for c in combos) - min(c[j].q0 for c in combos) for j in range(plan.spec.n))
+        u = math.prod(len(m) for m in shift_sets)
+        phases += gemm(u * c_in, len(combos) * c_out, rows) + memory * rows * (u * c_in + 2 * len(combos) * c_out)
+    positions = math.prod(plan.input_spatial)
+    taps = math.prod(plan.kernel)
+    group = min(taps, max(1, -(-256 // c_out)))
+    scatter = gemm(c_in, group * c_out, positions) * taps / group + memory * positions * taps * c_out * 3
+    return "phases" if phases <= scatter else "taps"
 
 
 def conv(input, filters, strides=1, padding="SAME", data_format=None, dilations=None) -> np.ndarray:

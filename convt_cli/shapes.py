@@ -440,3 +440,35 @@ def tap_span(i: int, o: int, tap: int, s: int, d: int, lo: int):
     if i0 >= i1:
         return None
     return i0, i1, i0 * s + shift
+
+
+@dataclass(frozen=True)
+class AxisPhase:
+    """One stride phase of one spatial axis of conv_transpose.
+
+    Output positions o = q*s + residue - lo for q in [q0, q1) (that is o0, o0+s, ...) receive exactly the taps
+    k with k*d % s == residue, each from input i = q - shift with shift = k*d // s.
+    """
+
+    residue: int
+    taps: tuple[int, ...]
+    shifts: tuple[int, ...]
+    q0: int
+    q1: int
+    o0: int
+
+
+def axis_phases(i: int, o: int, k: int, s: int, d: int, lo: int) -> tuple[AxisPhase, ...]:
+    """The phases of one axis that reach [0, o); o = i*s + k*d - lo rewritten as o + lo = (i + shift)*s + residue."""
+    by_residue: dict[int, list[int]] = {}
+    for tap in range(k):
+        by_residue.setdefault(tap * d % s, []).append(tap)
+    reach = i + (k - 1) * d // s  # q < i + max shift
+    phases = []
+    for residue in sorted(by_residue):
+        span = tap_span(reach, o, residue, s, 1, lo)
+        if span is None:
+            continue
+        taps = tuple(by_residue[residue])
+        phases.append(AxisPhase(residue, taps, tuple(t * d // s for t in taps), *span))
+    return tuple(phases)

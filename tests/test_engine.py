@@ -19,7 +19,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from convt_cli import ConvtError, conv, conv_transpose
+from convt_cli import ConvtError, conv, conv_transpose, engine
+from convt_cli.shapes import plan_conv_transpose
 from loop_reference import conv_loop, conv_transpose_loop
 
 GOLDEN = sorted(glob.glob(os.path.join(os.path.dirname(__file__), "golden", "*.npz")))
@@ -54,15 +55,18 @@ def test_matches_tensorflow_golden(path):
     flags = dict(strides=params["strides"], padding=padding, data_format=params["data_format"],
                  dilations=params["dilations"])
     if params["op"] == "conv_transpose":
-        got = conv_transpose(a["input"], a["filters"], params["output_shape"], **flags)
+        got = [conv_transpose(a["input"], a["filters"], params["output_shape"], **flags)]
+        plan = plan_conv_transpose(a["input"].shape, a["filters"].shape, params["output_shape"], **flags)
+        got += [engine.run_conv_transpose(plan, a["input"], a["filters"], strategy=s) for s in ("phases", "taps")]
     else:
-        got = conv(a["input"], a["filters"], **flags)
+        got = [conv(a["input"], a["filters"], **flags)]
     want = a["output"]
-    assert got.shape == want.shape
-    assert got.dtype == want.dtype
     scale = float(np.abs(want.astype(np.float64)).max()) if want.size else 0.0
     rtol = GOLDEN_RTOL[params["dtype"]]
-    np.testing.assert_allclose(got.astype(np.float64), want.astype(np.float64), rtol=rtol, atol=rtol * scale)
+    for g in got:
+        assert g.shape == want.shape
+        assert g.dtype == want.dtype
+        np.testing.assert_allclose(g.astype(np.float64), want.astype(np.float64), rtol=rtol, atol=rtol * scale)
 
 
 def test_golden_suite_is_large_enough():
@@ -98,12 +102,29 @@ def _random_config(seed):
     return x, w, out_sizes, channels_first, flags
 
 
+@pytest.mark.parametrize("strategy", ["phases", "taps"])
 @pytest.mark.parametrize("seed", range(160))
-def test_conv_transpose_matches_loop_reference(seed):
+def test_conv_transpose_matches_loop_reference(seed, strategy):
     x, w, out_sizes, first, flags = _random_config(seed)
-    got = conv_transpose(x, w, out_sizes, data_format="channels_first" if first else None, **flags)
+    plan = plan_conv_transpose(x.shape, w.shape, out_sizes, data_format="channels_first" if first else None, **flags)
+    got = engine.run_conv_transpose(plan, x, w, strategy=strategy)
     want = conv_transpose_loop(x, w, out_sizes, channels_first=first, **flags)
     np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("strategy", ["phases", "taps"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.float16])
+@pytest.mark.parametrize("first", [False, True])
+def test_batch_chunking_is_bitwise_invisible(monkeypatch, strategy, dtype, first):
+    rng = np.random.default_rng(17)
+    x = rng.standard_normal((5, 6, 7, 9) if not first else (5, 9, 6, 7)).astype(dtype)
+    w = rng.standard_normal((3, 4, 5, 9)).astype(dtype)
+    plan = plan_conv_transpose(x.shape, w.shape, None, [2, 3], "SAME", "NCHW" if first else "NHWC")
+    whole = engine.run_conv_transpose(plan, x, w, strategy=strategy)
+    monkeypatch.setattr(engine, "WORK_BYTES", 1)  # one batch element per chunk
+    chunked = engine.run_conv_transpose(plan, x, w, strategy=strategy)
+    sliced = np.concatenate([engine.run_conv_transpose(plan, x[i:i + 2], w, strategy=strategy) for i in (0, 2, 4)])
+    assert whole.tobytes() == chunked.tobytes() == sliced.tobytes()
 
 
 @pytest.mark.parametrize("seed", range(160))
@@ -222,7 +243,7 @@ def test_int32_is_exact():
 def test_int32_overflow_is_refused():
     x = np.full((1, 2, 2), 2**20, np.int32)
     w = np.full((1, 1, 2), 2**11, np.int32)
-    with pytest.raises(ConvtError, match=r"int32 result overflows: output\[0, 0, 0\] = 4294967296 is outside"):
+    with pytest.raises(ConvtError, match=r"int32 result overflows: an output element is 4294967296, outside"):
         conv_transpose(x, w, padding="VALID")
     # one below the limit computes
     w = np.full((1, 1, 2), 2**10 - 1, np.int32)
