@@ -81,17 +81,19 @@ def _finish(op: str, out: np.ndarray, dtype: np.dtype) -> np.ndarray:
 
 
 def estimate_bytes(plan: Plan, dtype) -> int:
-    """Peak bytes run_conv_transpose allocates for this plan beyond its input and filters (an upper bound)."""
+    """Peak bytes run_conv_transpose allocates for this plan beyond its input and filters (an upper bound):
+    the output, plus one batch chunk's workspace (a few times WORK_BYTES, or one image's if that is larger)."""
     dtype = np.dtype(dtype)
     compute = np.dtype(COMPUTE_DTYPES[dtype.name]).itemsize
-    out = math.prod(plan.output_shape)
-    inp = math.prod(plan.input_shape)
-    taps_w = math.prod(plan.filters_shape)
-    total = out * compute + inp * compute + taps_w * compute  # accumulator and native compute copies
-    total += plan.batch * math.prod(plan.input_spatial) * plan.out_channels * compute  # per-tap product buffer
-    if compute != dtype.itemsize:
-        total += out * dtype.itemsize  # the result cast back
-    return total
+    out_image = math.prod(plan.output_shape[1:])
+    in_image = math.prod(plan.input_shape[1:])
+    taps = math.prod(plan.kernel)
+    # shifted inputs (at most every tap's copy) and GEMM results (at most every tap's, or every phase's)
+    per_image = (in_image * (taps + 1) + math.prod(plan.input_spatial) * taps * plan.out_channels + out_image)
+    per_image *= compute
+    chunk = min(max(1, plan.batch), max(1, WORK_BYTES // max(1, per_image)))
+    weights = 2 * math.prod(plan.filters_shape) * compute
+    return math.prod(plan.output_shape) * dtype.itemsize + chunk * per_image + weights
 
 
 def conv_transpose(
