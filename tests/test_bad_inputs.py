@@ -1,0 +1,342 @@
+"""Hostile inputs and faults, through the `convt` command line: every bad case refused cleanly, nothing lost.
+
+Matrix: the corpus (CASES; files, dtypes, ranks and shapes, every flag, zero sizes, memory, output targets,
+.h5/.npz references, stdin), each run through CliRunner and held to the same rule: exit code 2, exactly one
+`Error:` line (the exact text, naming the problem), no traceback, nothing on stdout, and the working folder
+exactly as it was (every file byte-identical, nothing created, no temporary file left).
+"""
+
+import gzip
+import hashlib
+import math
+import os
+import re
+
+import h5py
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from convt_cli.cli import cli
+
+
+@pytest.fixture
+def work(tmp_path, monkeypatch):
+    rng = np.random.default_rng(0)
+    np.save(tmp_path / "x.npy", rng.standard_normal((2, 5, 6, 3)).astype(np.float32))
+    np.save(tmp_path / "w.npy", rng.standard_normal((3, 3, 4, 3)).astype(np.float32))
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def invoke(*args, input=None):
+    return CliRunner().invoke(cli, [str(a) for a in args], input=input)
+
+
+def snapshot(folder):
+    """Every file under folder (hidden ones too) -> sha256 of its bytes."""
+    out = {}
+    for root, _, files in os.walk(folder):
+        for name in files:
+            path = os.path.join(root, name)
+            with open(path, "rb") as f:
+                out[os.path.relpath(path, folder)] = hashlib.sha256(f.read()).hexdigest()
+    return out
+
+
+def assert_refused(r, expected):
+    """Exit 2, one `Error:` line equal to `expected` (a re.Pattern: matching it), no traceback, empty stdout."""
+    assert r.exit_code == 2, (r.exit_code, r.output, r.exception)
+    assert "Traceback" not in r.output
+    lines = r.stderr.splitlines()
+    assert len(lines) == 1, r.stderr
+    if isinstance(expected, re.Pattern):
+        assert expected.fullmatch(lines[0]), lines[0]
+    else:
+        assert lines[0] == expected
+    assert r.stdout == ""
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Files the cases are built from (in the working folder, beside x.npy (2, 5, 6, 3) and w.npy (3, 3, 4, 3))
+
+
+def put(name, data: bytes):
+    with open(name, "wb") as f:
+        f.write(data)
+
+
+def read(name) -> bytes:
+    with open(name, "rb") as f:
+        return f.read()
+
+
+def npy_bytes(a, allow_pickle=False):
+    import io
+
+    buf = io.BytesIO()
+    np.save(buf, a, allow_pickle=allow_pickle)
+    return buf.getvalue()
+
+
+def npy_header_only(name, shape, descr="<f4", size=None):
+    """A .npy header claiming `shape`; the data is a sparse hole of `size` bytes (default: all of it)."""
+    header = {"descr": descr, "fortran_order": False, "shape": tuple(shape)}
+    with open(name, "wb") as f:
+        np.lib.format.write_array_header_2_0(f, header)
+        f.truncate(f.tell() + (math.prod(shape) * np.dtype(descr).itemsize if size is None else size))
+
+
+class Unpickled:
+    """Unpickling this writes a file named 'unpickled': the snapshot would show it."""
+
+    def __reduce__(self):
+        return (open, ("unpickled", "w"))
+
+
+def pickled_npy(name):
+    put(name, npy_bytes(np.array([Unpickled()] * 90, dtype=object).reshape(2, 5, 3, 3), allow_pickle=True))
+
+
+def h5(name, **datasets):
+    with h5py.File(name, "w") as f:
+        for path, value in datasets.items():
+            if value is None:
+                f.create_group(path)
+            else:
+                f[path] = value
+
+
+def x_like(dtype=np.float32, shape=(2, 5, 6, 3)):
+    return np.arange(math.prod(shape)).reshape(shape).astype(dtype)
+
+
+RUN = ["run", "x.npy", "w.npy", "-o", "y.npy"]
+
+
+def case(id, args, expected, setup=None, stdin=None):
+    return pytest.param(args, expected, setup, stdin, id=id)
+
+
+CASES = [
+    # --- damaged and disguised files
+    case("truncated-npy", ["run", "t.npy", "w.npy", "-o", "y.npy"],
+         "Error: INPUT 't.npy': is truncated: header says shape (2, 5, 6, 3) float32, needing 848 bytes, the file "
+         "has 844",
+         lambda: put("t.npy", read("x.npy")[:-4])),
+    case("truncated-npy-header", ["run", "t.npy", "w.npy", "-o", "y.npy"],
+         re.compile(r"Error: INPUT 't.npy': is not a readable .npy file \(.+\)"),
+         lambda: put("t.npy", read("x.npy")[:30])),
+    case("garbage-bytes", ["run", "g.npy", "w.npy", "-o", "y.npy"],
+         "Error: INPUT 'g.npy': is not a .npy, .npz or HDF5 file (it starts with b'\\x00\\x01\\xfegarba')",
+         lambda: put("g.npy", b"\x00\x01\xfegarbage" * 10)),
+    case("empty-file", ["run", "e.npy", "w.npy", "-o", "y.npy"],
+         "Error: INPUT 'e.npy': is empty, expected a .npy, .npz or HDF5 file", lambda: put("e.npy", b"")),
+    case("npy-suffix-on-csv", ["run", "x.csv.npy", "w.npy", "-o", "y.npy"],
+         "Error: INPUT 'x.csv.npy': is not a .npy, .npz or HDF5 file (it starts with b'1.0,2.0,')",
+         lambda: put("x.csv.npy", b"1.0,2.0,3.0\n4.0,5.0,6.0\n")),
+    case("npy-suffix-on-gzip", ["run", "x.gz.npy", "w.npy", "-o", "y.npy"],
+         re.compile(r"Error: INPUT 'x.gz.npy': is not a .npy, .npz or HDF5 file \(it starts with b'\\x1f\\x8b.*'\)"),
+         lambda: put("x.gz.npy", gzip.compress(read("x.npy"), mtime=0))),
+    case("npz-suffix-on-garbage-zip", ["run", "z.npz", "w.npy", "-o", "y.npy"],
+         re.compile(r"Error: INPUT 'z.npz': is not a readable .npz file \(.+\)"),
+         lambda: put("z.npz", b"PK\x03\x04 this is no zip")),
+    case("h5-suffix-on-text", ["run", "x.h5", "w.npy", "-o", "y.npy"],
+         "Error: INPUT 'x.h5': is not a .npy, .npz or HDF5 file (it starts with b'not hdf5')",
+         lambda: put("x.h5", b"not hdf5 at all")),
+    case("h5-magic-then-junk", ["run", "x.h5", "w.npy", "-o", "y.npy"],
+         re.compile(r"Error: INPUT 'x.h5': cannot be opened as HDF5 \(.+\)"),
+         lambda: put("x.h5", b"\x89HDF\r\n\x1a\n" + b"\x00" * 100)),
+    case("input-missing", ["run", "nope.npy", "w.npy", "-o", "y.npy"], "Error: INPUT 'nope.npy': no such file"),
+    # --- pickles: refused, never unpickled (Unpickled would create a file the snapshot sees)
+    case("pickle-npy", ["run", "p.npy", "w.npy", "-o", "y.npy"],
+         "Error: INPUT 'p.npy': holds Python objects (a pickle); convt never unpickles: save a numeric array "
+         "instead", lambda: pickled_npy("p.npy")),
+    case("pickle-npz", ["run", "p.npz:x", "w.npy", "-o", "y.npy"],
+         "Error: INPUT 'p.npz:x': holds Python objects (a pickle); convt never unpickles: save a numeric array "
+         "instead", lambda: np.savez("p.npz", x=np.array([Unpickled()] * 90, dtype=object).reshape(2, 5, 3, 3))),
+    case("pickle-stdin", ["run", "-", "w.npy", "-o", "y.npy"],
+         "Error: INPUT '-': holds Python objects (a pickle); convt never unpickles: save a numeric array instead",
+         None, npy_bytes(np.array([Unpickled()] * 90, dtype=object).reshape(2, 5, 3, 3), allow_pickle=True)),
+    # --- dtypes
+    case("bool-dtype", ["run", "b.npy", "w.npy", "-o", "y.npy"],
+         "Error: INPUT 'b.npy': dtype bool is not supported: expected one of float16, bfloat16, float32, float64, "
+         "int32, complex64, complex128; pass --dtype float32 (or another) to cast it",
+         lambda: np.save("b.npy", x_like(bool))),
+    case("int64-dtype", ["run", "i.npy", "w.npy", "-o", "y.npy"],
+         "Error: INPUT 'i.npy': dtype int64 is not supported: expected one of float16, bfloat16, float32, "
+         "float64, int32, complex64, complex128; pass --dtype float32 (or another) to cast it",
+         lambda: np.save("i.npy", x_like(np.int64))),
+    case("uint8-filters", ["run", "x.npy", "u.npy", "-o", "y.npy"],
+         "Error: FILTERS 'u.npy': dtype uint8 is not supported: expected one of float16, bfloat16, float32, "
+         "float64, int32, complex64, complex128; pass --dtype float32 (or another) to cast it",
+         lambda: np.save("u.npy", x_like(np.uint8, (3, 3, 4, 3)))),
+    case("datetime-dtype", ["run", "t.npy", "w.npy", "-o", "y.npy", "--dtype", "float64"],
+         "Error: INPUT 't.npy': dtype datetime64[s] is not supported: expected one of float16, bfloat16, float32, "
+         "float64, int32, complex64, complex128", lambda: np.save("t.npy", x_like("M8[s]"))),
+    case("dtype-mismatch", ["run", "x.npy", "w64.npy", "-o", "y.npy"],
+         "Error: INPUT is float32 but FILTERS is float64: they must share a dtype; pass --dtype float32 (or "
+         "another) to cast both", lambda: np.save("w64.npy", x_like(np.float64, (3, 3, 4, 3)))),
+    case("int32-result-overflows", ["run", "i.npy", "wi.npy", "-o", "y.npy"],
+         re.compile(r"Error: conv_transpose: int32 result overflows: .*\b4294967296\b.* outside "
+                    r"\[-2147483648, 2147483647\]; cast the inputs to float64 instead"),
+         lambda: (np.save("i.npy", np.full((1, 2, 2, 2), 2**30, np.int32)),
+                  np.save("wi.npy", np.full((1, 1, 1, 2), 2, np.int32)))),
+    # --- ranks and shapes
+    case("rank-too-small", ["run", "r.npy", "w.npy", "-o", "y.npy"],
+         "Error: conv_transpose: input must have rank >= 3 (batch, spatial..., channels), got rank 2 with shape "
+         "(5, 3)", lambda: np.save("r.npy", x_like(np.float32, (5, 3)))),
+    case("rank-0", ["run", "r.npy", "w.npy", "-o", "y.npy"],
+         "Error: conv_transpose: input must have rank >= 3 (batch, spatial..., channels), got rank 0 with shape ()",
+         lambda: np.save("r.npy", np.float32(1))),
+    case("filters-rank", ["run", "x.npy", "r.npy", "-o", "y.npy"],
+         "Error: conv_transpose: filters must have rank 4 like the input (spatial..., out_channels, in_channels), "
+         "got rank 3 with shape (3, 4, 3)", lambda: np.save("r.npy", x_like(np.float32, (3, 4, 3)))),
+    case("rank-vs-data-format", RUN + ["--data-format", "NCW"],
+         "Error: conv_transpose: data_format='NCW' does not fit 2 spatial dims (input rank 4) (it is for 1 spatial "
+         "dims): expected 'NHWC', 'NCHW', 'channels_last' or 'channels_first'"),
+    case("rank-6-vs-data-format", ["run", "r.npy", "r.npy", "-o", "y.npy", "--data-format", "NDHWC"],
+         "Error: conv_transpose: data_format='NDHWC' does not fit 4 spatial dims (input rank 6) (it is for 3 "
+         "spatial dims): expected 'channels_last' or 'channels_first'",
+         lambda: np.save("r.npy", np.ones((1, 1, 1, 1, 1, 1), np.float32))),
+    case("channel-mismatch", ["run", "x.npy", "w2.npy", "-o", "y.npy"],
+         "Error: conv_transpose: filters.shape[-1]=2 (in_channels) must equal the input's channels 3 (filters are "
+         "spatial + [out_channels, in_channels]; input shape (2, 5, 6, 3), data_format NHWC)",
+         lambda: np.save("w2.npy", x_like(np.float32, (3, 3, 3, 2)))),
+    case("output-shape-batch", RUN + ["--output-shape", "3,5,6,4"],
+         "Error: conv_transpose: output_shape[0]=3 (batch) must equal the input's batch size 2"),
+    case("output-shape-channels", RUN + ["--output-shape", "2,5,6,5"],
+         "Error: conv_transpose: output_shape[3]=5 (channels) must equal filters.shape[-2]=4 (out_channels)"),
+    case("output-shape-out-of-range", RUN + ["--output-shape", "2,99,12,4", "--strides", "2"],
+         "Error: conv_transpose: output_shape[1]=99 is not reachable from input size 5 with kernel 3, stride 2, "
+         "dilation 1, padding SAME: legal sizes are 9..10 (SAME needs (I-1)*s+1 <= O <= I*s)"),
+    case("output-shape-length", RUN + ["--output-shape", "5,6,4"],
+         "Error: conv_transpose: output_shape must have N+2=4 entries (the full shape in data_format order) or N=2 "
+         "(spatial sizes only), got 3: [5, 6, 4]"),
+    case("output-shape-negative", RUN + ["--output-shape", "-5,6"],
+         "Error: conv_transpose: output_shape[0]=-5 must be >= 0"),
+    case("output-shape-text", RUN + ["--output-shape", "5,six"],
+         "Error: --output-shape: expected comma-separated integers like 2 or 1,2,2,1, got '5,six'"),
+    # --- strides, dilations, padding, data_format
+    case("strides-0", RUN + ["--strides", "0"], "Error: conv_transpose: strides[0]=0 must be >= 1"),
+    case("strides-negative", RUN + ["--strides", "1,-2"], "Error: conv_transpose: strides[1]=-2 must be >= 1"),
+    case("strides-length", RUN + ["--strides", "1,2,2"],
+         "Error: conv_transpose: strides must have length 1, N=2 or N+2=4, got length 3: [1, 2, 2]"),
+    case("strides-batch-entry", RUN + ["--strides", "2,2,2,1"],
+         "Error: conv_transpose: strides[0]=2 is the batch entry and must be 1"),
+    case("strides-float", RUN + ["--strides", "1.5"],
+         "Error: --strides: expected comma-separated integers like 2 or 1,2,2,1, got '1.5'"),
+    case("strides-empty", RUN + ["--strides", ""],
+         "Error: --strides: expected comma-separated integers like 2 or 1,2,2,1, got ''"),
+    case("dilations-0", RUN + ["--dilations", "0"], "Error: conv_transpose: dilations[0]=0 must be >= 1"),
+    case("dilations-negative", RUN + ["--dilations", "-1"], "Error: conv_transpose: dilations[0]=-1 must be >= 1"),
+    case("dilations-length", RUN + ["--dilations", "1,1,1"],
+         "Error: conv_transpose: dilations must have length 1, N=2 or N+2=4, got length 3: [1, 1, 1]"),
+    case("dilations-text", RUN + ["--dilations", "two"],
+         "Error: --dilations: expected comma-separated integers like 2 or 1,2,2,1, got 'two'"),
+    case("padding-typo", RUN + ["--padding", "SAEM"],
+         "Error: --padding: expected SAME, VALID or lo:hi per spatial axis like 0:1,1:1, got 'SAEM'"),
+    case("padding-count", RUN + ["--padding", "0:1"],
+         "Error: conv_transpose: explicit padding must have N=2 or N+2=4 (lo, hi) pairs, got 1"),
+    case("padding-negative", RUN + ["--padding", "-1:0,0:0"],
+         "Error: conv_transpose: padding for spatial axis 0 is (-1, 0): pads must be >= 0"),
+    case("data-format-typo", RUN + ["--data-format", "NHCW"],
+         "Error: conv_transpose: data_format='NHCW' does not fit 2 spatial dims (input rank 4): expected 'NHWC', "
+         "'NCHW', 'channels_last' or 'channels_first'"),
+    case("dtype-flag-typo", RUN + ["--dtype", "float"],
+         "Error: Invalid value for '--dtype': 'float' is not one of 'float16', 'bfloat16', 'float32', 'float64', "
+         "'int32', 'complex64', 'complex128'."),
+    # --- zero sizes that no flag makes legal (the legal ones compute: test_legal_zero_sizes)
+    case("zero-kernel-size", ["run", "x.npy", "wk.npy", "-o", "y.npy"],
+         "Error: conv_transpose: filters.shape[1]=0: kernel sizes must be >= 1 (filters shape (3, 0, 4, 3))",
+         lambda: np.save("wk.npy", np.zeros((3, 0, 4, 3), np.float32))),
+    case("zero-spatial-no-legal-output", ["run", "x0.npy", "w.npy", "-o", "y.npy", "--padding", "2:2,0:0"],
+         "Error: conv_transpose: default output size on spatial axis 0=0 is not reachable from input size 0 with "
+         "kernel 3, stride 1, dilation 1, padding (2, 2): no output size is legal (explicit (lo, hi) needs "
+         "(O+lo+hi-eff)//s+1 == I with eff=(K-1)*d+1)", lambda: np.save("x0.npy", np.zeros((2, 0, 6, 3), np.float32))),
+    case("zero-output-size", RUN + ["--output-shape", "0,6"],
+         "Error: conv_transpose: output_shape[0]=0 is not reachable from input size 5 with kernel 3, stride 1, "
+         "dilation 1, padding SAME: legal sizes are 5..5 (SAME needs (I-1)*s+1 <= O <= I*s)"),
+    case("zero-batch-vs-output-shape", ["run", "xb.npy", "w.npy", "-o", "y.npy", "--output-shape", "2,5,6,4"],
+         "Error: conv_transpose: output_shape[0]=2 (batch) must equal the input's batch size 0",
+         lambda: np.save("xb.npy", np.zeros((0, 5, 6, 3), np.float32))),
+    # --- output targets
+    case("output-folder-missing", ["run", "x.npy", "w.npy", "-o", "nowhere/y.npy"],
+         "Error: OUTPUT 'nowhere/y.npy': folder 'nowhere' does not exist"),
+    case("output-folder-is-a-file", ["run", "x.npy", "w.npy", "-o", "x.npy/y.npy"],
+         "Error: OUTPUT 'x.npy/y.npy': folder 'x.npy' does not exist"),
+    case("output-is-input", ["run", "x.npy", "w.npy", "-o", "x.npy", "--force"],
+         "Error: OUTPUT 'x.npy': is the same as INPUT 'x.npy': write the output elsewhere"),
+    case("output-is-input-respelled", ["run", "x.npy", "w.npy", "-o", "./sub/../w.npy", "--force"],
+         "Error: OUTPUT './sub/../w.npy': is the same as FILTERS 'w.npy': write the output elsewhere",
+         lambda: os.mkdir("sub")),
+    case("output-is-input-via-symlink", ["run", "x.npy", "w.npy", "-o", "link.npy", "--force"],
+         "Error: OUTPUT 'link.npy': is the same as INPUT 'x.npy': write the output elsewhere",
+         lambda: os.symlink("x.npy", "link.npy")),
+    case("output-is-input-dataset", ["run", "d.h5:/x", "w.npy", "-o", "d.h5:x", "--force"],
+         "Error: OUTPUT 'd.h5:x': is the same as INPUT 'd.h5:/x': write the output elsewhere",
+         lambda: h5("d.h5", x=x_like())),
+    case("output-exists", RUN, "Error: OUTPUT 'y.npy': exists: pass --force to replace it",
+         lambda: put("y.npy", b"keep me")),
+    case("output-is-a-folder", ["run", "x.npy", "w.npy", "-o", "y.npy", "--force"],
+         "Error: OUTPUT 'y.npy': is a folder", lambda: os.mkdir("y.npy")),
+    case("output-suffix-unknown", ["run", "x.npy", "w.npy", "-o", "y.csv"],
+         "Error: OUTPUT 'y.csv': unknown output format '.csv': expected .npy, .npz, .h5 or .hdf5, or - for stdout"),
+    case("output-h5-on-non-hdf5", ["run", "x.npy", "w.npy", "-o", "o.h5:/y", "--force"],
+         "Error: OUTPUT 'o.h5:/y': exists and is not an HDF5 file", lambda: put("o.h5", b"plain text")),
+    # --- .h5 and .npz references
+    case("h5-dataset-missing", ["run", "d.h5:/inputs/b", "w.npy", "-o", "y.npy"],
+         "Error: INPUT 'd.h5:/inputs/b': has no dataset '/inputs/b'", lambda: h5("d.h5", **{"inputs/a": x_like()})),
+    case("h5-path-is-group", ["run", "d.h5:/inputs", "w.npy", "-o", "y.npy"],
+         "Error: INPUT 'd.h5:/inputs': '/inputs' is a group, not a dataset: name a dataset inside it",
+         lambda: h5("d.h5", **{"inputs/a": x_like()})),
+    case("h5-several-datasets-no-name", ["run", "d.h5", "w.npy", "-o", "y.npy"],
+         "Error: INPUT 'd.h5': holds 2 datasets (/a, /b): name one, as d.h5:/a",
+         lambda: h5("d.h5", a=x_like(), b=x_like())),
+    case("h5-no-dataset", ["run", "d.h5", "w.npy", "-o", "y.npy"],
+         "Error: INPUT 'd.h5': holds 0 datasets (): name one, as d.h5:/NAME", lambda: h5("d.h5", g=None)),
+    case("npz-several-arrays-no-name", ["run", "z.npz", "w.npy", "-o", "y.npy"],
+         "Error: INPUT 'z.npz': holds 2 arrays (a, b): name one, as z.npz:a",
+         lambda: np.savez("z.npz", a=x_like(), b=x_like())),
+    case("npz-member-missing", ["run", "z.npz:c", "w.npy", "-o", "y.npy"],
+         "Error: INPUT 'z.npz:c': has no array 'c': it holds a, b", lambda: np.savez("z.npz", a=x_like(), b=x_like())),
+    case("npz-member-truncated", ["run", "z.npz", "w.npy", "-o", "y.npy"],
+         re.compile(r"Error: INPUT 'z.npz': is not a readable .npz file \(.+\)"),
+         lambda: (np.savez("z.npz", a=x_like()), put("z.npz", read("z.npz")[:200]))),
+    # --- stdin
+    case("stdin-empty", ["run", "-", "w.npy", "-o", "y.npy"], "Error: INPUT '-': stdin is empty: expected a .npy stream",
+         None, b""),
+    case("stdin-not-npy", ["run", "-", "w.npy", "-o", "y.npy"],
+         "Error: INPUT '-': stdin is not a .npy stream (it starts with b'1,2,3\\n4,')", None, b"1,2,3\n4,5,6\n"),
+    case("stdin-npz", ["run", "-", "w.npy", "-o", "y.npy"],
+         "Error: INPUT '-': stdin is not a .npy stream (it starts with b'PK\\x03\\x04\\x14\\x00\\x00\\x00')", None,
+         b"PK\x03\x04\x14\x00\x00\x00" + b"\x00" * 40),
+    case("stdin-truncated", ["run", "-", "w.npy", "-o", "y.npy"],
+         "Error: INPUT '-': is truncated: header says shape (2, 5, 6, 3) float32, needing 848 bytes, the file has "
+         "300", None, npy_bytes(x_like())[:300]),
+    case("stdin-for-both", ["run", "-", "-", "-o", "y.npy"],
+         "Error: FILTERS '-': stdin is already the INPUT; give FILTERS as a file", None, b""),
+    # --- the other commands
+    case("shape-truncated", ["shape", "t.npy", "w.npy"],
+         "Error: INPUT 't.npy': is truncated: header says shape (2, 5, 6, 3) float32, needing 848 bytes, the file "
+         "has 844", lambda: put("t.npy", read("x.npy")[:-4])),
+    case("info-garbage", ["info", "g.npy"],
+         "Error: FILE 'g.npy': is not a .npy, .npz or HDF5 file (it starts with b'garbage!')",
+         lambda: put("g.npy", b"garbage!garbage!")),
+    case("verify-output-wrong-shape", ["verify", "x.npy", "w.npy", "y0.npy"],
+         "Error: conv_transpose: output_shape[1]=4 is not reachable from input size 5 with kernel 3, stride 1, "
+         "dilation 1, padding SAME: legal sizes are 5..5 (SAME needs (I-1)*s+1 <= O <= I*s)",
+         lambda: np.save("y0.npy", np.zeros((2, 4, 6, 4), np.float32))),
+    case("verify-stdin-twice", ["verify", "-", "w.npy", "-"],
+         "Error: OUTPUT '-': stdin is already used; give OUTPUT as a file", None, b""),
+]
+
+
+@pytest.mark.parametrize("args,expected,setup,stdin", CASES)
+def test_corpus(work, args, expected, setup, stdin):
+    if setup:
+        setup()
+    before = snapshot(work)
+    r = invoke(*args, input=stdin)
+    assert_refused(r, expected)
+    assert snapshot(work) == before
