@@ -47,7 +47,6 @@ def _load_golden(path):
     return params, arrays
 
 
-@pytest.mark.skipif(not GOLDEN, reason="no golden arrays committed")
 @pytest.mark.parametrize("path", GOLDEN, ids=[os.path.basename(p)[:-4] for p in GOLDEN])
 def test_matches_tensorflow_golden(path):
     params, a = _load_golden(path)
