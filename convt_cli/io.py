@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import os
 import sys
 import tempfile
@@ -133,9 +134,11 @@ def _npy_header(ref: ArrayRef, f, size: int | None):
             shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
     except (ValueError, OSError, EOFError, SyntaxError) as e:
         ref.fail(f"is not a readable .npy file ({str(e).splitlines()[0] if str(e) else type(e).__name__})")
+    if any(n < 0 for n in shape):
+        ref.fail(f"is not a readable .npy file (its header claims the negative shape {tuple(shape)})")
     _check_plain(ref, dtype)
     if size is not None:
-        need = f.tell() + int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        need = f.tell() + math.prod(shape) * dtype.itemsize  # Python ints: a forged header cannot wrap around
         if size < need:
             ref.fail(f"is truncated: header says shape {shape} {dtype}, needing {need} bytes, the file has {size}")
     return tuple(shape), _fix_header_dtype(dtype)
@@ -192,7 +195,7 @@ def read_header(ref: ArrayRef):
             member = _npz_member(ref, names)
             info = z.getinfo(member + ".npy")
             with z.open(info) as f:
-                return _npy_header(ref, io.BufferedReader(f), None)
+                return _npy_header(ref, io.BufferedReader(f), info.file_size)
     with _open_h5(ref) as f:
         d = _h5_dataset(ref, f)
         return tuple(d.shape), _fix_header_dtype(d.dtype)

@@ -11,6 +11,7 @@ import hashlib
 import math
 import os
 import re
+import zipfile
 
 import h5py
 import numpy as np
@@ -138,6 +139,16 @@ CASES = [
     case("npy-suffix-on-gzip", ["run", "x.gz.npy", "w.npy", "-o", "y.npy"],
          re.compile(r"Error: INPUT 'x.gz.npy': is not a .npy, .npz or HDF5 file \(it starts with b'\\x1f\\x8b.*'\)"),
          lambda: put("x.gz.npy", gzip.compress(read("x.npy"), mtime=0))),
+    case("npy-header-negative-shape", ["run", "n.npy", "w.npy", "-o", "y.npy"],
+         "Error: INPUT 'n.npy': is not a readable .npy file (its header claims the negative shape (2, -5, 6, 3))",
+         lambda: npy_header_only("n.npy", (2, -5, 6, 3), size=0)),
+    case("npy-header-shape-beyond-int64", ["run", "n.npy", "w.npy", "-o", "y.npy"],
+         "Error: INPUT 'n.npy': is truncated: header says shape (1099511627776, 1099511627776, 1099511627776, 1) "
+         "float32, needing 5316911983139663491615228241121378432 bytes, the file has 128",
+         lambda: npy_header_only("n.npy", (2**40, 2**40, 2**40, 1), size=0)),
+    case("npz-member-header-claims-more", ["run", "z.npz", "w.npy", "-o", "y.npy"],
+         "Error: INPUT 'z.npz': is truncated: header says shape (2, 5, 6, 3) float32, needing 848 bytes, the file "
+         "has 300", lambda: zipfile.ZipFile("z.npz", "w").writestr("a.npy", read("x.npy")[:300])),
     case("npz-suffix-on-garbage-zip", ["run", "z.npz", "w.npy", "-o", "y.npy"],
          re.compile(r"Error: INPUT 'z.npz': is not a readable .npz file \(.+\)"),
          lambda: put("z.npz", b"PK\x03\x04 this is no zip")),
