@@ -234,6 +234,7 @@ def _transpose_phases(plan: Plan, x, w, out, compute) -> None:
                     _store(plan, out[(slice(b0, b1), slice(None), *dst)], y[(slice(None), p, slice(None), *src)])
                 else:
                     _store(plan, out[(slice(b0, b1), *dst, slice(None))], y[(slice(None), *src, p, slice(None))])
+            del a, y  # before the next group's buffers exist: the peak holds one set, not two
 
 
 def _shifted_inputs(xb, shifts, qa, nq, spatial, first, compute):
@@ -308,6 +309,7 @@ def _transpose_taps(plan: Plan, x, w, out, compute) -> None:
                     acc[(slice(None), slice(None), *dst)] += y[(slice(None), t, slice(None), *src)]
                 else:
                     acc[(slice(None), *dst, slice(None))] += y[(slice(None), *src, t, slice(None))]
+            del y
         if not accumulate_in_place:
             _store(plan, out[b0:b1], acc)
 
