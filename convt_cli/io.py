@@ -58,7 +58,9 @@ def parse_ref(label: str, text: str, must_exist: bool = True) -> ArrayRef:
         return ArrayRef(label, text, None, None)
     if not text:
         raise ConvtError(f"{label}: expected a file reference like x.npy, x.npz:name or x.h5:/group/data, got ''")
-    if not os.path.isfile(text):
+    if "\0" in text:
+        raise ConvtError(f"{label} {text!r}: a path cannot hold a NUL byte")
+    if not os.path.exists(text):
         lowered = text.lower()
         for suffix in CONTAINER_SUFFIXES:
             at = lowered.find(suffix + ":")
@@ -77,6 +79,9 @@ def sniff(ref: ArrayRef) -> str:
     """'npy', 'npz' or 'h5' from the magic bytes of an existing file."""
     if os.path.isdir(ref.path):
         ref.fail("is a folder, expected a .npy, .npz or HDF5 file")
+    if os.path.exists(ref.path) and not os.path.isfile(ref.path):
+        # a pipe or device would be consumed by the sniff and could not be read again
+        ref.fail("is not a regular file (a pipe or a device): give a file, or - to read a .npy stream from stdin")
     try:
         with open(ref.path, "rb") as f:
             head = f.read(8)

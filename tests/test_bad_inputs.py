@@ -40,6 +40,9 @@ def snapshot(folder):
     for root, _, files in os.walk(folder):
         for name in files:
             path = os.path.join(root, name)
+            if not os.path.isfile(path):  # a fifo: reading it would block
+                out[os.path.relpath(path, folder)] = "special"
+                continue
             with open(path, "rb") as f:
                 out[os.path.relpath(path, folder)] = hashlib.sha256(f.read()).hexdigest()
     return out
@@ -159,6 +162,15 @@ CASES = [
          re.compile(r"Error: INPUT 'x.h5': cannot be opened as HDF5 \(.+\)"),
          lambda: put("x.h5", b"\x89HDF\r\n\x1a\n" + b"\x00" * 100)),
     case("input-missing", ["run", "nope.npy", "w.npy", "-o", "y.npy"], "Error: INPUT 'nope.npy': no such file"),
+    case("input-is-a-folder", ["run", "d", "w.npy", "-o", "y.npy"],
+         "Error: INPUT 'd': is a folder, expected a .npy, .npz or HDF5 file", lambda: os.mkdir("d")),
+    case("input-is-a-pipe", ["run", "fifo", "w.npy", "-o", "y.npy"],
+         "Error: INPUT 'fifo': is not a regular file (a pipe or a device): give a file, or - to read a .npy stream "
+         "from stdin", lambda: os.mkfifo("fifo")),
+    case("input-nul-byte", ["run", "x.npy\0.npy", "w.npy", "-o", "y.npy"],
+         "Error: INPUT 'x.npy\\x00.npy': a path cannot hold a NUL byte"),
+    case("output-nul-byte", ["run", "x.npy", "w.npy", "-o", "y\0.npy"],
+         "Error: OUTPUT 'y\\x00.npy': a path cannot hold a NUL byte"),
     # --- pickles: refused, never unpickled (Unpickled would create a file the snapshot sees)
     case("pickle-npy", ["run", "p.npy", "w.npy", "-o", "y.npy"],
          "Error: INPUT 'p.npy': holds Python objects (a pickle); convt never unpickles: save a numeric array "
