@@ -120,6 +120,14 @@ def _open(ref):
     return shape, dtype, lambda: io.load(ref)
 
 
+def _dtype_text(dtype) -> str:
+    # numpy's names for these (void64, str672, bytes168) say nothing about what the file holds
+    if dtype.names:
+        return f"{dtype} (structured)"
+    kinds = {"U": "text", "S": "bytes", "V": "raw bytes", "O": "Python objects or variable-length data"}
+    return f"{dtype.str} ({kinds[dtype.kind]})" if dtype.kind in kinds else dtype.name
+
+
 def _checked_dtype(cast, *refs_and_dtypes):
     """The dtype the run computes in: --dtype, else the shared dtype of INPUT and FILTERS."""
     import numpy as np
@@ -130,7 +138,7 @@ def _checked_dtype(cast, *refs_and_dtypes):
         castable = dtype.kind in "biufc" or dtype.name == "bfloat16"
         if dtype.name not in COMPUTE_DTYPES and not (cast and castable):
             hint = "; pass --dtype float32 (or another) to cast it" if castable else ""
-            ref.fail(f"dtype {dtype.name} is not supported: expected one of {', '.join(COMPUTE_DTYPES)}{hint}")
+            ref.fail(f"dtype {_dtype_text(dtype)} is not supported: expected one of {', '.join(COMPUTE_DTYPES)}{hint}")
     if cast:
         if cast.lower() == "bfloat16":
             import ml_dtypes

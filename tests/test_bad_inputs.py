@@ -182,6 +182,20 @@ CASES = [
          "Error: INPUT '-': holds Python objects (a pickle); convt never unpickles: save a numeric array instead",
          None, npy_bytes(np.array([Unpickled()] * 90, dtype=object).reshape(2, 5, 3, 3), allow_pickle=True)),
     # --- dtypes
+    case("structured-dtype", ["run", "s.npy", "w.npy", "-o", "y.npy"],
+         "Error: INPUT 's.npy': dtype [('a', '<f4'), ('b', '<i4')] (structured) is not supported: expected one "
+         "of float16, bfloat16, float32, float64, int32, complex64, complex128",
+         lambda: np.save("s.npy", np.zeros((2, 5, 6, 3), [("a", "<f4"), ("b", "<i4")]))),
+    case("string-dtype", ["run", "s.npy", "w.npy", "-o", "y.npy", "--dtype", "float32"],
+         "Error: INPUT 's.npy': dtype <U21 (text) is not supported: expected one of float16, bfloat16, float32, "
+         "float64, int32, complex64, complex128", lambda: np.save("s.npy", x_like(str))),
+    case("bytes-dtype", ["run", "s.npy", "w.npy", "-o", "y.npy"],
+         "Error: INPUT 's.npy': dtype |S21 (bytes) is not supported: expected one of float16, bfloat16, float32, "
+         "float64, int32, complex64, complex128", lambda: np.save("s.npy", x_like(bytes))),
+    case("h5-variable-length-strings", ["run", "d.h5:/s", "w.npy", "-o", "y.npy"],
+         "Error: INPUT 'd.h5:/s': dtype |O (Python objects or variable-length data) is not supported: expected one "
+         "of float16, bfloat16, float32, float64, int32, complex64, complex128",
+         lambda: h5("d.h5", s=np.array(["a", "bc"] * 45, dtype=h5py.string_dtype()).reshape(2, 5, 3, 3))),
     case("bool-dtype", ["run", "b.npy", "w.npy", "-o", "y.npy"],
          "Error: INPUT 'b.npy': dtype bool is not supported: expected one of float16, bfloat16, float32, float64, "
          "int32, complex64, complex128; pass --dtype float32 (or another) to cast it",
