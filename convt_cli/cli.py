@@ -143,8 +143,16 @@ def _checked_dtype(cast, *refs_and_dtypes):
         if cast.lower() == "bfloat16":
             import ml_dtypes
 
-            return np.dtype(ml_dtypes.bfloat16)
-        return np.dtype(cast.lower())
+            target = np.dtype(ml_dtypes.bfloat16)
+        else:
+            target = np.dtype(cast.lower())
+        for ref, dtype in refs_and_dtypes:
+            if dtype.kind == "c" and target.kind != "c":
+                raise ConvtError(
+                    f"--dtype {target.name}: {ref.label} is {dtype.name} and casting it to a real dtype would drop "
+                    f"the imaginary part: use --dtype complex64 or complex128"
+                )
+        return target
     (x_ref, x_dtype), (w_ref, w_dtype) = refs_and_dtypes
     if x_dtype.name != w_dtype.name:
         raise ConvtError(
@@ -152,6 +160,28 @@ def _checked_dtype(cast, *refs_and_dtypes):
             f"pass --dtype {x_dtype.name} (or another) to cast both"
         )
     return x_dtype
+
+
+def _cast(ref, a, dtype):
+    """a as dtype. numpy turns nan, inf and out-of-range values into arbitrary int32s without a word: refused."""
+    import numpy as np
+
+    if a.dtype == dtype:
+        return a
+    if dtype.kind == "i" and a.dtype.kind != "b":
+        info = np.iinfo(dtype)
+        with np.errstate(invalid="ignore"):
+            bad = ~((a >= info.min) & (a <= info.max))  # nan compares false
+        count = int(np.count_nonzero(bad))
+        if count:
+            where = [int(i) for i in np.argwhere(bad)[0]]
+            raise ConvtError(
+                f"--dtype {dtype.name}: {ref.label} holds {count} value{'s' if count > 1 else ''} that "
+                f"{'are' if count > 1 else 'is'} not finite or outside {dtype.name} ({a[tuple(where)]} at {where}): "
+                f"{dtype.name} cannot represent {'them' if count > 1 else 'it'}"
+            )
+    with np.errstate(all="ignore"):  # float16 overflow gives inf, as TF's cast does; not a warning line
+        return a.astype(dtype)
 
 
 def _summary(plan, dtype, args, refs, seconds=None):
@@ -228,9 +258,7 @@ def run(input_ref, filters_ref, output_ref, output_shape, strides, padding, data
     (x_shape, x_dtype, x_load), (w_shape, w_dtype, w_load) = _open(x_ref), _open(w_ref)
     plan = plan_conv_transpose(x_shape, w_shape, **args)  # every shape error before any data is read
     out_dtype = _checked_dtype(dtype, (x_ref, x_dtype), (w_ref, w_dtype))
-    x, w = x_load(), w_load()
-    if dtype:
-        x, w = x.astype(out_dtype), w.astype(out_dtype)
+    x, w = _cast(x_ref, x_load(), out_dtype), _cast(w_ref, w_load(), out_dtype)
     start = time.perf_counter()
     y = run_conv_transpose(plan, x, w)
     seconds = time.perf_counter() - start
@@ -347,7 +375,7 @@ def verify(input_ref, filters_ref, output_ref, output_shape, strides, padding, d
     out_dtype = _checked_dtype(dtype, (x_ref, x_dtype), (w_ref, w_dtype))
     if y_open is not None and y_open[1].name != out_dtype.name:
         y_ref.fail(f"has dtype {y_open[1].name} but INPUT and FILTERS compute in {out_dtype.name}")
-    x, w = x_load().astype(out_dtype, copy=False), w_load().astype(out_dtype, copy=False)
+    x, w = _cast(x_ref, x_load(), out_dtype), _cast(w_ref, w_load(), out_dtype)
     y = run_conv_transpose(plan, x, w) if y_open is None else y_open[2]()
     report = verify_conv_transpose(x, w, y, plan.spec.strides, plan.spec.padding, plan.spec.data_format,
                                    plan.spec.dilations, probes=probes, seed=seed, rtol=rtol)

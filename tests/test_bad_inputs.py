@@ -214,6 +214,19 @@ CASES = [
     case("dtype-mismatch", ["run", "x.npy", "w64.npy", "-o", "y.npy"],
          "Error: INPUT is float32 but FILTERS is float64: they must share a dtype; pass --dtype float32 (or "
          "another) to cast both", lambda: np.save("w64.npy", x_like(np.float64, (3, 3, 4, 3)))),
+    case("complex-cast-to-real", ["run", "c.npy", "wc.npy", "-o", "y.npy", "--dtype", "float32"],
+         "Error: --dtype float32: INPUT is complex64 and casting it to a real dtype would drop the imaginary part: "
+         "use --dtype complex64 or complex128",
+         lambda: (np.save("c.npy", x_like(np.complex64)), np.save("wc.npy", x_like(np.complex64, (3, 3, 4, 3))))),
+    case("nan-cast-to-int32", ["run", "x.npy", "wn.npy", "-o", "y.npy", "--dtype", "int32"],
+         "Error: --dtype int32: FILTERS holds 1 value that is not finite or outside int32 (nan at [0, 1, 3, 0]): "
+         "int32 cannot represent it", lambda: np.save("wn.npy", np.where(
+             np.arange(108).reshape(3, 3, 4, 3) == 21, np.nan, 1.0).astype(np.float32))),
+    case("int64-cast-to-int32-wraps", ["run", "i.npy", "wi.npy", "-o", "y.npy", "--dtype", "int32"],
+         "Error: --dtype int32: INPUT holds 2 values that are not finite or outside int32 (1099511627776 at [0, 0, "
+         "0, 0]): int32 cannot represent them",
+         lambda: (np.save("i.npy", np.where(x_like(np.int64) < 2, 2**40, 1)), np.save("wi.npy", x_like(np.int64, (
+             3, 3, 4, 3))))),
     case("int32-result-overflows", ["run", "i.npy", "wi.npy", "-o", "y.npy"],
          re.compile(r"Error: conv_transpose: int32 result overflows: .*\b4294967296\b.* outside "
                     r"\[-2147483648, 2147483647\]; cast the inputs to float64 instead"),
