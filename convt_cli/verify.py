@@ -235,39 +235,66 @@ def verify_conv_transpose(
         raise ConvtError(
             f"verify: output dtype {y.dtype.name} must match the input and filters dtype {x.dtype.name}"
         )
-    k = DEFAULT_PROBES if probes is None else _positive_int("probes", probes)
-    seed = _seed(seed)
-    if rtol is None:
-        tol = default_tolerance(x.dtype.name, plan)
-    else:
-        if isinstance(rtol, bool) or not isinstance(rtol, numbers.Real) or not rtol >= 0 or math.isinf(rtol):
-            raise ConvtError(f"verify: rtol must be a finite number >= 0, got {rtol!r}")
-        tol = float(rtol)
+    check = AdjointCheck(plan, w, x.dtype.name, probes=probes, seed=seed, rtol=rtol)
+    check.add(x, y)
+    return check.report()
 
-    common = {
-        "tolerance": tol,
-        "tolerance_is_default": rtol is None,
-        "seed": seed,
-        "dtype": x.dtype.name,
-        "probe_count": k,
-        "terms_per_output": terms_per_output(plan),
-        "output_shape": tuple(int(v) for v in y.shape),
-    }
-    bad = _count_nonfinite(y)
-    if bad:
-        return VerifyReport(passed=False, probes=(), nonfinite_output=bad, **common)
 
-    a, b, scale2 = _identity(plan, x, w, y, k, seed)
-    results = []
-    for ak, bk, sk in zip(a, b, scale2):
-        diff = abs(ak - bk)
-        if sk > 0:
-            r = diff / math.sqrt(sk)
+class AdjointCheck:
+    """The adjoint check fed batch chunk by batch chunk (in any order and grouping: the result is the same).
+
+    Usage, for a plan from plan_conv_transpose and arrays that may not fit in memory at once:
+
+        check = AdjointCheck(plan, w, "float32")
+        for b0 in range(0, plan.batch, 4):
+            check.add(x[b0:b0 + 4], y[b0:b0 + 4], batch_offset=b0)
+        report = check.report()
+    """
+
+    def __init__(self, plan: Plan, filters: np.ndarray, dtype: str, probes=None, seed=0, rtol=None):
+        self.plan, self.w, self.dtype = plan, filters, dtype
+        self.k = DEFAULT_PROBES if probes is None else _positive_int("probes", probes)
+        self.seed = _seed(seed)
+        if rtol is None:
+            self.tol = default_tolerance(dtype, plan)
         else:
-            r = 0.0 if diff == 0 else (math.nan if math.isnan(diff) else math.inf)
-        results.append(Probe(ak, bk, math.sqrt(sk), float(r)))
-    passed = all(p.residual <= tol for p in results)
-    return VerifyReport(passed=passed, probes=tuple(results), nonfinite_output=0, **common)
+            if isinstance(rtol, bool) or not isinstance(rtol, numbers.Real) or not rtol >= 0 or math.isinf(rtol):
+                raise ConvtError(f"verify: rtol must be a finite number >= 0, got {rtol!r}")
+            self.tol = float(rtol)
+        self.rtol = rtol
+        self.nonfinite = 0
+        self.parts: list[tuple] = []  # per chunk: (K, nb) arrays of a, b, S^2
+
+    def add(self, x: np.ndarray, y: np.ndarray, batch_offset: int = 0) -> None:
+        """Batch elements [batch_offset, batch_offset + len(x)) of input and output."""
+        self.nonfinite += _count_nonfinite(y)
+        if not self.nonfinite:
+            self.parts.append(_identity(self.plan, x, self.w, y, self.k, self.seed, batch_offset))
+
+    def report(self) -> VerifyReport:
+        common = {
+            "tolerance": self.tol,
+            "tolerance_is_default": self.rtol is None,
+            "seed": self.seed,
+            "dtype": self.dtype,
+            "probe_count": self.k,
+            "terms_per_output": terms_per_output(self.plan),
+            "output_shape": tuple(int(v) for v in self.plan.output_shape),
+        }
+        if self.nonfinite:
+            return VerifyReport(passed=False, probes=(), nonfinite_output=self.nonfinite, **common)
+        a, b, scale2 = ([np.concatenate([p[i] for p in self.parts], axis=1) for i in range(3)]
+                        if self.parts else [np.zeros((self.k, 0))] * 3)
+        results = []
+        for ak, bk, sk in zip(_fsum_rows(a), _fsum_rows(b), [math.fsum(row) for row in scale2]):
+            diff = abs(ak - bk)
+            if sk > 0:
+                r = diff / math.sqrt(sk)
+            else:
+                r = 0.0 if diff == 0 else (math.nan if math.isnan(diff) else math.inf)
+            results.append(Probe(ak, bk, math.sqrt(sk), float(r)))
+        passed = all(p.residual <= self.tol for p in results)
+        return VerifyReport(passed=passed, probes=tuple(results), nonfinite_output=0, **common)
 
 
 def _positive_int(label, value) -> int:
@@ -305,10 +332,10 @@ def _abs2(a: np.ndarray) -> np.ndarray:
     return a.real**2 + a.imag**2 if np.iscomplexobj(a) else a * a
 
 
-def _identity(plan: Plan, x, w, y, k: int, seed: int):
-    """Per probe: a = <OUT, x_k>, b = <IN, conv(x_k, conj W)> and S_k^2, all accumulated in float64."""
+def _identity(plan: Plan, x, w, y, k: int, seed: int, batch_offset: int = 0):
+    """Per probe and batch element: a = <OUT, x_k>, b = <IN, conv(x_k, conj W)> and S_k^2, (K, nb) float64."""
     first = plan.spec.channels_first
-    batch, c_in, c_out = plan.batch, plan.in_channels, plan.out_channels
+    batch, c_in, c_out = x.shape[0], plan.in_channels, plan.out_channels
     s_in, s_out = plan.input_spatial, plan.output_spatial
     p_in, p_out = math.prod(s_in), math.prod(s_out)
     cplx = x.dtype.kind == "c"
@@ -346,28 +373,28 @@ def _identity(plan: Plan, x, w, y, k: int, seed: int):
         nb = b1 - b0
         upad = np.zeros((k, nb, *size), dtype=cdt)  # (K, nb, *padded)
         for j in range(nb):
-            upad[(slice(None), j, *interior)] = _draw([seed, 1, b0 + j], (k, *s_out), cplx)
+            upad[(slice(None), j, *interior)] = _draw([seed, 1, batch_offset + b0 + j], (k, *s_out), cplx)
         upad2 = _abs2(upad)
         u = upad[(slice(None), slice(None), *interior)]  # (K, nb, *s_out), a view
         u2 = upad2[(slice(None), slice(None), *interior)]
 
         # a side: conj(OUT) contracted with v over channels, then with u over positions
-        ym = _channel_matrix(y[b0:b1], first, c_out, p_out, cdt)  # conj(OUT), (c_out, nb*P)
-        a[:, b0:b1] = _sum_positions(u, _over_channels(v, ym, nb, s_out))
+        ym = _channel_matrix(y[b0:b1], first, c_out, p_out, cdt)  # conj(OUT) per element
+        a[:, b0:b1] = _sum_positions(u, _over_channels(v, ym, first, s_out))
         ym = _abs2(ym)
-        scale2[:, b0:b1] += _sum_positions(u2, _over_channels(v2, ym, nb, s_out))
+        scale2[:, b0:b1] += _sum_positions(u2, _over_channels(v2, ym, first, s_out))
         del ym
 
         if p_in == 0 or c_in == 0 or not taps:
             continue
         # b side: conj(IN) contracted with Wv per tap, then with the tap's gather of u over positions
-        xm = _channel_matrix(x[b0:b1], first, c_in, p_in, cdt)  # conj(IN), (c_in, nb*P)
+        xm = _channel_matrix(x[b0:b1], first, c_in, p_in, cdt)  # conj(IN) per element
         xm2 = _abs2(xm)
         parts = np.zeros((2, k, nb, len(taps)), dtype=cdt)  # b and S^2 per tap, summed pairwise below
         for t0 in range(0, len(taps), tap_group):
             t1 = min(len(taps), t0 + tap_group)
-            z = _over_channels(wv[t0 * k : t1 * k], xm, nb, s_in)  # (taps*K, nb, *s_in)
-            z2 = _over_channels(wv2[t0 * k : t1 * k], xm2, nb, s_in)
+            z = _over_channels(wv[t0 * k : t1 * k], xm, first, s_in)  # (taps*K, nb, *s_in)
+            z2 = _over_channels(wv2[t0 * k : t1 * k], xm2, first, s_in)
             for ti in range(t0, t1):
                 win = (slice(None), slice(None), *windows[ti])
                 rows = slice((ti - t0) * k, (ti - t0 + 1) * k)
@@ -378,26 +405,27 @@ def _identity(plan: Plan, x, w, y, k: int, seed: int):
         scale2[:, b0:b1] += parts[1].real.sum(axis=-1)
         del xm, xm2
 
-    return _fsum_rows(a), _fsum_rows(b), [math.fsum(row) for row in scale2]
+    return a, b, scale2
 
 
 def _channel_matrix(chunk, first: bool, c: int, p: int, cdt) -> np.ndarray:
-    """conj(chunk) in the compute dtype as a (c, nb*P) matrix (a transposed view when channels-last)."""
+    """conj(chunk) in the compute dtype, one matrix per batch element: (nb, P, c), or (nb, c, P) channels-first."""
     nb = chunk.shape[0]
-    if first:
-        m = np.empty((c, nb, p), dtype=cdt)
-        m[...] = chunk.reshape(nb, c, p).swapaxes(0, 1)
-        m = m.reshape(c, nb * p)
-    else:
-        m = np.array(chunk, dtype=cdt).reshape(nb * p, c).T
+    m = np.array(chunk, dtype=cdt).reshape((nb, c, p) if first else (nb, p, c))
     if m.dtype.kind == "c":
         np.conjugate(m, out=m)
     return m
 
 
-def _over_channels(weights: np.ndarray, m: np.ndarray, nb: int, spatial) -> np.ndarray:
-    """One GEMM, (R, c) @ (c, nb*P) -> (R, nb, *spatial)."""
-    return (weights @ m).reshape(len(weights), nb, *spatial)
+def _over_channels(weights: np.ndarray, m: np.ndarray, first: bool, spatial) -> np.ndarray:
+    """(R, c) contracted with each element's channels -> (R, nb, *spatial), one GEMM per batch element: a GEMM
+    across elements would round each column by its place in the matrix, and the result must not depend on how
+    the batch is grouped."""
+    if first:
+        z = np.matmul(weights, m).transpose(1, 0, 2)  # (nb, c, P) -> (nb, R, P) -> (R, nb, P)
+    else:
+        z = np.matmul(m, weights.T).transpose(2, 0, 1)  # (nb, P, c) -> (nb, P, R) -> (R, nb, P)
+    return z.reshape(len(weights), m.shape[0], *spatial)
 
 
 def _sum_positions(u: np.ndarray, z: np.ndarray) -> np.ndarray:

@@ -558,3 +558,26 @@ def test_bad_probes_and_seed_raise():
         with pytest.raises(ConvtError, match="verify: seed must be an integer >= 0"):
             verify_conv_transpose(x, w, y, seed=bad, **flags)
     assert len(verify_conv_transpose(x, w, y, probes=1, **flags).probes) == 1
+
+
+def test_chunked_check_equals_the_whole_check_exactly():
+    from convt_cli.shapes import plan_conv_transpose
+    from convt_cli.verify import AdjointCheck
+
+    rng = np.random.default_rng(8)
+    x = rng.standard_normal((7, 5, 6, 4)).astype(np.float32)
+    w = rng.standard_normal((3, 3, 5, 4)).astype(np.float32)
+    y = conv_transpose(x, w, strides=2)
+    whole = verify_conv_transpose(x, w, y, strides=2, seed=11)
+    plan = plan_conv_transpose(x.shape, w.shape, y.shape, strides=2)
+    check = AdjointCheck(plan, w, "float32", seed=11)
+    for b0 in (4, 0, 3):  # out of order, uneven
+        b1 = {4: 7, 0: 3, 3: 4}[b0]
+        check.add(x[b0:b1], y[b0:b1], batch_offset=b0)
+    chunked = check.report()
+    assert whole.passed and chunked == whole
+    y[5, 2, 3, 1] += 0.05 * np.abs(y).max()
+    check = AdjointCheck(plan, w, "float32", seed=11)
+    check.add(x[:5], y[:5])
+    check.add(x[5:], y[5:], batch_offset=5)
+    assert not check.report().passed
