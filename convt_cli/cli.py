@@ -329,7 +329,8 @@ def info(files, as_json):
         for a in arrays:
             name = f"{path}:{a['name']}" if a["name"] else path
             chunks = f"  chunks {tuple(a['chunks'])}" if a.get("chunks") else ""
-            click.echo(f"{name}  {tuple(a['shape'])} {a['dtype']}{chunks}")
+            shape = "(empty dataspace)" if a["shape"] is None else tuple(a["shape"])
+            click.echo(f"{name}  {shape} {a['dtype']}{chunks}")
 
 
 @cli.command()

@@ -170,12 +170,15 @@ def _h5_dataset(ref: ArrayRef, f):
             listing = ", ".join("/" + p for p in found[:5]) + (", ..." if len(found) > 5 else "")
             first = found[0] if found else "NAME"
             ref.fail(f"holds {len(found)} datasets ({listing}): name one, as {ref.path}:/{first}")
-        return f[found[0]]
-    obj = f.get(ref.name)
-    if obj is None:
-        ref.fail(f"has no dataset '{ref.name}'")
-    if not isinstance(obj, h5py.Dataset):
-        ref.fail(f"'{ref.name}' is a group, not a dataset: name a dataset inside it")
+        obj = f[found[0]]
+    else:
+        obj = f.get(ref.name)
+        if obj is None:
+            ref.fail(f"has no dataset '{ref.name}'")
+        if not isinstance(obj, h5py.Dataset):
+            ref.fail(f"'{ref.name}' is a group, not a dataset: name a dataset inside it")
+    if obj.shape is None:
+        ref.fail(f"dataset '{obj.name}' has no data (an empty HDF5 dataspace)")
     return obj
 
 
@@ -284,7 +287,8 @@ def list_arrays(path: str) -> list[dict]:
     with _open_h5(ref) as f:
         def visit(name, obj):
             if isinstance(obj, h5py.Dataset):
-                out.append(dict(name="/" + name, shape=list(obj.shape), dtype=_fix_header_dtype(obj.dtype).name,
+                shape = None if obj.shape is None else list(obj.shape)  # None: an empty dataspace
+                out.append(dict(name="/" + name, shape=shape, dtype=_fix_header_dtype(obj.dtype).name,
                                 chunks=list(obj.chunks) if obj.chunks else None))
         f.visititems(visit)
     return out

@@ -308,6 +308,16 @@ def test_info_lists_every_array(work):
         {"name": "/g/c", "shape": [2, 5, 6, 3], "dtype": "float32", "chunks": [1, 5, 6, 3]}]}
 
 
+def test_info_shows_an_empty_dataspace(work):
+    with h5py.File("e.h5", "w") as f:
+        f["e"] = h5py.Empty("f4")
+    r = invoke("info", "e.h5")
+    assert r.exit_code == 0, r.output
+    assert r.stdout == "e.h5:/e  (empty dataspace) float32\n"
+    r = invoke("info", "e.h5", "--json")
+    assert json.loads(r.stdout)["arrays"][0]["shape"] is None
+
+
 @pytest.mark.parametrize("command", ["run", "shape", "info", "verify"])
 def test_help_has_an_example(command):
     r = invoke(command, "--help")
