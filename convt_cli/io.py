@@ -14,10 +14,13 @@ h5py is imported only when an HDF5 file is touched, so that commands on .npy fil
 
 from __future__ import annotations
 
+import errno
 import io
 import json
 import math
 import os
+import re
+import shutil
 import sys
 import tempfile
 import zipfile
@@ -327,11 +330,13 @@ def check_output(ref: ArrayRef, inputs: list[ArrayRef], force: bool) -> None:
         return
     if kind == "npy" and ref.name is not None:
         ref.fail("a .npy file holds one array: drop the ':NAME'")
-    folder = os.path.dirname(os.path.abspath(ref.path))
+    folder = _folder(ref)
     if not os.path.isdir(folder):
-        ref.fail(f"folder '{os.path.dirname(ref.path)}' does not exist")
-    if not os.access(folder, os.W_OK):
-        ref.fail(f"folder '{os.path.dirname(ref.path) or '.'}' is not writable")
+        ref.fail(f"folder '{folder}' does not exist")
+    try:  # os.access says yes to root on a read-only mount: try what the write will do
+        os.remove(_temp_file(folder))
+    except OSError as e:
+        ref.fail(f"folder '{folder}' is not writable ({_reason(e)})")
     for other in inputs:
         if other.is_std or not os.path.exists(ref.path) or not _same_file(ref.path, other.path):
             continue
@@ -348,8 +353,10 @@ def check_output(ref: ArrayRef, inputs: list[ArrayRef], force: bool) -> None:
         with _open_h5(ref) as f:
             if _h5_name(ref.name) in f and not force:
                 ref.fail(f"dataset '{_h5_name(ref.name)}' exists: pass --force to replace it")
-        if not os.access(ref.path, os.W_OK):
-            ref.fail("is not writable")
+        try:
+            open(ref.path, "r+b").close()
+        except OSError as e:
+            ref.fail(f"is not writable ({_reason(e)})")
     elif not force:
         ref.fail("exists: pass --force to replace it")
 
@@ -365,10 +372,11 @@ def write(ref: ArrayRef, array: np.ndarray, provenance: dict | None = None, forc
     if kind == "h5" and os.path.exists(ref.path):
         _write_into_h5(ref, array, provenance or {}, force)
         return
-    folder = os.path.dirname(os.path.abspath(ref.path))
-    fd, tmp = tempfile.mkstemp(prefix=".convt-", suffix=".tmp", dir=folder)
+    folder = _folder(ref)
+    tmp = None
     try:
-        with os.fdopen(fd, "wb") as f:
+        tmp = _temp_file(folder)
+        with open(tmp, "wb") as f:
             if kind == "npy":
                 np.save(f, array, allow_pickle=False)
             elif kind == "npz":
@@ -382,14 +390,61 @@ def write(ref: ArrayRef, array: np.ndarray, provenance: dict | None = None, forc
             os.fsync(f.fileno())
         os.replace(tmp, ref.path)
     except OSError as e:
+        reason = _reason(e, folder, array.nbytes)  # before the partial file is removed: it is what filled the disk
         _remove(tmp)
-        ref.fail(f"could not be written: {e.strerror or e}")
+        ref.fail(f"could not be written: {reason}")
     except BaseException:
         _remove(tmp)
         raise
+    _sync_folder(folder)
 
 
-def _remove(path: str) -> None:
+def _folder(ref: ArrayRef) -> str:
+    # not os.path.abspath: it resolves 'link/..' by text, the kernel by following the link
+    return os.path.dirname(ref.path) or "."
+
+
+def _temp_file(folder: str) -> str:
+    """A new empty file beside the target, hidden, named so that a leftover is recognisable."""
+    fd, path = tempfile.mkstemp(prefix=".convt-", suffix=".tmp", dir=folder)
+    os.close(fd)
+    return path
+
+
+def _sync_folder(folder: str) -> None:
+    # make the rename itself durable; some filesystems cannot fsync a folder, and nothing is lost then
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:
+        pass
+
+
+def _reason(e: OSError, folder: str | None = None, nbytes: int = 0) -> str:
+    """The cause of an OSError in a few words; h5py and numpy wrap it in long texts or none."""
+    text = str(e)
+    if e.errno == errno.ENOSPC or "errno = 28," in text or "No space left on device" in text:
+        return "No space left on device"
+    if folder is not None and "requested and" in text and "written" in text:  # numpy's short-write message
+        try:
+            if shutil.disk_usage(folder).free < nbytes:
+                return "No space left on device"
+        except OSError:
+            pass
+    found = re.search(r"error message = '([^']+)'", text)  # HDF5's report of the system error
+    if found:
+        return found.group(1)
+    if e.strerror:
+        return e.strerror
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def _remove(path: str | None) -> None:
+    if path is None:
+        return
     try:
         os.remove(path)
     except OSError:
@@ -431,4 +486,4 @@ def _write_into_h5(ref: ArrayRef, array, provenance: dict, force: bool) -> None:
                     f.move(backup, name)
                 raise
     except OSError as e:
-        ref.fail(f"could not be written: {e}")
+        ref.fail(f"could not be written: {_reason(e)}")

@@ -6,12 +6,16 @@ Matrix: the corpus (CASES; files, dtypes, ranks and shapes, every flag, zero siz
 exactly as it was (every file byte-identical, nothing created, no temporary file left).
 """
 
+import errno
 import gzip
 import hashlib
 import math
 import os
 import re
+import shutil
+import subprocess
 import zipfile
+from io import BytesIO
 
 import h5py
 import numpy as np
@@ -76,9 +80,7 @@ def read(name) -> bytes:
 
 
 def npy_bytes(a, allow_pickle=False):
-    import io
-
-    buf = io.BytesIO()
+    buf = BytesIO()
     np.save(buf, a, allow_pickle=allow_pickle)
     return buf.getvalue()
 
@@ -315,6 +317,9 @@ CASES = [
          "Error: OUTPUT 'nowhere/y.npy': folder 'nowhere' does not exist"),
     case("output-folder-is-a-file", ["run", "x.npy", "w.npy", "-o", "x.npy/y.npy"],
          "Error: OUTPUT 'x.npy/y.npy': folder 'x.npy' does not exist"),
+    case("output-not-writable", ["run", "x.npy", "w.npy", "-o", "/sys/convt-y.npy"],
+         re.compile(r"Error: OUTPUT '/sys/convt-y.npy': folder '/sys' is not writable \((Permission denied|"
+                    r"Read-only file system)\)")),
     case("output-is-input", ["run", "x.npy", "w.npy", "-o", "x.npy", "--force"],
          "Error: OUTPUT 'x.npy': is the same as INPUT 'x.npy': write the output elsewhere"),
     case("output-is-input-respelled", ["run", "x.npy", "w.npy", "-o", "./sub/../w.npy", "--force"],
@@ -393,3 +398,87 @@ def test_corpus(work, args, expected, setup, stdin):
     r = invoke(*args, input=stdin)
     assert_refused(r, expected)
     assert snapshot(work) == before
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The disk filling up during the write: no partial file, no half-made dataset
+
+
+def h5_contents(path):
+    """Every object of an HDF5 file with its data and attributes, to compare before and after."""
+    out = {}
+    with h5py.File(path) as f:
+        def visit(name, obj):
+            data = obj[()].tobytes() if isinstance(obj, h5py.Dataset) else None
+            out[name] = (data, sorted((k, str(v)) for k, v in obj.attrs.items()))
+        f.visititems(visit)
+    return out
+
+
+def _enospc():
+    return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+@pytest.mark.parametrize("target", ["y.npy", "y.npz:y", "y.h5:/y", "keep.h5:/y", "keep.h5:/old"])
+def test_disk_full_during_the_write_leaves_nothing_behind(work, monkeypatch, target):
+    from convt_cli import io as convt_io
+
+    h5("keep.h5", keep=np.arange(3), old=np.zeros(2))
+    keep = h5_contents("keep.h5")
+    before = snapshot(work)
+
+    def half_then_full(real):
+        def write_half(file, *args, **kwargs):
+            whole = BytesIO()
+            real(whole, *args, **kwargs)
+            file.write(whole.getvalue()[: len(whole.getvalue()) // 2])
+            raise _enospc()
+        return write_half
+
+    def dataset_then_full(f, name, array, provenance):
+        real_create(f, name, array, provenance)
+        raise _enospc()
+
+    real_create = convt_io._create_dataset
+    monkeypatch.setattr(np, "save", half_then_full(np.save))
+    monkeypatch.setattr(np, "savez", half_then_full(np.savez))
+    monkeypatch.setattr(convt_io, "_create_dataset", dataset_then_full)
+    r = invoke("run", "x.npy", "w.npy", "-o", target, "--force")
+    assert_refused(r, f"Error: OUTPUT '{target}': could not be written: No space left on device")
+    after = snapshot(work)
+    if target.startswith("keep.h5"):  # HDF5 bookkeeping may move bytes; every object must be as it was
+        assert h5_contents("keep.h5") == keep
+        before.pop("keep.h5"), after.pop("keep.h5")
+    assert after == before
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 256 KiB tmpfs in tmp_path/disk, or a skip where this process may not mount one."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if not shutil.which("mount"):
+        pytest.skip("no mount command to make a small tmpfs with")
+    p = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(disk)], check=False,
+                       capture_output=True, text=True)
+    if p.returncode != 0:
+        pytest.skip(f"mounting a tmpfs needs root (CAP_SYS_ADMIN): {p.stderr.strip()}")
+    try:
+        yield disk
+    finally:
+        subprocess.run(["umount", str(disk)], check=True)
+
+
+@pytest.mark.parametrize("target", ["disk/y.npy", "disk/y.npz:y", "disk/y.h5:/y", "disk/keep.h5:/y"])
+def test_a_really_full_disk_leaves_nothing_behind(work, small_disk, target):
+    np.save("big.npy", np.ones((1, 64, 64, 64), np.float32))  # a 1 MiB output on a 256 KiB disk
+    np.save("w1.npy", np.ones((1, 1, 64, 64), np.float32))
+    h5("disk/keep.h5", keep=np.arange(3))
+    keep = h5_contents("disk/keep.h5")
+    before = snapshot(work)
+    r = invoke("run", "big.npy", "w1.npy", "-o", target)
+    assert_refused(r, f"Error: OUTPUT '{target}': could not be written: No space left on device")
+    after = snapshot(work)
+    assert h5_contents("disk/keep.h5") == keep
+    before.pop("disk/keep.h5"), after.pop("disk/keep.h5")
+    assert after == before

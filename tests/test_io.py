@@ -171,3 +171,19 @@ def test_check_output_rules():
     open("noth5.h5", "wb").write(b"plain text")
     with pytest.raises(ConvtError, match="exists and is not an HDF5 file"):
         io.check_output(io.parse_ref("OUTPUT", "noth5.h5:/y", must_exist=False), [x], force=True)
+
+
+def test_write_resolves_dotdot_after_a_symlink_like_the_kernel(monkeypatch):
+    # 'link/..' is the parent of link's target, not '.': the temporary file must be made where the target is,
+    # else the rename crosses filesystems (and the writability check looks at the wrong folder)
+    os.makedirs("far/away")
+    os.symlink("far/away", "link")
+    folders, real = [], io._temp_file
+    monkeypatch.setattr(io, "_temp_file", lambda folder: folders.append(os.path.realpath(folder)) or real(folder))
+    ref = io.parse_ref("OUTPUT", "link/../y.npy", must_exist=False)
+    io.check_output(ref, [], force=False)
+    io.write(ref, np.arange(3))
+    assert folders == [os.path.realpath("far")] * 2
+    np.testing.assert_array_equal(np.load("far/y.npy"), np.arange(3))
+    assert not os.path.exists("y.npy")
+    assert [p for p in os.listdir("far") + os.listdir(".") if p.startswith(".convt")] == []
