@@ -311,6 +311,23 @@ def _split(shape, n, channels_first):
     return shape[0], shape[-1], shape[1:-1]
 
 
+def _common(op, input_shape, filters_shape, strides, padding, data_format, dilations, in_axis: int):
+    """What both ops validate alike; `in_axis` is the filters axis that pairs with the input's channels."""
+    layout = "out_channels, in_channels" if in_axis == -1 else "in_channels, out_channels"
+    n = _check_ranks(op, input_shape, filters_shape, f"spatial..., {layout}")
+    spec = normalize_spec(op, n, strides, padding, data_format, dilations)
+    batch, c_in, in_spatial = _split(input_shape, n, spec.channels_first)
+    kernel = tuple(int(v) for v in tuple(filters_shape)[:n])
+    filter_c_in, c_out = int(filters_shape[in_axis]), int(filters_shape[-3 - in_axis])
+    if filter_c_in != c_in:
+        _fail(
+            op,
+            f"filters.shape[{in_axis}]={filter_c_in} (in_channels) must equal the input's channels {c_in} "
+            f"(filters are spatial + [{layout}]; input shape {tuple(input_shape)}, data_format {spec.data_format})",
+        )
+    return n, spec, batch, c_in, in_spatial, kernel, c_out
+
+
 def plan_conv_transpose(
     input_shape, filters_shape, output_shape=None, strides=1, padding="SAME", data_format=None, dilations=None
 ) -> Plan:
@@ -328,18 +345,9 @@ def plan_conv_transpose(
     (8, 64, 64, 128)
     """
     op = "conv_transpose"
-    n = _check_ranks(op, input_shape, filters_shape, "spatial..., out_channels, in_channels")
-    spec = normalize_spec(op, n, strides, padding, data_format, dilations)
-    batch, c_in, in_spatial = _split(input_shape, n, spec.channels_first)
-    kernel = tuple(int(v) for v in tuple(filters_shape)[:n])
-    c_out, filter_c_in = int(filters_shape[-2]), int(filters_shape[-1])
-    if filter_c_in != c_in:
-        _fail(
-            op,
-            f"filters.shape[-1]={filter_c_in} (in_channels) must equal the input's channels {c_in} "
-            f"(filters are spatial + [out_channels, in_channels]; input shape {tuple(input_shape)}, "
-            f"data_format {spec.data_format})",
-        )
+    n, spec, batch, c_in, in_spatial, kernel, c_out = _common(
+        op, input_shape, filters_shape, strides, padding, data_format, dilations, in_axis=-1
+    )
 
     axes = [(in_spatial[j], kernel[j], spec.strides[j], spec.dilations[j], spec.axis_padding(j)) for j in range(n)]
     if output_shape is None:
@@ -401,18 +409,9 @@ def plan_conv(input_shape, filters_shape, strides=1, padding="SAME", data_format
     (8, 32, 32, 256)
     """
     op = "conv"
-    n = _check_ranks(op, input_shape, filters_shape, "spatial..., in_channels, out_channels")
-    spec = normalize_spec(op, n, strides, padding, data_format, dilations)
-    batch, c_in, in_spatial = _split(input_shape, n, spec.channels_first)
-    kernel = tuple(int(v) for v in tuple(filters_shape)[:n])
-    filter_c_in, c_out = int(filters_shape[-2]), int(filters_shape[-1])
-    if filter_c_in != c_in:
-        _fail(
-            op,
-            f"filters.shape[-2]={filter_c_in} (in_channels) must equal the input's channels {c_in} "
-            f"(filters are spatial + [in_channels, out_channels]; input shape {tuple(input_shape)}, "
-            f"data_format {spec.data_format})",
-        )
+    n, spec, batch, c_in, in_spatial, kernel, c_out = _common(
+        op, input_shape, filters_shape, strides, padding, data_format, dilations, in_axis=-2
+    )
     out_spatial, pads = [], []
     for j in range(n):
         o, k, s, d, pad = in_spatial[j], kernel[j], spec.strides[j], spec.dilations[j], spec.axis_padding(j)
