@@ -32,6 +32,10 @@ class ConvtGroup(click.Group):
         except (KeyboardInterrupt, click.exceptions.Abort):
             click.echo("Error: interrupted; no output was written", err=True)
             code = EXIT_TROUBLE
+        except MemoryError:  # the estimate said it would fit (or --max-memory allowed it), the system disagreed
+            click.echo("Error: out of memory; no output was written: use a smaller batch, a lower-precision "
+                       "--dtype, or a smaller --max-memory to be stopped before starting", err=True)
+            code = EXIT_TROUBLE
         except BrokenPipeError:
             code = EXIT_TROUBLE  # the reader went away; nothing more can be said on stdout
         code = code or 0
@@ -88,6 +92,12 @@ def conv_options(f):
     for option in reversed(options):
         f = option(f)
     return f
+
+
+max_memory_option = click.option(
+    "--max-memory", metavar="SIZE",
+    help="Refuse to start when the estimated memory exceeds SIZE (512M, 2G, 1.5GiB or bytes; powers of 1024). "
+         "Default: the available memory (MemAvailable); checked from the headers, before any data is read.")
 
 
 def _plan_args(output_shape, strides, padding, data_format, dilations):
@@ -184,6 +194,126 @@ def _cast(ref, a, dtype):
         return a.astype(dtype)
 
 
+_SIZE_UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40, "P": 2**50}
+
+
+def _size(param: str, text: str | None) -> int | None:
+    """Bytes from 512M, 2G, 1.5GiB, 100 (units are powers of 1024, with or without B / iB, any case)."""
+    import re
+
+    if text is None:
+        return None
+    found = re.fullmatch(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*(?:([KMGTP])(?:I?B)?|B)?\s*", text, flags=re.IGNORECASE)
+    if not found:
+        raise ConvtError(f"{param}: expected a size like 512M, 2G, 1.5GiB or a number of bytes, got '{text}'")
+    from fractions import Fraction
+
+    return int(Fraction(found[1]) * _SIZE_UNITS[(found[2] or "").upper()])
+
+
+def _bytes_text(n: int) -> str:
+    for unit in ("PiB", "TiB", "GiB", "MiB", "KiB"):
+        scale = _SIZE_UNITS[unit[0]]
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n} B"
+
+
+def _available_memory() -> int | None:
+    """MemAvailable of /proc/meminfo: what can be allocated without swapping; None where it is not known."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def check_memory(op: str, needs, batch: int, max_memory: int | None) -> None:
+    """Refuse, before anything is read or allocated, a run that would not fit in memory.
+
+    needs(b) -> {part: bytes} for a batch of b (growing with b); the limit is --max-memory, else the available
+    memory. The message names the biggest batch that fits, which is also the chunk size a run streaming over
+    the batch axis could take.
+    """
+    import sys
+
+    parts = needs(batch)
+    total = sum(parts.values())
+    available = _available_memory()
+    limit = max_memory if max_memory is not None else available
+    if total <= sys.maxsize and (limit is None or total <= limit):
+        return
+    if limit is None or limit > sys.maxsize:
+        limit, why = sys.maxsize, "more than this machine can address"
+    elif max_memory is not None:
+        seen = f" (available: {_bytes_text(available)})" if available is not None else ""
+        why = f"--max-memory is {_bytes_text(max_memory)}{seen}"
+    else:
+        why = f"only {_bytes_text(available)} is available"
+    fits, too_many = 0, batch + 1  # the largest batch that fits, by bisection: needs() may not be linear
+    while too_many - fits > 1:
+        mid = (fits + too_many) // 2
+        fits, too_many = (mid, too_many) if sum(needs(mid).values()) <= limit else (fits, mid)
+    more = "a larger --max-memory" if max_memory is not None else "--max-memory SIZE if more can be had (swap)"
+    if fits >= 1:
+        fit = "fits" if fits == 1 else "fit"
+        way_out = f"use a smaller batch (at most {fits} of {batch} {fit}), a lower-precision --dtype, or {more}"
+    else:
+        way_out = (f"even a batch of 1 needs about {_bytes_text(sum(needs(1).values()))}: use a lower-precision "
+                   f"--dtype, smaller arrays, or {more}")
+    listed = ", ".join(f"{name} {_bytes_text(n)}" for name, n in parts.items())
+    raise ConvtError(f"{op} needs about {_bytes_text(total)} ({listed}) but {why}: {way_out}")
+
+
+def _needs(plan, x_dtype, w_dtype, dtype, output=None):
+    """needs(b) for check_memory: the arrays as read, their casts to dtype, and the output with the engine's
+    work (or, given output=(shape, dtype), the output as read)."""
+    import dataclasses
+    import math
+
+    from .engine import estimate_bytes
+
+    def needs(batch):
+        p = dataclasses.replace(plan, batch=batch)
+        x_n, w_n = math.prod(p.input_shape), math.prod(p.filters_shape)
+        cast = (x_n if x_dtype != dtype else 0) + (w_n if w_dtype != dtype else 0)
+        if output is None:
+            work = estimate_bytes(p, dtype)
+        else:
+            work = math.prod((batch, *output[0][1:])) * output[1].itemsize
+        return {"input": x_n * x_dtype.itemsize, "filters": w_n * w_dtype.itemsize,
+                "output and work": work + cast * dtype.itemsize}
+
+    return needs
+
+
+def _with_verify_work(needs, plan, dtype, probes):
+    """needs plus verify's own arrays, roughly: in float64 (complex128 for complex data) about five arrays the
+    size of a group of batch elements (about 2**20 values, at least one element of OUTPUT, INPUT or the probe
+    field), two of about 2**20 values, and the filters contracted with the probes."""
+    import math
+
+    from .verify import DEFAULT_PROBES
+
+    k = probes or DEFAULT_PROBES
+    item = 16 if dtype.kind == "c" else 8
+    per_element = max(math.prod(plan.output_shape[1:]), math.prod(plan.input_shape[1:]),
+                      k * math.prod(plan.output_spatial))
+    taps_by_c_in = math.prod(plan.kernel) * plan.in_channels
+
+    def with_work(batch):
+        parts = needs(batch)
+        group = min(batch, max(1, 2**20 // per_element)) * per_element
+        parts["verify's work"] = item * (5 * group + 2 * 2**20 + 3 * math.prod(plan.filters_shape)
+                                         + 2 * k * taps_by_c_in) if batch else 0
+        return parts
+
+    return with_work
+
+
 def _summary(plan, dtype, args, refs, seconds=None):
     info = {
         "input": str(refs[0]), "filters": str(refs[1]),
@@ -233,10 +363,11 @@ def cli():
               help="Where to write: .npy, .npz[:NAME], .h5[:/group/dataset], or - for stdout.")
 @conv_options
 @click.option("--force", is_flag=True, help="Replace an existing output file or dataset.")
+@max_memory_option
 @click.option("--json", "as_json", is_flag=True,
               help="Print a JSON summary (on stderr when the array goes to stdout).")
 def run(input_ref, filters_ref, output_ref, output_shape, strides, padding, data_format, dilations, dtype, force,
-        as_json):
+        max_memory, as_json):
     """Compute conv_transpose(INPUT, FILTERS) and write it to OUTPUT.
 
     FILTERS are spatial + [out_channels, in_channels] (TF's behaviour): the last axis matches INPUT's channels.
@@ -255,9 +386,11 @@ def run(input_ref, filters_ref, output_ref, output_shape, strides, padding, data
     out_ref = io.parse_ref("OUTPUT", output_ref, must_exist=False)
     io.check_output(out_ref, [x_ref, w_ref], force)
     args = _plan_args(output_shape, strides, padding, data_format, dilations)
+    max_memory = _size("--max-memory", max_memory)
     (x_shape, x_dtype, x_load), (w_shape, w_dtype, w_load) = _open(x_ref), _open(w_ref)
     plan = plan_conv_transpose(x_shape, w_shape, **args)  # every shape error before any data is read
     out_dtype = _checked_dtype(dtype, (x_ref, x_dtype), (w_ref, w_dtype))
+    check_memory("run", _needs(plan, x_dtype, w_dtype, out_dtype), plan.batch, max_memory)
     x, w = _cast(x_ref, x_load(), out_dtype), _cast(w_ref, w_load(), out_dtype)
     start = time.perf_counter()
     y = run_conv_transpose(plan, x, w)
@@ -342,9 +475,10 @@ def info(files, as_json):
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True, help="Seed of the probes.")
 @click.option("--rtol", type=click.FloatRange(min=0), help="Tolerance on each probe's residual (default: derived "
               "from the dtype and the number of terms per output element).")
+@max_memory_option
 @click.option("--json", "as_json", is_flag=True, help="Print the whole report as JSON.")
 def verify(input_ref, filters_ref, output_ref, output_shape, strides, padding, data_format, dilations, dtype, probes,
-           seed, rtol, as_json):
+           seed, rtol, max_memory, as_json):
     """Check that OUTPUT is conv_transpose(INPUT, FILTERS) through the adjoint identity.
 
     For random probes x it compares <OUTPUT, x> with <INPUT, conv(x, FILTERS)>, never computing
@@ -366,6 +500,7 @@ def verify(input_ref, filters_ref, output_ref, output_shape, strides, padding, d
     if y_ref is not None and y_ref.is_std and (x_ref.is_std or w_ref.is_std):
         raise ConvtError("OUTPUT '-': stdin is already used; give OUTPUT as a file")
     args = _plan_args(output_shape, strides, padding, data_format, dilations)
+    max_memory = _size("--max-memory", max_memory)
     (x_shape, x_dtype, x_load), (w_shape, w_dtype, w_load) = _open(x_ref), _open(w_ref)
     y_open = None if y_ref is None else _open(y_ref)
     if y_open is not None and args["output_shape"] is None:
@@ -376,6 +511,8 @@ def verify(input_ref, filters_ref, output_ref, output_shape, strides, padding, d
     out_dtype = _checked_dtype(dtype, (x_ref, x_dtype), (w_ref, w_dtype))
     if y_open is not None and y_open[1].name != out_dtype.name:
         y_ref.fail(f"has dtype {y_open[1].name} but INPUT and FILTERS compute in {out_dtype.name}")
+    needs = _needs(plan, x_dtype, w_dtype, out_dtype, None if y_open is None else y_open[:2])
+    check_memory("verify", _with_verify_work(needs, plan, out_dtype, probes), plan.batch, max_memory)
     x, w = _cast(x_ref, x_load(), out_dtype), _cast(w_ref, w_load(), out_dtype)
     y = run_conv_transpose(plan, x, w) if y_open is None else y_open[2]()
     report = verify_conv_transpose(x, w, y, plan.spec.strides, plan.spec.padding, plan.spec.data_format,

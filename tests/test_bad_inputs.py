@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
+from convt_cli import cli as cli_module
 from convt_cli.cli import cli
 
 
@@ -39,7 +40,7 @@ def invoke(*args, input=None):
 
 
 def snapshot(folder):
-    """Every file under folder (hidden ones too) -> sha256 of its bytes."""
+    """Every file under folder (hidden ones too) -> sha256 of its bytes (of a sparse giant: size, mtime, head)."""
     out = {}
     for root, _, files in os.walk(folder):
         for name in files:
@@ -47,8 +48,11 @@ def snapshot(folder):
             if not os.path.isfile(path):  # a fifo: reading it would block
                 out[os.path.relpath(path, folder)] = "special"
                 continue
+            stat = os.stat(path)
             with open(path, "rb") as f:
-                out[os.path.relpath(path, folder)] = hashlib.sha256(f.read()).hexdigest()
+                digest = hashlib.sha256(f.read(64 << 20)).hexdigest()
+            out[os.path.relpath(path, folder)] = digest if stat.st_size <= 64 << 20 else (
+                digest, stat.st_size, stat.st_mtime_ns)
     return out
 
 
@@ -362,8 +366,8 @@ CASES = [
          re.compile(r"Error: INPUT 'z.npz': is not a readable .npz file \(.+\)"),
          lambda: (np.savez("z.npz", a=x_like()), put("z.npz", read("z.npz")[:200]))),
     # --- stdin
-    case("stdin-empty", ["run", "-", "w.npy", "-o", "y.npy"], "Error: INPUT '-': stdin is empty: expected a .npy stream",
-         None, b""),
+    case("stdin-empty", ["run", "-", "w.npy", "-o", "y.npy"],
+         "Error: INPUT '-': stdin is empty: expected a .npy stream", None, b""),
     case("stdin-not-npy", ["run", "-", "w.npy", "-o", "y.npy"],
          "Error: INPUT '-': stdin is not a .npy stream (it starts with b'1,2,3\\n4,')", None, b"1,2,3\n4,5,6\n"),
     case("stdin-npz", ["run", "-", "w.npy", "-o", "y.npy"],
@@ -374,6 +378,25 @@ CASES = [
          "300", None, npy_bytes(x_like())[:300]),
     case("stdin-for-both", ["run", "-", "-", "-o", "y.npy"],
          "Error: FILTERS '-': stdin is already the INPUT; give FILTERS as a file", None, b""),
+    # --- memory: estimated from the headers, refused before any data is read or allocated
+    case("max-memory-exceeded", RUN + ["--max-memory", "1K"],
+         re.compile(r"Error: run needs about \d+\.\d KiB \(input 720 B, filters 432 B, output and work \d+\.\d KiB\) "
+                    r"but --max-memory is 1\.0 KiB \(available: 16\.0 GiB\): even a batch of 1 needs about \d+\.\d "
+                    r"KiB: use a lower-precision --dtype, smaller arrays, or a larger --max-memory")),
+    case("enormous-header", ["run", "huge.npy", "wh.npy", "-o", "y.npy"],
+         re.compile(r"Error: run needs about \d+\.\d TiB \(input 8\.0 TiB, filters 64\.0 MiB, output and work \d+\.\d "
+                    r"TiB\) but only 16\.0 GiB is available: even a batch of 1 needs about \d+\.\d GiB: use a "
+                    r"lower-precision --dtype, smaller arrays, or --max-memory SIZE if more can be had \(swap\)"),
+         lambda: (npy_header_only("huge.npy", (2048, 1024, 1024, 1024)),
+                  npy_header_only("wh.npy", (2, 2, 4096, 1024)))),
+    case("enormous-output", RUN + ["--strides", "100000000000"],
+         re.compile(r"Error: run needs about \d+\.\d PiB \(input 720 B, filters 432 B, output and work \d+\.\d PiB\) "
+                    r"but only 16\.0 GiB is available: even a batch of 1 needs about \d+\.\d PiB: .*")),
+    case("max-memory-text", RUN + ["--max-memory", "lots"],
+         "Error: --max-memory: expected a size like 512M, 2G, 1.5GiB or a number of bytes, got 'lots'"),
+    case("max-memory-verify", ["verify", "x.npy", "w.npy", "--max-memory", "1M"],
+         re.compile(r"Error: verify needs about \d+\.\d MiB \(input 720 B, filters 432 B, output and work \d+\.\d KiB, "
+                    r"verify's work \d+\.\d MiB\) but --max-memory is 1\.0 MiB \(available: 16\.0 GiB\): .*")),
     # --- the other commands
     case("shape-truncated", ["shape", "t.npy", "w.npy"],
          "Error: INPUT 't.npy': is truncated: header says shape (2, 5, 6, 3) float32, needing 848 bytes, the file "
@@ -391,7 +414,8 @@ CASES = [
 
 
 @pytest.mark.parametrize("args,expected,setup,stdin", CASES)
-def test_corpus(work, args, expected, setup, stdin):
+def test_corpus(work, monkeypatch, args, expected, setup, stdin):
+    monkeypatch.setattr(cli_module, "_available_memory", lambda: 16 << 30)
     if setup:
         setup()
     before = snapshot(work)
@@ -482,3 +506,22 @@ def test_a_really_full_disk_leaves_nothing_behind(work, small_disk, target):
     assert h5_contents("disk/keep.h5") == keep
     before.pop("disk/keep.h5"), after.pop("disk/keep.h5")
     assert after == before
+
+
+def test_a_header_too_big_for_memory_is_refused_before_anything_is_allocated(work, monkeypatch):
+    import tracemalloc
+
+    # 256 MiB claimed (all there: a sparse file) against 16 MiB available: a load would show in tracemalloc,
+    # to which numpy reports its allocations
+    monkeypatch.setattr(cli_module, "_available_memory", lambda: 16 << 20)
+    npy_header_only("big.npy", (16, 1024, 1024, 4))
+    np.save("w4.npy", np.ones((1, 1, 4, 4), np.float32))
+    tracemalloc.start()
+    try:
+        r = invoke("run", "big.npy", "w4.npy", "-o", "y.npy")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert_refused(r, re.compile(r"Error: run needs about \d+\.\d MiB \(input 256\.0 MiB, .*\) but only 16\.0 MiB is "
+                                 r"available: even a batch of 1 needs about .*"))
+    assert peak < 4 << 20

@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
+from convt_cli import ConvtError
 from convt_cli.cli import cli
 from loop_reference import conv_transpose_loop
 
@@ -409,3 +410,60 @@ def test_verify_mistakes(work, extra, message):
     assert invoke("run", "x.npy", "w.npy", "--strides", "2", "-o", "y.npy").exit_code == 0
     r = invoke("verify", "x.npy", "w.npy", "y.npy", *extra)
     assert error_line(r).startswith(message)
+
+
+@pytest.mark.parametrize("text,size", [("100", 100), ("100B", 100), ("1K", 1024), ("512M", 512 << 20), ("2G", 2 << 30),
+                                       ("2gb", 2 << 30), ("1.5GiB", 3 << 29), (" 0.5 t ", 1 << 39), (".5K", 512),
+                                       ("1" * 30, int("1" * 30))])
+def test_max_memory_sizes(text, size):
+    from convt_cli.cli import _size
+
+    assert _size("--max-memory", text) == size
+
+
+@pytest.mark.parametrize("text", ["", "lots", "-1G", "1e9", "1.2.3", "1X", "1 iB", "G", "nan", "inf"])
+def test_max_memory_refuses_other_text(text):
+    from convt_cli.cli import _size
+
+    with pytest.raises(ConvtError, match="^--max-memory: expected a size like 512M, 2G, 1.5GiB or a number of bytes"):
+        _size("--max-memory", text)
+
+
+def test_memory_check_names_the_batch_that_fits(work, monkeypatch):
+    from convt_cli import cli as cli_module
+    from convt_cli.shapes import plan_conv_transpose
+
+    x = np.random.default_rng(3).standard_normal((8, 5, 6, 3)).astype(np.float32)
+    np.save("x8.npy", x)
+    f32 = np.dtype(np.float32)
+    needs = cli_module._needs(plan_conv_transpose(x.shape, (3, 3, 4, 3), strides=2), f32, f32, f32)
+    limit = sum(needs(3).values())
+    monkeypatch.setattr(cli_module, "_available_memory", lambda: 1 << 40)
+    r = invoke("run", "x8.npy", "w.npy", "--strides", "2", "-o", "y.npy", "--max-memory", limit)
+    assert error_line(r).endswith(f"but --max-memory is {cli_module._bytes_text(limit)} (available: 1.0 TiB): "
+                                  f"use a smaller batch (at most 3 of 8 fit), a lower-precision --dtype, or a "
+                                  f"larger --max-memory")
+    np.save("x3.npy", x[:3])  # the figure is what the check itself accepts
+    r = invoke("run", "x3.npy", "w.npy", "--strides", "2", "-o", "y.npy", "--max-memory", limit)
+    assert r.exit_code == 0, r.output
+
+
+def test_memory_check_without_a_known_limit_lets_the_run_go(work, monkeypatch):
+    from convt_cli import cli as cli_module
+
+    monkeypatch.setattr(cli_module, "_available_memory", lambda: None)
+    r = invoke("run", "x.npy", "w.npy", "-o", "y.npy")
+    assert r.exit_code == 0, r.output
+
+
+def test_running_out_of_memory_anyway_is_one_error_line(work, monkeypatch):
+    import convt_cli.engine
+
+    def no_memory(plan, x, w):
+        raise MemoryError
+
+    monkeypatch.setattr(convt_cli.engine, "run_conv_transpose", no_memory)
+    r = invoke("run", "x.npy", "w.npy", "-o", "y.npy")
+    assert error_line(r) == ("Error: out of memory; no output was written: use a smaller batch, a lower-precision "
+                             "--dtype, or a smaller --max-memory to be stopped before starting")
+    assert sorted(os.listdir(".")) == ["w.npy", "x.npy"]
