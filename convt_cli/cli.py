@@ -268,6 +268,16 @@ def check_memory(op: str, needs, batch: int, max_memory: int | None) -> None:
     raise ConvtError(f"{op} needs about {_bytes_text(total)} ({listed}) but {why}: {way_out}")
 
 
+def _check_space(ref, nbytes: int) -> None:
+    """Refuse before computing an output the disk cannot hold (a full disk during the write is handled too)."""
+    from .io import free_space
+
+    free = free_space(ref)
+    if free is not None and free < nbytes:
+        ref.fail(f"needs about {_bytes_text(nbytes)} but only {_bytes_text(free)} is free where it goes: free "
+                 f"some space or write it elsewhere")
+
+
 def _needs(plan, x_dtype, w_dtype, dtype, output=None):
     """needs(b) for check_memory: the arrays as read, their casts to dtype, and the output with the engine's
     work (or, given output=(shape, dtype), the output as read)."""
@@ -391,6 +401,7 @@ def run(input_ref, filters_ref, output_ref, output_shape, strides, padding, data
     plan = plan_conv_transpose(x_shape, w_shape, **args)  # every shape error before any data is read
     out_dtype = _checked_dtype(dtype, (x_ref, x_dtype), (w_ref, w_dtype))
     check_memory("run", _needs(plan, x_dtype, w_dtype, out_dtype), plan.batch, max_memory)
+    _check_space(out_ref, _prod(plan.output_shape) * out_dtype.itemsize)
     x, w = _cast(x_ref, x_load(), out_dtype), _cast(w_ref, w_load(), out_dtype)
     start = time.perf_counter()
     y = run_conv_transpose(plan, x, w)

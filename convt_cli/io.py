@@ -361,6 +361,16 @@ def check_output(ref: ArrayRef, inputs: list[ArrayRef], force: bool) -> None:
         ref.fail("exists: pass --force to replace it")
 
 
+def free_space(ref: ArrayRef) -> int | None:
+    """Bytes free for an unprivileged writer where the output goes; None for stdout or when it cannot be told."""
+    if ref.is_std:
+        return None
+    try:
+        return shutil.disk_usage(_folder(ref)).free
+    except OSError:
+        return None
+
+
 def write(ref: ArrayRef, array: np.ndarray, provenance: dict | None = None, force: bool = False) -> None:
     """Write atomically: a temporary file beside the target, renamed into place only when complete."""
     kind = output_format(ref)
