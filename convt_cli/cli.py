@@ -19,8 +19,18 @@ EXIT_MISMATCH, EXIT_TROUBLE = 1, 2
 DTYPES = ["float16", "bfloat16", "float32", "float64", "int32", "complex64", "complex128"]
 
 
+class _Interrupted(Exception):
+    """Ctrl-C, carried past click, which would print an empty line for it."""
+
+
 class ConvtGroup(click.Group):
     """Translates every user mistake (ours or click's) into a single `Error:` line and exit code 2."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except KeyboardInterrupt:
+            raise _Interrupted from None
 
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
         try:
@@ -29,7 +39,9 @@ class ConvtGroup(click.Group):
             message = e.format_message() if isinstance(e, click.ClickException) else str(e)
             click.echo(f"Error: {' '.join(message.split())}", err=True)
             code = EXIT_TROUBLE
-        except (KeyboardInterrupt, click.exceptions.Abort):
+        except (_Interrupted, KeyboardInterrupt, click.exceptions.Abort):
+            if sys.stderr.isatty():  # off the line where the terminal echoed ^C; a log gets just the one line
+                click.echo(err=True)
             click.echo("Error: interrupted; no output was written", err=True)
             code = EXIT_TROUBLE
         except MemoryError:  # the estimate said it would fit (or --max-memory allowed it), the system disagreed

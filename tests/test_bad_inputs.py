@@ -13,7 +13,10 @@ import math
 import os
 import re
 import shutil
+import signal
 import subprocess
+import sys
+import time
 import zipfile
 from io import BytesIO
 
@@ -515,3 +518,50 @@ def test_a_really_full_disk_leaves_nothing_behind(work, small_disk, monkeypatch,
     assert h5_contents("disk/keep.h5") == keep
     before.pop("disk/keep.h5"), after.pop("disk/keep.h5")
     assert after == before
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Ctrl-C in the middle of a real run
+
+
+def _convt():
+    exe = shutil.which("convt")
+    return [exe] if exe else [sys.executable, "-m", "convt_cli"]
+
+
+def _cpu_seconds(pid) -> float | None:
+    """User + system CPU time of a process (all its threads), or None without /proc."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def test_ctrl_c_during_the_computation_leaves_nothing_behind(work):
+    # 80 GFLOP: over 2 CPU seconds here, where convt has used 0.3 s to start and read when stdin is taken;
+    # the signal comes 0.15 CPU seconds later, inside the computation
+    rng = np.random.default_rng(0)
+    x = npy_bytes(rng.standard_normal((12, 64, 64, 128), dtype=np.float32))
+    np.save("w7.npy", rng.standard_normal((7, 7, 128, 128), dtype=np.float32))
+    before = snapshot(work)
+    p = subprocess.Popen(_convt() + ["run", "-", "w7.npy", "--strides", "2", "-o", "y.npy"], stdin=subprocess.PIPE,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        p.stdin.write(x)  # returns when convt, inside `run`, has read nearly all of it
+        p.stdin.close()
+        p.stdin = None  # for communicate()
+        start = _cpu_seconds(p.pid)
+        if start is None:
+            time.sleep(1.0)
+        while start is not None and p.poll() is None and (_cpu_seconds(p.pid) or math.inf) < start + 0.15:
+            time.sleep(0.01)
+        assert p.poll() is None, "convt finished before the signal: make the input bigger"
+        p.send_signal(signal.SIGINT)
+        out, err = p.communicate(timeout=120)
+    finally:
+        p.kill()
+    assert p.returncode == 2, err
+    assert err == b"Error: interrupted; no output was written\n" and out == b""
+    assert snapshot(work) == before  # no y.npy, no .convt-* temporary file
