@@ -322,7 +322,7 @@ def _with_verify_work(needs, plan, dtype, probes):
 
     k = probes or DEFAULT_PROBES
     item = 16 if dtype.kind == "c" else 8
-    per_element = max(math.prod(plan.output_shape[1:]), math.prod(plan.input_shape[1:]),
+    per_element = max(1, math.prod(plan.output_shape[1:]), math.prod(plan.input_shape[1:]),
                       k * math.prod(plan.output_spatial))
     taps_by_c_in = math.prod(plan.kernel) * plan.in_channels
 

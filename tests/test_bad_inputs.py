@@ -565,3 +565,39 @@ def test_ctrl_c_during_the_computation_leaves_nothing_behind(work):
     assert p.returncode == 2, err
     assert err == b"Error: interrupted; no output was written\n" and out == b""
     assert snapshot(work) == before  # no y.npy, no .convt-* temporary file
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Zero sizes that are legal compute, with the shape TF gives (the illegal ones are in the corpus)
+
+
+@pytest.mark.parametrize(
+    "x_shape,w_shape,flags,out_shape",
+    [
+        ((0, 5, 6, 3), (3, 3, 4, 3), ["--strides", "2"], (0, 10, 12, 4)),  # empty batch
+        ((0, 3, 5, 6), (3, 3, 4, 3), ["--data-format", "NCHW"], (0, 4, 5, 6)),
+        ((2, 5, 6, 0), (3, 3, 4, 0), [], (2, 5, 6, 4)),  # no input channels: every sum is empty, all zeros
+        ((2, 5, 6, 3), (3, 3, 0, 3), [], (2, 5, 6, 0)),  # no output channels
+        ((2, 0, 6, 3), (3, 3, 4, 3), ["--strides", "2"], (2, 0, 12, 4)),  # SAME: O = I*s = 0
+        ((2, 0, 6, 3), (3, 3, 4, 3), ["--padding", "valid"], (2, 2, 8, 4)),  # VALID: O = (I-1)*s + eff, zeros
+        ((2, 0, 6, 3), (3, 3, 4, 3), ["--padding", "valid", "--strides", "2", "--output-shape", "1,13"],
+         (2, 1, 13, 4)),  # TF's truncating size rule admits O = 0..2 here
+    ],
+)
+@pytest.mark.parametrize("target", ["y.npy", "y.h5:/y"])
+def test_legal_zero_sizes_compute(work, x_shape, w_shape, flags, out_shape, target):
+    np.save("x0.npy", np.ones(x_shape, np.float32))
+    np.save("w0.npy", np.ones(w_shape, np.float32))
+    r = invoke("run", "x0.npy", "w0.npy", "-o", target, *flags)
+    assert r.exit_code == 0, r.output
+    if target.endswith(".npy"):
+        y = np.load("y.npy")
+    else:
+        with h5py.File("y.h5") as f:
+            y = f["y"][()]
+    assert y.shape == out_shape and y.dtype == np.float32
+    assert not y.any()
+    r = invoke("verify", "x0.npy", "w0.npy", target, *flags)
+    assert r.exit_code == 0 and r.stdout.startswith("PASS"), r.output
+    r = invoke("verify", "x0.npy", "w0.npy", *flags)
+    assert r.exit_code == 0 and r.stdout.startswith("PASS"), r.output
