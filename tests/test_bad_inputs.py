@@ -27,6 +27,7 @@ from click.testing import CliRunner
 
 from convt_cli import cli as cli_module
 from convt_cli.cli import cli
+from loop_reference import conv_transpose_loop
 
 
 @pytest.fixture
@@ -601,3 +602,76 @@ def test_legal_zero_sizes_compute(work, x_shape, w_shape, flags, out_shape, targ
     assert r.exit_code == 0 and r.stdout.startswith("PASS"), r.output
     r = invoke("verify", "x0.npy", "w0.npy", *flags)
     assert r.exit_code == 0 and r.stdout.startswith("PASS"), r.output
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Odd but valid layouts in files: the right numbers
+
+
+def _load_any(target):
+    if target.endswith(".npy"):
+        return np.load(target)
+    path, name = target.split(":")
+    with h5py.File(path) as f:
+        return f[name][()]
+
+
+def _store(kind, name, a):
+    """a in the layout `kind`; returns the reference to give convt."""
+    if kind == "npy-fortran":
+        np.save(f"{name}.npy", np.asfortranarray(a))
+    elif kind == "npy-big-endian":
+        np.save(f"{name}.npy", a.astype(a.dtype.newbyteorder(">")))
+    elif kind == "npy-fortran-big-endian":
+        np.save(f"{name}.npy", np.asfortranarray(a.astype(a.dtype.newbyteorder(">"))))
+    elif kind == "npz-fortran-member":
+        np.savez(f"{name}.npz", **{name: np.asfortranarray(a)})
+        return f"{name}.npz:{name}"
+    elif kind == "h5-big-endian":
+        with h5py.File(f"{name}.h5", "w") as f:
+            f.create_dataset(name, data=a, dtype=a.dtype.newbyteorder(">"))
+        return f"{name}.h5:/{name}"
+    elif kind == "h5-chunked-gzip":  # stored in scattered compressed pieces
+        with h5py.File(f"{name}.h5", "w") as f:
+            f.create_dataset(name, data=a, chunks=(1,) * (a.ndim - 1) + (a.shape[-1],), compression="gzip")
+        return f"{name}.h5:/{name}"
+    else:
+        raise AssertionError(kind)
+    return f"{name}.npy"
+
+
+LAYOUTS = ["npy-fortran", "npy-big-endian", "npy-fortran-big-endian", "npz-fortran-member", "h5-big-endian",
+           "h5-chunked-gzip"]
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.int32, np.complex64])
+@pytest.mark.parametrize("channels_first", [False, True])
+def test_odd_layouts_in_files_give_the_right_numbers(work, layout, dtype, channels_first):
+    rng = np.random.default_rng(7)
+    x = rng.integers(-4, 5, (2, 5, 6, 3)).astype(dtype)
+    w = rng.integers(-4, 5, (3, 2, 4, 3)).astype(dtype)
+    if dtype == np.complex64:
+        x, w = x + 1j * x[..., ::-1], w - 1j * w[..., ::-1]
+    if channels_first:
+        x = np.moveaxis(x, -1, 1)
+    flags = ["--strides", "2", "--padding", "1:0,0:2", "--dilations", "1,2"]
+    flags += ["--data-format", "channels_first"] if channels_first else []
+    r = invoke("run", _store(layout, "x", x), _store(layout, "w", w), "-o", "y.npy", *flags)
+    assert r.exit_code == 0 and r.stderr == "", r.output
+    y = np.load("y.npy")
+    assert y.dtype == np.dtype(dtype)  # native byte order out
+    want = conv_transpose_loop(x, w, y.shape[2:] if channels_first else y.shape[1:-1], strides=2,
+                               padding=[(1, 0), (0, 2)], channels_first=channels_first, dilations=[1, 2])
+    np.testing.assert_array_equal(y, want.astype(dtype))  # small integers: exact in every dtype
+
+
+def test_odd_layouts_through_stdin(work):
+    x = np.random.default_rng(8).integers(-4, 5, (2, 5, 6, 3)).astype(">f8")
+    w = np.asfortranarray(np.random.default_rng(9).integers(-4, 5, (3, 3, 4, 3)).astype(">f8"))
+    np.save("w.npy", w)
+    r = invoke("run", "-", "w.npy", "-o", "-", input=npy_bytes(np.asfortranarray(x)))
+    assert r.exit_code == 0, r.stderr
+    y = np.load(BytesIO(r.stdout_bytes))
+    assert y.dtype == np.float64 and y.dtype.isnative
+    np.testing.assert_array_equal(y, conv_transpose_loop(x, w, (5, 6)))
