@@ -17,6 +17,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 import zipfile
 from io import BytesIO
 
@@ -605,7 +606,7 @@ def test_legal_zero_sizes_compute(work, x_shape, w_shape, flags, out_shape, targ
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Odd but valid layouts in files: the right numbers
+# Odd but valid layouts in files, and non-finite values: the right numbers, no error, no warning
 
 
 def _load_any(target):
@@ -675,3 +676,35 @@ def test_odd_layouts_through_stdin(work):
     y = np.load(BytesIO(r.stdout_bytes))
     assert y.dtype == np.float64 and y.dtype.isnative
     np.testing.assert_array_equal(y, conv_transpose_loop(x, w, (5, 6)))
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64, np.complex128])
+def test_nan_and_inf_propagate_without_error_and_verify_reports_them(work, dtype):
+    x = np.ones((1, 5, 6, 2), dtype)
+    x[0, 1, 1, 0] = np.nan
+    x[0, 3, 4, 1] = np.inf
+    w = np.ones((3, 3, 2, 2), dtype)
+    w[2, 2, 1, 1] = -1  # inf meets +1 and -1: inf - inf = nan where both taps land, as in IEEE and TF
+    np.save("xn.npy", x)
+    np.save("wn.npy", w)
+    with warnings.catch_warnings(record=True) as caught:  # a RuntimeWarning would be lines on stderr
+        warnings.simplefilter("always")
+        r = invoke("run", "xn.npy", "wn.npy", "-o", "y.npy")
+    assert r.exit_code == 0 and r.stderr == "", r.output
+    assert [str(c.message) for c in caught] == []
+    y = np.load("y.npy")
+    with np.errstate(invalid="ignore"):
+        want = conv_transpose_loop(x, w, (5, 6))
+    finite = np.isfinite(want)
+    np.testing.assert_array_equal(np.isfinite(y), finite)
+    if dtype != np.complex128:  # complex nan/inf parts depend on the order of the products
+        np.testing.assert_array_equal(np.isnan(y), np.isnan(want))
+        np.testing.assert_array_equal(np.isposinf(y), np.isposinf(want))
+        assert np.isnan(y).any() and np.isinf(y).any()
+    np.testing.assert_array_equal(y[finite], want[finite].astype(dtype))
+    bad = int((~np.isfinite(y)).sum())
+    for args in (["y.npy"], []):  # a given OUTPUT, and convt's own
+        r = invoke("verify", "xn.npy", "wn.npy", *args)
+        assert r.exit_code == 1, r.output
+        assert r.stdout.startswith(f"FAIL: output has {bad} non-finite values ({np.dtype(dtype).name} output (1, 5, "
+                                   f"6, 2)")
