@@ -27,6 +27,7 @@ import pytest
 from click.testing import CliRunner
 
 from convt_cli import cli as cli_module
+from convt_cli import conv_transpose
 from convt_cli.cli import cli
 from loop_reference import conv_transpose_loop
 
@@ -708,3 +709,41 @@ def test_nan_and_inf_propagate_without_error_and_verify_reports_them(work, dtype
         assert r.exit_code == 1, r.output
         assert r.stdout.startswith(f"FAIL: output has {bad} non-finite values ({np.dtype(dtype).name} output (1, 5, "
                                    f"6, 2)")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Determinism: the same command writes the same bytes; a batch computed in pieces gives the same bits
+
+
+@pytest.mark.parametrize("target", ["y.npy", "y.npz:y", "y.h5:/y", "into.h5:/y", "-"])
+def test_the_same_command_twice_writes_identical_bytes(work, target):
+    def once(folder):
+        os.mkdir(folder)
+        os.chdir(folder)
+        try:
+            h5("into.h5", keep=np.arange(3))
+            r = invoke("run", "../x.npy", "../w.npy", "--strides", "2", "--padding", "valid", "-o", target)
+            assert r.exit_code == 0, r.output
+            return r.stdout_bytes if target == "-" else read(target.split(":")[0])
+        finally:
+            os.chdir("..")
+
+    assert once("first") == once("second")
+
+
+@pytest.mark.parametrize("shape,c_out", [((6, 9, 11, 5), 6), ((4, 20, 20, 130), 3), ((5, 33, 17, 24), 40),
+                                         ((3, 8, 8, 8, 16), 8), ((9, 16, 16, 64), 32)])
+@pytest.mark.parametrize("strides", [1, 2, 3])
+@pytest.mark.parametrize("channels_first", [False, True])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_a_batch_in_pieces_gives_the_same_bits(shape, c_out, strides, channels_first, dtype):
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal(shape).astype(dtype)
+    w = rng.standard_normal((3,) * (len(shape) - 2) + (c_out, shape[-1])).astype(dtype)
+    flags = {"strides": strides, "data_format": "channels_first" if channels_first else None}
+    if channels_first:
+        x = np.ascontiguousarray(np.moveaxis(x, -1, 1))
+    whole = conv_transpose(x, w, **flags)
+    one_by_one = np.concatenate([conv_transpose(x[i : i + 1], w, **flags) for i in range(len(x))])
+    uneven = np.concatenate([conv_transpose(x[:2], w, **flags), conv_transpose(x[2:], w, **flags)])
+    assert np.array_equal(whole, one_by_one) and np.array_equal(whole, uneven)
