@@ -323,6 +323,33 @@ def _h5_name(name: str | None) -> str:
     return "/" + (name or "output").strip("/")
 
 
+def _h5_input_name(ref: ArrayRef) -> str:
+    """The dataset an HDF5 INPUT reads, also when the reference leaves it to the file's only dataset."""
+    if ref.name is not None or sniff(ref) != "h5":
+        return _h5_name(ref.name)
+    with _open_h5(ref) as f:
+        return _h5_dataset(ref, f).name
+
+
+def _check_h5_target(ref: ArrayRef, f, force: bool) -> None:
+    # --force replaces a dataset, never a group of them, and cannot make a dataset inside a dataset
+    import h5py
+
+    name = _h5_name(ref.name)
+    parts = name.strip("/").split("/")
+    for depth in range(1, len(parts)):
+        above = "/" + "/".join(parts[:depth])
+        if isinstance(f.get(above), h5py.Dataset):
+            ref.fail(f"'{above}' is a dataset, so '{name}' cannot be made inside it")
+    found = f.get(name)
+    if found is None:
+        return
+    if not isinstance(found, h5py.Dataset):
+        ref.fail(f"'{name}' is a group: name a dataset, as {ref.path}:{name.rstrip('/')}/output")
+    if not force:
+        ref.fail(f"dataset '{name}' exists: pass --force to replace it")
+
+
 def check_output(ref: ArrayRef, inputs: list[ArrayRef], force: bool) -> None:
     """Refuse, before any work, an output that would replace an input, exist already, or land nowhere."""
     kind = output_format(ref)
@@ -337,10 +364,12 @@ def check_output(ref: ArrayRef, inputs: list[ArrayRef], force: bool) -> None:
         os.remove(_temp_file(folder))
     except OSError as e:
         ref.fail(f"folder '{folder}' is not writable ({_reason(e)})")
+    if kind == "h5" and _h5_name(ref.name) == "/":
+        ref.fail(f"names the root group: name a dataset, as {ref.path}:/output")
     for other in inputs:
         if other.is_std or not os.path.exists(ref.path) or not _same_file(ref.path, other.path):
             continue
-        if kind != "h5" or _h5_name(ref.name) == _h5_name(other.name):
+        if kind != "h5" or _h5_name(ref.name) == _h5_input_name(other):
             ref.fail(f"is the same as {other.label} '{other.text}': write the output elsewhere")
     if not os.path.exists(ref.path):
         return
@@ -351,8 +380,7 @@ def check_output(ref: ArrayRef, inputs: list[ArrayRef], force: bool) -> None:
             if f.read(8) != HDF5_MAGIC:
                 ref.fail("exists and is not an HDF5 file")
         with _open_h5(ref) as f:
-            if _h5_name(ref.name) in f and not force:
-                ref.fail(f"dataset '{_h5_name(ref.name)}' exists: pass --force to replace it")
+            _check_h5_target(ref, f, force)
         try:
             open(ref.path, "r+b").close()
         except OSError as e:
