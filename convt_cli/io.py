@@ -69,6 +69,10 @@ def parse_ref(label: str, text: str, must_exist: bool = True) -> ArrayRef:
             at = lowered.find(suffix + ":")
             if at > 0:
                 path, name = text[: at + len(suffix)], text[at + len(suffix) + 1 :]
+                try:
+                    name.encode("utf-8")  # .npz and HDF5 store names as UTF-8; a path may be any bytes
+                except UnicodeEncodeError:
+                    raise ConvtError(f"{label} {text!r}: the name after ':' is not valid UTF-8") from None
                 return ArrayRef(label, text, path, name or None)
         if must_exist:
             folder = os.path.dirname(text)

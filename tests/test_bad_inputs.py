@@ -24,6 +24,8 @@ from io import BytesIO
 import h5py
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from click.testing import CliRunner
 
 from convt_cli import cli as cli_module
@@ -360,6 +362,8 @@ CASES = [
     case("output-is-the-only-dataset-of-input", ["run", "d.h5", "w.npy", "-o", "d.h5:/g/x", "--force"],
          "Error: OUTPUT 'd.h5:/g/x': is the same as INPUT 'd.h5': write the output elsewhere",
          lambda: h5("d.h5", **{"g/x": x_like()})),
+    case("output-name-not-utf8", ["run", "x.npy", "w.npy", "-o", "y.npz:\udcff"],
+         "Error: OUTPUT 'y.npz:\\udcff': the name after ':' is not valid UTF-8"),
     # --- .h5 and .npz references
     case("h5-dataset-missing", ["run", "d.h5:/inputs/b", "w.npy", "-o", "y.npy"],
          "Error: INPUT 'd.h5:/inputs/b': has no dataset '/inputs/b'", lambda: h5("d.h5", **{"inputs/a": x_like()})),
@@ -758,3 +762,72 @@ def test_a_batch_in_pieces_gives_the_same_bits(shape, c_out, strides, channels_f
     one_by_one = np.concatenate([conv_transpose(x[i : i + 1], w, **flags) for i in range(len(x))])
     uneven = np.concatenate([conv_transpose(x[:2], w, **flags), conv_transpose(x[2:], w, **flags)])
     assert np.array_equal(whole, one_by_one) and np.array_equal(whole, uneven)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Fuzzing every flag's parser with random text: an answer or one Error: line, never a traceback
+
+ANY_TEXT = st.text(st.characters(exclude_categories=()), max_size=40)  # surrogates too: undecodable argv bytes
+FLAG_TEXT = st.one_of(
+    ANY_TEXT,
+    st.lists(st.integers(-3, 2**70) | st.integers(0, 4), max_size=6).map(lambda v: ",".join(map(str, v))),
+    st.lists(st.tuples(st.integers(-2, 6), st.integers(-2, 6)), max_size=5).map(
+        lambda v: ",".join(f"{lo}:{hi}" for lo, hi in v)),
+    st.sampled_from(["SAME", " valid ", "NHWC", "nchw", "channels_first", "float32", "BFloat16", "512M", "1.5GiB",
+                     "0", "-1", "", " ", "1,,2", "1e3", "0x10", "١", "∞", "nan"]),
+)
+FLAGS = {
+    "run": ["--strides", "--dilations", "--output-shape", "--padding", "--data-format", "--dtype", "--max-memory"],
+    "shape": ["--strides", "--dilations", "--output-shape", "--padding", "--data-format", "--dtype"],
+    "verify": ["--strides", "--padding", "--max-memory", "--probes", "--seed", "--rtol"],
+}
+
+
+@pytest.fixture(scope="module")
+def fuzz_folder(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("fuzz")
+    rng = np.random.default_rng(0)
+    np.save(folder / "x.npy", rng.standard_normal((1, 3, 4, 2)).astype(np.float32))
+    np.save(folder / "w.npy", rng.standard_normal((2, 2, 3, 2)).astype(np.float32))
+    np.save(folder / "y.npy", np.zeros((1, 3, 4, 3), np.float32))
+    return folder
+
+
+def assert_clean(r, codes=(0, 2)):
+    assert r.exit_code in codes, (r.exit_code, r.exception, r.output)
+    assert isinstance(r.exception, (SystemExit, type(None))), r.exception
+    assert "Traceback" not in r.output
+    if r.exit_code == 2:
+        lines = r.stderr.splitlines()
+        assert len(lines) == 1 and lines[0].startswith("Error: "), r.stderr
+
+
+def in_folder(folder, *args):
+    cwd = os.getcwd()
+    os.chdir(folder)
+    try:
+        return invoke(*args)
+    finally:
+        os.chdir(cwd)
+
+
+@pytest.mark.parametrize("command,flag", [(c, f) for c, flags in FLAGS.items() for f in flags])
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(text=FLAG_TEXT)
+def test_fuzz_flags(fuzz_folder, command, flag, text):
+    files = {"run": ["x.npy", "w.npy", "-o", "-"], "shape": ["x.npy", "w.npy"], "verify": ["x.npy", "w.npy", "y.npy"]}
+    r = in_folder(fuzz_folder, command, *files[command], flag, text)
+    assert_clean(r, (0, 1, 2) if command == "verify" else (0, 2))
+
+
+@pytest.mark.parametrize("position", [0, 1, 2])
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(text=st.one_of(ANY_TEXT.filter(lambda t: "/" not in t),
+                      st.sampled_from(["x.npy:", "x.npz:a", "w.h5:/", "w.H5:/g/x", ":", "-", "x.npy", ".", ".."]),
+                      st.tuples(st.sampled_from(["y", "x.npz", "y.h5", "z.hdf5"]), ANY_TEXT).map(":".join)))
+def test_fuzz_array_references(fuzz_folder, position, text):
+    # OUTPUT never holds a '/': whatever is written stays in the fuzz folder
+    args = ["x.npy", "w.npy", "-"]
+    args[position] = text
+    r = in_folder(fuzz_folder, "run", args[0], args[1], "-o", args[2], "--force")
+    assert_clean(r)
