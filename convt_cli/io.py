@@ -404,41 +404,11 @@ def free_space(ref: ArrayRef) -> int | None:
 
 
 def write(ref: ArrayRef, array: np.ndarray, provenance: dict | None = None, force: bool = False) -> None:
-    """Write atomically: a temporary file beside the target, renamed into place only when complete."""
-    kind = output_format(ref)
-    if ref.is_std:
-        out = sys.stdout.buffer
-        np.save(out, array, allow_pickle=False)
-        out.flush()
-        return
-    if kind == "h5" and os.path.exists(ref.path):
-        _write_into_h5(ref, array, provenance or {}, force)
-        return
-    folder = _folder(ref)
-    tmp = None
-    try:
-        tmp = _temp_file(folder)
-        with open(tmp, "wb") as f:
-            if kind == "npy":
-                np.save(f, array, allow_pickle=False)
-            elif kind == "npz":
-                np.savez(f, **{ref.name or "output": array})
-        if kind == "h5":
-            import h5py
-
-            with h5py.File(tmp, "w") as f:
-                _create_dataset(f, _h5_name(ref.name), array, provenance or {})
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, ref.path)
-    except OSError as e:
-        reason = _reason(e, folder, array.nbytes)  # before the partial file is removed: it is what filled the disk
-        _remove(tmp)
-        ref.fail(f"could not be written: {reason}")
-    except BaseException:
-        _remove(tmp)
-        raise
-    _sync_folder(folder)
+    """Write atomically: a temporary file beside the target (or a hidden dataset inside an existing .h5),
+    renamed into place only when complete."""
+    sink = Sink(ref, array.shape, array.dtype, provenance, force)
+    sink.write(array)
+    sink.commit()
 
 
 def _folder(ref: ArrayRef) -> str:
@@ -493,39 +463,221 @@ def _remove(path: str | None) -> None:
         pass
 
 
-def _create_dataset(f, name: str, array: np.ndarray, provenance: dict):
-    d = f.create_dataset(name, data=array)
-    if array.dtype.name == "bfloat16":
-        d.attrs["dtype"] = "bfloat16"
-    for key, value in provenance.items():
-        d.attrs[key] = value if isinstance(value, str) else json.dumps(value)
-    return d
-
-
-def _write_into_h5(ref: ArrayRef, array, provenance: dict, force: bool) -> None:
-    # inside an existing file: build the dataset under a hidden name, then link it into place, so that an
-    # interrupted write never leaves a half-made dataset under the real name; other datasets stay untouched
+def _replace_dataset(ref: ArrayRef, f, tmp: str, force: bool) -> None:
+    """Move the finished hidden dataset `tmp` to the target name; an existing dataset (with --force) is set aside
+    first and comes back if the move fails, so no interruption loses it."""
     name = _h5_name(ref.name)
     parent, _, leaf = name.rpartition("/")
-    tmp = f"{parent}/.convt-partial-{os.getpid()}-{leaf}"
     backup = f"{parent}/.convt-replaced-{os.getpid()}-{leaf}"
-    f = _open_h5(ref, "r+")
     try:
-        with f:
+        if name in f:
+            _check_h5_target(ref, f, force)
+            f.move(name, backup)
+        f.move(tmp, name)
+        if backup in f:
+            del f[backup]
+    except BaseException:
+        if backup in f and name not in f:
+            f.move(backup, name)
+        raise
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Batch-chunked reading and writing: inputs and outputs larger than memory
+
+
+class Source:
+    """An input read a batch chunk at a time: .npy by file offsets (not a memory map, whose pages would count
+    against the memory budget; Fortran-ordered .npy files excepted), HDF5 by dataset slices. .npz members and
+    stdin are read whole. `shape` and `dtype` are known before any data is read."""
+
+    def __init__(self, ref: ArrayRef):
+        self.ref = ref
+        self._array = self._h5 = self._dataset = self._mmap = None
+        if ref.is_std:
+            self._array = load(ref)
+            self.shape, self.dtype = self._array.shape, self._array.dtype
+            return
+        kind = sniff(ref)
+        if kind == "npy":
+            with open(ref.path, "rb") as f:
+                self.shape, self.dtype = _npy_header(ref, f, os.path.getsize(ref.path))
+                self._offset = f.tell()
+                f.seek(0)
+                version = np.lib.format.read_magic(f)
+                read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+                _, fortran, self._raw_dtype = read(f)
+            if fortran and len(self.shape) > 1:
+                self._mmap = np.load(ref.path, mmap_mode="r", allow_pickle=False)
+        elif kind == "npz":
+            self._array = load(ref)
+            self.shape, self.dtype = self._array.shape, self._array.dtype
+        else:
+            self._h5 = _open_h5(ref)
+            self._dataset = _h5_dataset(ref, self._h5)
+            _check_plain(ref, self._dataset.dtype)
+            self.shape, self.dtype = tuple(self._dataset.shape), _fix_header_dtype(self._dataset.dtype)
+
+    def read(self, b0: int, b1: int) -> np.ndarray:
+        """Batch elements [b0, b1)."""
+        if self._array is not None:
+            return self._array[b0:b1]
+        if self._dataset is not None:
+            return _fix_dtype(_np_guard(self.ref, lambda: self._dataset[b0:b1]))
+        if self._mmap is not None:
+            return _fix_dtype(np.array(self._mmap[b0:b1]))
+        per = math.prod(self.shape[1:])
+        with open(self.ref.path, "rb") as f:
+            f.seek(self._offset + b0 * per * self._raw_dtype.itemsize)
+            data = np.fromfile(f, dtype=self._raw_dtype, count=(b1 - b0) * per)
+        return _fix_dtype(data.reshape((b1 - b0, *self.shape[1:])))
+
+    def close(self) -> None:
+        if self._h5 is not None:
+            self._h5.close()
+            self._h5 = self._dataset = None
+        self._mmap = self._array = None
+
+
+class Sink:
+    """An output written a batch chunk at a time, in order, and made visible only by commit().
+
+    .npy, .npz and stdout are written sequentially (header first), HDF5 into a dataset; every file output goes to
+    a temporary file beside the target (inside an existing .h5: a hidden dataset) that commit() renames (moves)
+    into place and abort() removes, so that an interrupted or failed run leaves nothing half-written.
+    """
+
+    def __init__(self, ref: ArrayRef, shape, dtype, provenance: dict | None = None, force: bool = False):
+        self.ref, self.shape, self.dtype = ref, tuple(int(v) for v in shape), np.dtype(dtype)
+        self.provenance, self.force = provenance or {}, force
+        self.kind = output_format(ref)
+        self.done = 0  # batch elements written so far
+        self.tmp = self._file = self._zip = self._h5 = self._dataset = self._h5_tmp = None
+        try:
+            self._open()
+        except OSError as e:
+            reason = _reason(e, None if ref.is_std else _folder(ref))
+            self.abort()
+            ref.fail(f"could not be written: {reason}")
+        except BaseException:
+            self.abort()
+            raise
+
+    def _open(self) -> None:
+        if self.ref.is_std:
+            self._file = sys.stdout.buffer
+            self._header(self._file)
+            return
+        if self.kind == "h5" and os.path.exists(self.ref.path):
+            name = _h5_name(self.ref.name)
+            parent, _, leaf = name.rpartition("/")
+            self._h5_tmp = f"{parent}/.convt-partial-{os.getpid()}-{leaf}"
+            self._h5 = _open_h5(self.ref, "r+")
+            _check_h5_target(self.ref, self._h5, self.force)
+            self._dataset = self._create(self._h5, self._h5_tmp)
+            return
+        self.tmp = _temp_file(_folder(self.ref))
+        if self.kind == "npy":
+            self._file = open(self.tmp, "wb")
+            self._header(self._file)
+        elif self.kind == "npz":
+            self._zip = zipfile.ZipFile(self.tmp, "w", allowZip64=True)
+            member = zipfile.ZipInfo((self.ref.name or "output") + ".npy", date_time=(1980, 1, 1, 0, 0, 0))
+            self._file = self._zip.open(member, "w", force_zip64=True)  # a fixed time: the same bytes every run
+            self._header(self._file)
+        else:
+            import h5py
+
+            self._h5 = h5py.File(self.tmp, "w")
+            self._dataset = self._create(self._h5, _h5_name(self.ref.name))
+
+    def _header(self, f) -> None:
+        header = {"descr": np.lib.format.dtype_to_descr(self.dtype), "fortran_order": False, "shape": self.shape}
+        try:
+            np.lib.format.write_array_header_1_0(f, header)
+        except ValueError:  # too long for format 1.0, as np.save decides
+            np.lib.format.write_array_header_2_0(f, header)
+
+    def _create(self, f, name: str):
+        # contiguous storage unless the data will come in chunks: what np.save users expect from h5py
+        d = f.create_dataset(name, shape=self.shape, dtype=self.dtype)
+        if self.dtype.name == "bfloat16":
+            d.attrs["dtype"] = "bfloat16"
+        for key, value in self.provenance.items():
+            d.attrs[key] = value if isinstance(value, str) else json.dumps(value)
+        return d
+
+    def write(self, chunk: np.ndarray) -> None:
+        """The next batch elements, in order."""
+        chunk = np.ascontiguousarray(chunk, dtype=self.dtype)
+        try:
+            self._put(chunk)
+        except (OSError, RuntimeError) as e:
+            e = e if isinstance(e, OSError) else OSError(str(e))
+            reason = _reason(e, None if self.ref.is_std else _folder(self.ref), chunk.nbytes)
+            self.abort()
+            self.ref.fail(f"could not be written: {reason}")
+        except BaseException:
+            self.abort()
+            raise
+        self.done += len(chunk)
+
+    def _put(self, chunk: np.ndarray) -> None:
+        if self._dataset is not None:
+            self._dataset[self.done : self.done + len(chunk)] = chunk
+        elif chunk.size:
+            self._file.write(chunk.reshape(-1).view(np.uint8).data)
+
+    def commit(self) -> None:
+        """Make the output visible, whole, under its name."""
+        try:
+            if self.ref.is_std:
+                self._file.flush()
+                return
+            if self._h5_tmp is not None:
+                self._dataset = None
+                self._h5.flush()  # a full disk shows here, before anything is moved into place
+                _replace_dataset(self.ref, self._h5, self._h5_tmp, self.force)
+                self._h5.close()
+                self._h5 = None
+                return
+            for handle in (self._file, self._zip, self._h5):
+                if handle is not None:
+                    handle.close()
+            self._file = self._zip = self._h5 = None
+            with open(self.tmp, "rb+") as f:
+                os.fsync(f.fileno())
+            os.replace(self.tmp, self.ref.path)
+            self.tmp = None
+            _sync_folder(_folder(self.ref))
+        except (OSError, RuntimeError) as e:  # h5py reports a failed flush as RuntimeError
+            reason = _reason(e, _folder(self.ref)) if isinstance(e, OSError) else _reason(OSError(str(e)))
+            self.abort()
+            self.ref.fail(f"could not be written: {reason}")
+        except BaseException:
+            self.abort()
+            raise
+
+    def abort(self) -> None:
+        """Undo: no temporary file, no hidden dataset, everything else as it was."""
+        if self.ref.is_std:
+            return
+        for handle in (self._file, self._zip):
             try:
-                _create_dataset(f, tmp, array, provenance)
-                if name in f:
-                    if not force:
-                        ref.fail(f"dataset '{name}' exists: pass --force to replace it")
-                    f.move(name, backup)
-                f.move(tmp, name)
-                if backup in f:
-                    del f[backup]
-            except BaseException:
-                if tmp in f:
-                    del f[tmp]
-                if backup in f and name not in f:
-                    f.move(backup, name)
-                raise
-    except OSError as e:
-        ref.fail(f"could not be written: {_reason(e)}")
+                if handle is not None:
+                    handle.close()
+            except Exception:
+                pass
+        self._dataset = None
+        if self._h5 is not None:
+            try:
+                if self._h5_tmp is not None and self._h5_tmp in self._h5:
+                    del self._h5[self._h5_tmp]
+            finally:
+                try:
+                    self._h5.close()
+                except (OSError, RuntimeError):
+                    pass  # a disk that is still full; the hidden dataset is unlinked either way
+        self._file = self._zip = self._h5 = None
+        _remove(self.tmp)
+        self.tmp = None

@@ -472,22 +472,13 @@ def test_disk_full_during_the_write_leaves_nothing_behind(work, monkeypatch, tar
     keep = h5_contents("keep.h5")
     before = snapshot(work)
 
-    def half_then_full(real):
-        def write_half(file, *args, **kwargs):
-            whole = BytesIO()
-            real(whole, *args, **kwargs)
-            file.write(whole.getvalue()[: len(whole.getvalue()) // 2])
-            raise _enospc()
-        return write_half
+    real_put = convt_io.Sink._put
 
-    def dataset_then_full(f, name, array, provenance):
-        real_create(f, name, array, provenance)
+    def half_then_full(sink, chunk):
+        real_put(sink, chunk[: len(chunk) // 2])  # part of the data reaches the disk, then it is full
         raise _enospc()
 
-    real_create = convt_io._create_dataset
-    monkeypatch.setattr(np, "save", half_then_full(np.save))
-    monkeypatch.setattr(np, "savez", half_then_full(np.savez))
-    monkeypatch.setattr(convt_io, "_create_dataset", dataset_then_full)
+    monkeypatch.setattr(convt_io.Sink, "_put", half_then_full)
     r = invoke("run", "x.npy", "w.npy", "-o", target, "--force")
     assert_refused(r, f"Error: OUTPUT '{target}': could not be written: No space left on device")
     after = snapshot(work)
