@@ -806,8 +806,10 @@ def in_folder(folder, *args):
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(text=FLAG_TEXT)
 def test_fuzz_flags(fuzz_folder, command, flag, text):
-    files = {"run": ["x.npy", "w.npy", "-o", "-"], "shape": ["x.npy", "w.npy"], "verify": ["x.npy", "w.npy", "y.npy"]}
-    r = in_folder(fuzz_folder, command, *files[command], flag, text)
+    files = {"run": ["x.npy", "w.npy", "-o", "y.npy", "--force"], "shape": ["x.npy", "w.npy"],
+             "verify": ["x.npy", "w.npy", "y.npy"]}
+    bound = [] if command == "shape" or flag == "--max-memory" else ["--max-memory", "64M"]  # legal but big: quick
+    r = in_folder(fuzz_folder, command, *files[command], *bound, flag, text)
     assert_clean(r, (0, 1, 2) if command == "verify" else (0, 2))
 
 
@@ -820,5 +822,5 @@ def test_fuzz_array_references(fuzz_folder, position, text):
     # OUTPUT never holds a '/': whatever is written stays in the fuzz folder
     args = ["x.npy", "w.npy", "-"]
     args[position] = text
-    r = in_folder(fuzz_folder, "run", args[0], args[1], "-o", args[2], "--force")
+    r = in_folder(fuzz_folder, "run", args[0], args[1], "-o", args[2], "--force", "--max-memory", "64M")
     assert_clean(r)
