@@ -6,6 +6,7 @@ and exit code 2 (1 is kept for `verify` finding a mismatch).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 import time
@@ -45,8 +46,8 @@ class ConvtGroup(click.Group):
             click.echo("Error: interrupted; no output was written", err=True)
             code = EXIT_TROUBLE
         except MemoryError:  # the estimate said it would fit (or --max-memory allowed it), the system disagreed
-            click.echo("Error: out of memory; no output was written: use a smaller batch, a lower-precision "
-                       "--dtype, or a smaller --max-memory to be stopped before starting", err=True)
+            click.echo("Error: out of memory; no output was written: pass a smaller --max-memory to work in "
+                       "smaller pieces, or use a lower-precision --dtype", err=True)
             code = EXIT_TROUBLE
         except BrokenPipeError:
             code = EXIT_TROUBLE  # the reader went away; nothing more can be said on stdout
@@ -108,8 +109,11 @@ def conv_options(f):
 
 max_memory_option = click.option(
     "--max-memory", metavar="SIZE",
-    help="Refuse to start when the estimated memory exceeds SIZE (512M, 2G, 1.5GiB or bytes; powers of 1024). "
-         "Default: the available memory (MemAvailable); checked from the headers, before any data is read.")
+    help="Memory budget (512M, 2G, 1.5GiB or bytes; powers of 1024). Default: the available memory "
+         "(MemAvailable). Work that exceeds it streams over the batch axis in pieces that fit; refused, from "
+         "the headers before any data is read, only when one batch element does not fit.")
+quiet_option = click.option("--quiet", "-q", is_flag=True, help="No progress bar (shown on a terminal's stderr "
+                                                                 "when the work streams in pieces).")
 
 
 def _plan_args(output_shape, strides, padding, data_format, dilations):
@@ -181,7 +185,7 @@ def _checked_dtype(cast, *refs_and_dtypes):
             f"INPUT is {x_dtype.name} but FILTERS is {w_dtype.name}: they must share a dtype; "
             f"pass --dtype {x_dtype.name} (or another) to cast both"
         )
-    return x_dtype
+    return x_dtype.newbyteorder("=")  # big-endian in, native out
 
 
 def _cast(ref, a, dtype):
@@ -243,21 +247,20 @@ def _available_memory() -> int | None:
     return None
 
 
-def check_memory(op: str, needs, batch: int, max_memory: int | None) -> None:
-    """Refuse, before anything is read or allocated, a run that would not fit in memory.
+def check_memory(op: str, needs, batch: int, max_memory: int | None) -> int:
+    """The number of batch elements to hold at once: the whole batch when it fits, else the most that fit (the
+    run then streams over the batch axis). Refuses, before anything is read or allocated, only when a single
+    batch element does not fit.
 
-    needs(b) -> {part: bytes} for a batch of b (growing with b); the limit is --max-memory, else the available
-    memory. The message names the biggest batch that fits, which is also the chunk size a run streaming over
-    the batch axis could take.
+    needs(b) -> {part: bytes} for b batch elements at once (growing with b); the limit is --max-memory, else
+    the available memory.
     """
-    import sys
-
     parts = needs(batch)
     total = sum(parts.values())
     available = _available_memory()
     limit = max_memory if max_memory is not None else available
     if total <= sys.maxsize and (limit is None or total <= limit):
-        return
+        return max(1, batch)
     if limit is None or limit > sys.maxsize:
         limit, why = sys.maxsize, "more than this machine can address"
     elif max_memory is not None:
@@ -269,15 +272,15 @@ def check_memory(op: str, needs, batch: int, max_memory: int | None) -> None:
     while too_many - fits > 1:
         mid = (fits + too_many) // 2
         fits, too_many = (mid, too_many) if sum(needs(mid).values()) <= limit else (fits, mid)
-    more = "a larger --max-memory" if max_memory is not None else "--max-memory SIZE if more can be had (swap)"
     if fits >= 1:
-        fit = "fits" if fits == 1 else "fit"
-        way_out = f"use a smaller batch (at most {fits} of {batch} {fit}), a lower-precision --dtype, or {more}"
-    else:
-        way_out = (f"even a batch of 1 needs about {_bytes_text(sum(needs(1).values()))}: use a lower-precision "
-                   f"--dtype, smaller arrays, or {more}")
-    listed = ", ".join(f"{name} {_bytes_text(n)}" for name, n in parts.items())
-    raise ConvtError(f"{op} needs about {_bytes_text(total)} ({listed}) but {why}: {way_out}")
+        return fits
+    more = "a larger --max-memory" if max_memory is not None else "--max-memory SIZE if more can be had (swap)"
+    one = needs(1)
+    listed = ", ".join(f"{name} {_bytes_text(n)}" for name, n in one.items())
+    raise ConvtError(
+        f"{op} needs about {_bytes_text(sum(one.values()))} for even one batch element ({listed}) but {why}: "
+        f"use a lower-precision --dtype, smaller arrays, or {more}"
+    )
 
 
 def _check_space(ref, nbytes: int) -> None:
@@ -290,9 +293,10 @@ def _check_space(ref, nbytes: int) -> None:
                  f"some space or write it elsewhere")
 
 
-def _needs(plan, x_dtype, w_dtype, dtype, output=None):
-    """needs(b) for check_memory: the arrays as read, their casts to dtype, and the output with the engine's
-    work (or, given output=(shape, dtype), the output as read)."""
+def _needs(plan, x_dtype, w_dtype, dtype, output=None, whole=()):
+    """needs(b) for check_memory: b batch elements of the arrays as read, their casts to dtype, and the output
+    with the engine's work (or, given output=(shape, dtype), the output as read). `whole` names the arrays that
+    are held whole whatever b ("input", "output": stdin and .npz members are read at once)."""
     import dataclasses
     import math
 
@@ -301,13 +305,15 @@ def _needs(plan, x_dtype, w_dtype, dtype, output=None):
     def needs(batch):
         p = dataclasses.replace(plan, batch=batch)
         x_n, w_n = math.prod(p.input_shape), math.prod(p.filters_shape)
+        held = {"input": math.prod(plan.input_shape) * x_dtype.itemsize if "input" in whole else 0,
+                "output": math.prod(plan.output_shape) * output[1].itemsize if output and "output" in whole else 0}
         cast = (x_n if x_dtype != dtype else 0) + (w_n if w_dtype != dtype else 0)
         if output is None:
             work = estimate_bytes(p, dtype)
         else:
             work = math.prod((batch, *output[0][1:])) * output[1].itemsize
-        return {"input": x_n * x_dtype.itemsize, "filters": w_n * w_dtype.itemsize,
-                "output and work": work + cast * dtype.itemsize}
+        return {"input": max(x_n * x_dtype.itemsize, held["input"]), "filters": w_n * w_dtype.itemsize,
+                "output and work": work + cast * dtype.itemsize + held["output"]}
 
     return needs
 
@@ -394,10 +400,11 @@ def cli():
 @conv_options
 @click.option("--force", is_flag=True, help="Replace an existing output file or dataset.")
 @max_memory_option
+@quiet_option
 @click.option("--json", "as_json", is_flag=True,
               help="Print a JSON summary (on stderr when the array goes to stdout).")
 def run(input_ref, filters_ref, output_ref, output_shape, strides, padding, data_format, dilations, dtype, force,
-        max_memory, as_json):
+        max_memory, quiet, as_json):
     """Compute conv_transpose(INPUT, FILTERS) and write it to OUTPUT.
 
     FILTERS are spatial + [out_channels, in_channels] (TF's behaviour): the last axis matches INPUT's channels.
@@ -417,28 +424,65 @@ def run(input_ref, filters_ref, output_ref, output_shape, strides, padding, data
     io.check_output(out_ref, [x_ref, w_ref], force)
     args = _plan_args(output_shape, strides, padding, data_format, dilations)
     max_memory = _size("--max-memory", max_memory)
-    (x_shape, x_dtype, x_load), (w_shape, w_dtype, w_load) = _open(x_ref), _open(w_ref)
-    plan = plan_conv_transpose(x_shape, w_shape, **args)  # every shape error before any data is read
-    out_dtype = _checked_dtype(dtype, (x_ref, x_dtype), (w_ref, w_dtype))
-    check_memory("run", _needs(plan, x_dtype, w_dtype, out_dtype), plan.batch, max_memory)
-    _check_space(out_ref, _prod(plan.output_shape) * out_dtype.itemsize)
-    x, w = _cast(x_ref, x_load(), out_dtype), _cast(w_ref, w_load(), out_dtype)
-    start = time.perf_counter()
-    with _quiet_arithmetic():
-        y = run_conv_transpose(plan, x, w)
-    seconds = time.perf_counter() - start
+    x_src = io.Source(x_ref, whole=io.same_h5_file(out_ref, x_ref))
+    try:
+        w_shape, w_dtype, w_load = _open(w_ref)
+        plan = plan_conv_transpose(x_src.shape, w_shape, **args)  # every shape error before any data is read
+        out_dtype = _checked_dtype(dtype, (x_ref, x_src.dtype), (w_ref, w_dtype))
+        whole = ("input",) if x_src.whole else ()
+        chunk = check_memory("run", _needs(plan, x_src.dtype, w_dtype, out_dtype, whole=whole), plan.batch,
+                             max_memory)
+        _check_space(out_ref, _prod(plan.output_shape) * out_dtype.itemsize)
+        w = _cast(w_ref, w_load(), out_dtype)
+        info = _summary(plan, out_dtype, args, (x_ref, w_ref, out_ref))
+        provenance = {
+            "convt_version": __version__,
+            "convt_op": "conv_transpose",
+            "convt_input": str(x_ref),
+            "convt_filters": str(w_ref),
+            "convt_parameters": {k: info[k] for k in ("output_shape", "strides", "padding", "data_format",
+                                                       "dilations", "dtype", "pads")},
+        }
+        sink = io.Sink(out_ref, plan.output_shape, out_dtype, provenance, force)
+        seconds = 0.0
+        try:
+            with _progress(plan.batch, chunk, quiet, "convt run") as bar:
+                for b0 in range(0, plan.batch, chunk):
+                    b1 = min(plan.batch, b0 + chunk)
+                    x = _cast(x_ref, x_src.read(b0, b1), out_dtype)
+                    start = time.perf_counter()
+                    with _quiet_arithmetic():
+                        y = run_conv_transpose(plan, x, w)
+                    seconds += time.perf_counter() - start
+                    del x
+                    sink.write(y)
+                    del y
+                    bar.update(b1 - b0)
+            sink.commit()
+        except BaseException:
+            sink.abort()
+            raise
+    finally:
+        x_src.close()
     info = _summary(plan, out_dtype, args, (x_ref, w_ref, out_ref), seconds)
-    provenance = {
-        "convt_version": __version__,
-        "convt_op": "conv_transpose",
-        "convt_input": str(x_ref),
-        "convt_filters": str(w_ref),
-        "convt_parameters": {k: info[k] for k in ("output_shape", "strides", "padding", "data_format",
-                                                   "dilations", "dtype", "pads")},
-    }
-    io.write(out_ref, y, provenance, force)
+    info["batch_per_chunk"] = min(chunk, plan.batch)
     if as_json:
         click.echo(json.dumps(info), err=out_ref.is_std)
+
+
+class _NoBar:
+    def update(self, n):
+        pass
+
+
+@contextlib.contextmanager
+def _progress(total: int, chunk: int, quiet: bool, label: str):
+    """Click's progress bar on stderr, only when the work comes in pieces and stderr is a terminal."""
+    if quiet or chunk >= total or not sys.stderr.isatty():
+        yield _NoBar()
+        return
+    with click.progressbar(length=total, label=label, file=sys.stderr) as bar:
+        yield bar
 
 
 @cli.command()
@@ -508,9 +552,10 @@ def info(files, as_json):
 @click.option("--rtol", type=click.FloatRange(min=0), help="Tolerance on each probe's residual (default: derived "
               "from the dtype and the number of terms per output element).")
 @max_memory_option
+@quiet_option
 @click.option("--json", "as_json", is_flag=True, help="Print the whole report as JSON.")
 def verify(input_ref, filters_ref, output_ref, output_shape, strides, padding, data_format, dilations, dtype, probes,
-           seed, rtol, max_memory, as_json):
+           seed, rtol, max_memory, quiet, as_json):
     """Check that OUTPUT is conv_transpose(INPUT, FILTERS) through the adjoint identity.
 
     For random probes x it compares <OUTPUT, x> with <INPUT, conv(x, FILTERS)>, never computing
@@ -525,7 +570,7 @@ def verify(input_ref, filters_ref, output_ref, output_shape, strides, padding, d
     from . import io
     from .engine import run_conv_transpose
     from .shapes import plan_conv_transpose
-    from .verify import verify_conv_transpose
+    from .verify import AdjointCheck
 
     x_ref, w_ref = _refs(input_ref, filters_ref)
     y_ref = None if output_ref is None else io.parse_ref("OUTPUT", output_ref)
@@ -533,23 +578,39 @@ def verify(input_ref, filters_ref, output_ref, output_shape, strides, padding, d
         raise ConvtError("OUTPUT '-': stdin is already used; give OUTPUT as a file")
     args = _plan_args(output_shape, strides, padding, data_format, dilations)
     max_memory = _size("--max-memory", max_memory)
-    (x_shape, x_dtype, x_load), (w_shape, w_dtype, w_load) = _open(x_ref), _open(w_ref)
-    y_open = None if y_ref is None else _open(y_ref)
-    if y_open is not None and args["output_shape"] is None:
-        args["output_shape"] = list(y_open[0])
-    plan = plan_conv_transpose(x_shape, w_shape, **args)
-    if y_open is not None and tuple(y_open[0]) != plan.output_shape:
-        y_ref.fail(f"has shape {tuple(y_open[0])} but --output-shape asks for {plan.output_shape}")
-    out_dtype = _checked_dtype(dtype, (x_ref, x_dtype), (w_ref, w_dtype))
-    if y_open is not None and y_open[1].name != out_dtype.name:
-        y_ref.fail(f"has dtype {y_open[1].name} but INPUT and FILTERS compute in {out_dtype.name}")
-    needs = _needs(plan, x_dtype, w_dtype, out_dtype, None if y_open is None else y_open[:2])
-    check_memory("verify", _with_verify_work(needs, plan, out_dtype, probes), plan.batch, max_memory)
-    x, w = _cast(x_ref, x_load(), out_dtype), _cast(w_ref, w_load(), out_dtype)
-    with _quiet_arithmetic():
-        y = run_conv_transpose(plan, x, w) if y_open is None else y_open[2]()
-        report = verify_conv_transpose(x, w, y, plan.spec.strides, plan.spec.padding, plan.spec.data_format,
-                                       plan.spec.dilations, probes=probes, seed=seed, rtol=rtol)
+    sources = [io.Source(x_ref)]
+    try:
+        x_src = sources[0]
+        w_shape, w_dtype, w_load = _open(w_ref)
+        y_src = None if y_ref is None else io.Source(y_ref)
+        if y_src is not None:
+            sources.append(y_src)
+            if args["output_shape"] is None:
+                args["output_shape"] = list(y_src.shape)
+        plan = plan_conv_transpose(x_src.shape, w_shape, **args)
+        if y_src is not None and tuple(y_src.shape) != plan.output_shape:
+            y_ref.fail(f"has shape {tuple(y_src.shape)} but --output-shape asks for {plan.output_shape}")
+        out_dtype = _checked_dtype(dtype, (x_ref, x_src.dtype), (w_ref, w_dtype))
+        if y_src is not None and y_src.dtype.name != out_dtype.name:
+            y_ref.fail(f"has dtype {y_src.dtype.name} but INPUT and FILTERS compute in {out_dtype.name}")
+        whole = tuple(name for name, src in (("input", x_src), ("output", y_src)) if src is not None and src.whole)
+        needs = _needs(plan, x_src.dtype, w_dtype, out_dtype, None if y_src is None else (y_src.shape, y_src.dtype),
+                       whole=whole)
+        chunk = check_memory("verify", _with_verify_work(needs, plan, out_dtype, probes), plan.batch, max_memory)
+        w = _cast(w_ref, w_load(), out_dtype)
+        check = AdjointCheck(plan, w, out_dtype.name, probes=probes, seed=seed, rtol=rtol)
+        with _progress(plan.batch, chunk, quiet, "convt verify") as bar, _quiet_arithmetic():
+            for b0 in range(0, plan.batch, chunk):
+                b1 = min(plan.batch, b0 + chunk)
+                x = _cast(x_ref, x_src.read(b0, b1), out_dtype)
+                y = run_conv_transpose(plan, x, w) if y_src is None else y_src.read(b0, b1)
+                check.add(x, y, batch_offset=b0)
+                del x, y
+                bar.update(b1 - b0)
+            report = check.report()
+    finally:
+        for src in sources:
+            src.close()
     if as_json:
         click.echo(json.dumps(report.to_dict()))
     else:

@@ -489,12 +489,14 @@ def _replace_dataset(ref: ArrayRef, f, tmp: str, force: bool) -> None:
 class Source:
     """An input read a batch chunk at a time: .npy by file offsets (not a memory map, whose pages would count
     against the memory budget; Fortran-ordered .npy files excepted), HDF5 by dataset slices. .npz members and
-    stdin are read whole. `shape` and `dtype` are known before any data is read."""
+    stdin are read whole, and so is everything when `whole` (an HDF5 input in the file the output goes into,
+    which cannot stay open for reading while it is written). `shape` and `dtype` are known before any data is
+    read, but for those."""
 
-    def __init__(self, ref: ArrayRef):
+    def __init__(self, ref: ArrayRef, whole: bool = False):
         self.ref = ref
         self._array = self._h5 = self._dataset = self._mmap = None
-        if ref.is_std:
+        if ref.is_std or whole:
             self._array = load(ref)
             self.shape, self.dtype = self._array.shape, self._array.dtype
             return
@@ -515,8 +517,12 @@ class Source:
         else:
             self._h5 = _open_h5(ref)
             self._dataset = _h5_dataset(ref, self._h5)
-            _check_plain(ref, self._dataset.dtype)
             self.shape, self.dtype = tuple(self._dataset.shape), _fix_header_dtype(self._dataset.dtype)
+
+    @property
+    def whole(self) -> bool:
+        """True when the array is held in memory whatever is read of it (stdin, .npz members)."""
+        return self._array is not None
 
     def read(self, b0: int, b1: int) -> np.ndarray:
         """Batch elements [b0, b1)."""
@@ -537,6 +543,12 @@ class Source:
             self._h5.close()
             self._h5 = self._dataset = None
         self._mmap = self._array = None
+
+
+def same_h5_file(a: ArrayRef, b: ArrayRef) -> bool:
+    """Both name datasets in the same existing HDF5 file."""
+    return (not a.is_std and not b.is_std and output_format(a) == "h5" and os.path.exists(a.path)
+            and os.path.exists(b.path) and _same_file(a.path, b.path))
 
 
 class Sink:

@@ -401,23 +401,24 @@ CASES = [
          "Error: FILTERS '-': stdin is already the INPUT; give FILTERS as a file", None, b""),
     # --- memory: estimated from the headers, refused before any data is read or allocated
     case("max-memory-exceeded", RUN + ["--max-memory", "1K"],
-         re.compile(r"Error: run needs about \d+\.\d KiB \(input 720 B, filters 432 B, output and work \d+\.\d KiB\) "
-                    r"but --max-memory is 1\.0 KiB \(available: 16\.0 GiB\): even a batch of 1 needs about \d+\.\d "
-                    r"KiB: use a lower-precision --dtype, smaller arrays, or a larger --max-memory")),
+         re.compile(r"Error: run needs about \d+\.\d KiB for even one batch element \(input 360 B, filters 432 B, "
+                    r"output and work \d+\.\d KiB\) but --max-memory is 1\.0 KiB \(available: 16\.0 GiB\): use a "
+                    r"lower-precision --dtype, smaller arrays, or a larger --max-memory")),
     case("enormous-header", ["run", "huge.npy", "wh.npy", "-o", "y.npy"],
-         re.compile(r"Error: run needs about \d+\.\d TiB \(input 8\.0 TiB, filters 64\.0 MiB, output and work \d+\.\d "
-                    r"TiB\) but only 16\.0 GiB is available: even a batch of 1 needs about \d+\.\d GiB: use a "
-                    r"lower-precision --dtype, smaller arrays, or --max-memory SIZE if more can be had \(swap\)"),
+         re.compile(r"Error: run needs about \d+\.\d GiB for even one batch element \(input 4\.0 GiB, filters 64\.0 "
+                    r"MiB, output and work \d+\.\d GiB\) but only 16\.0 GiB is available: use a lower-precision "
+                    r"--dtype, smaller arrays, or --max-memory SIZE if more can be had \(swap\)"),
          lambda: (npy_header_only("huge.npy", (2048, 1024, 1024, 1024)),
                   npy_header_only("wh.npy", (2, 2, 4096, 1024)))),
     case("enormous-output", RUN + ["--strides", "100000000000"],
-         re.compile(r"Error: run needs about \d+\.\d PiB \(input 720 B, filters 432 B, output and work \d+\.\d PiB\) "
-                    r"but only 16\.0 GiB is available: even a batch of 1 needs about \d+\.\d PiB: .*")),
+         re.compile(r"Error: run needs about \d+\.\d PiB for even one batch element \(input 360 B, filters 432 B, "
+                    r"output and work \d+\.\d PiB\) but only 16\.0 GiB is available: .*")),
     case("max-memory-text", RUN + ["--max-memory", "lots"],
          "Error: --max-memory: expected a size like 512M, 2G, 1.5GiB or a number of bytes, got 'lots'"),
     case("max-memory-verify", ["verify", "x.npy", "w.npy", "--max-memory", "1M"],
-         re.compile(r"Error: verify needs about \d+\.\d MiB \(input 720 B, filters 432 B, output and work \d+\.\d KiB, "
-                    r"verify's work \d+\.\d MiB\) but --max-memory is 1\.0 MiB \(available: 16\.0 GiB\): .*")),
+         re.compile(r"Error: verify needs about \d+\.\d MiB for even one batch element \(input 360 B, filters 432 B, "
+                    r"output and work \d+\.\d KiB, verify's work \d+\.\d MiB\) but --max-memory is 1\.0 MiB "
+                    r"\(available: 16\.0 GiB\): .*")),
     # --- the other commands
     case("shape-truncated", ["shape", "t.npy", "w.npy"],
          "Error: INPUT 't.npy': is truncated: header says shape (2, 5, 6, 3) float32, needing 848 bytes, the file "

@@ -429,7 +429,7 @@ def test_max_memory_refuses_other_text(text):
         _size("--max-memory", text)
 
 
-def test_memory_check_names_the_batch_that_fits(work, monkeypatch):
+def test_a_run_over_the_memory_budget_streams_and_writes_the_same_bytes(work, monkeypatch):
     from convt_cli import cli as cli_module
     from convt_cli.shapes import plan_conv_transpose
 
@@ -439,13 +439,26 @@ def test_memory_check_names_the_batch_that_fits(work, monkeypatch):
     needs = cli_module._needs(plan_conv_transpose(x.shape, (3, 3, 4, 3), strides=2), f32, f32, f32)
     limit = sum(needs(3).values())
     monkeypatch.setattr(cli_module, "_available_memory", lambda: 1 << 40)
-    r = invoke("run", "x8.npy", "w.npy", "--strides", "2", "-o", "y.npy", "--max-memory", limit)
-    assert error_line(r).endswith(f"but --max-memory is {cli_module._bytes_text(limit)} (available: 1.0 TiB): "
-                                  f"use a smaller batch (at most 3 of 8 fit), a lower-precision --dtype, or a "
-                                  f"larger --max-memory")
-    np.save("x3.npy", x[:3])  # the figure is what the check itself accepts
-    r = invoke("run", "x3.npy", "w.npy", "--strides", "2", "-o", "y.npy", "--max-memory", limit)
+    for target in ("whole.npy", "whole.h5:/y", "whole.npz:y"):
+        r = invoke("run", "x8.npy", "w.npy", "--strides", "2", "-o", target, "--json")
+        assert r.exit_code == 0, r.output
+        assert json.loads(r.stdout)["batch_per_chunk"] == 8
+        r = invoke("run", "x8.npy", "w.npy", "--strides", "2", "-o", "pieces." + target.split(".", 1)[1],
+                   "--max-memory", limit, "--json")
+        assert r.exit_code == 0, r.output
+        assert json.loads(r.stdout)["batch_per_chunk"] == 3  # what the check itself accepts
+    assert open("whole.npy", "rb").read() == open("pieces.npy", "rb").read()
+    assert open("whole.npz", "rb").read() == open("pieces.npz", "rb").read()
+    with h5py.File("whole.h5") as a, h5py.File("pieces.h5") as b:
+        assert a["y"][()].tobytes() == b["y"][()].tobytes()
+    plan = plan_conv_transpose(x.shape, (3, 3, 4, 3), strides=2)
+    verify_needs = cli_module._with_verify_work(cli_module._needs(plan, f32, f32, f32, (plan.output_shape, f32)),
+                                                plan, f32, None)
+    r = invoke("verify", "x8.npy", "w.npy", "pieces.npy", "--strides", "2", "--max-memory",
+               sum(verify_needs(3).values()), "--json")
     assert r.exit_code == 0, r.output
+    r2 = invoke("verify", "x8.npy", "w.npy", "pieces.npy", "--strides", "2", "--json")
+    assert json.loads(r.stdout) == json.loads(r2.stdout)  # probes drawn per batch element: chunking is invisible
 
 
 def test_memory_check_without_a_known_limit_lets_the_run_go(work, monkeypatch):
@@ -464,6 +477,6 @@ def test_running_out_of_memory_anyway_is_one_error_line(work, monkeypatch):
 
     monkeypatch.setattr(convt_cli.engine, "run_conv_transpose", no_memory)
     r = invoke("run", "x.npy", "w.npy", "-o", "y.npy")
-    assert error_line(r) == ("Error: out of memory; no output was written: use a smaller batch, a lower-precision "
-                             "--dtype, or a smaller --max-memory to be stopped before starting")
+    assert error_line(r) == ("Error: out of memory; no output was written: pass a smaller --max-memory to work in "
+                             "smaller pieces, or use a lower-precision --dtype")
     assert sorted(os.listdir(".")) == ["w.npy", "x.npy"]
