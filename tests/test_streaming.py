@@ -1,0 +1,60 @@
+"""Streaming over the batch axis under a real address-space limit.
+
+Matrix: one input several times the --max-memory budget, run in a subprocess whose address space is capped
+(RLIMIT_AS) a little above what a tiny run of the same command needs: the streamed run succeeds and writes
+the same bytes as an unconstrained run; the same run held in memory fails cleanly under the same cap.
+"""
+
+import os
+import resource
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+PEAK = ("import re, runpy, sys\n"
+        "sys.argv = ['convt'] + sys.argv[1:]\n"
+        "try:\n    runpy.run_module('convt_cli', run_name='__main__')\n"
+        "except SystemExit as e:\n    code = e.code\n"
+        "print(re.search(r'VmPeak:\\s+(\\d+)', open('/proc/self/status').read())[1], code, file=sys.stderr)\n")
+
+
+def _vm_peak_kb(args, cwd):
+    p = subprocess.run([sys.executable, "-c", PEAK, *args], cwd=cwd, capture_output=True, text=True)
+    peak, code = p.stderr.split()[-2:]
+    assert code == "0", p.stderr
+    return int(peak)
+
+
+def _capped(limit_bytes):
+    def cap():
+        resource.setrlimit(resource.RLIMIT_AS, (limit_bytes, limit_bytes))
+    return cap
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="needs /proc to measure the address space")
+def test_input_several_times_the_budget_streams_under_a_real_memory_cap(tmp_path):
+    rng = np.random.default_rng(0)
+    np.save(tmp_path / "tiny.npy", rng.standard_normal((2, 8, 8, 16)).astype(np.float32))
+    np.save(tmp_path / "x.npy", rng.standard_normal((96, 48, 48, 16)).astype(np.float32))  # 14 MiB in, 56 MiB out
+    np.save(tmp_path / "w.npy", rng.standard_normal((3, 3, 16, 16)).astype(np.float32))
+    run = [sys.executable, "-m", "convt_cli", "run"]
+    flags = ["w.npy", "--strides", "2", "--force"]
+    baseline = _vm_peak_kb(["run", "tiny.npy", *flags, "-o", "tiny_out.npy", "--max-memory", "4M"], tmp_path) * 1024
+    cap = baseline + 64 * 2**20  # below input + output (70 MiB), above what a 4 MiB budget adds (BLAS buffers)
+
+    free = subprocess.run(run + ["x.npy", *flags, "-o", "free.npy"], cwd=tmp_path, capture_output=True, text=True)
+    assert free.returncode == 0, free.stderr
+    streamed = subprocess.run(run + ["x.npy", *flags, "-o", "streamed.npy", "--max-memory", "4M", "--json"],
+                              cwd=tmp_path, capture_output=True, text=True, preexec_fn=_capped(cap))
+    assert streamed.returncode == 0, streamed.stderr
+    assert '"batch_per_chunk": ' in streamed.stdout and '"batch_per_chunk": 96' not in streamed.stdout
+    assert (tmp_path / "streamed.npy").read_bytes() == (tmp_path / "free.npy").read_bytes()
+
+    in_memory = subprocess.run(run + ["x.npy", *flags, "-o", "in_memory.npy", "--max-memory", "1G"], cwd=tmp_path,
+                               capture_output=True, text=True, preexec_fn=_capped(cap))
+    assert in_memory.returncode == 2, in_memory.stderr
+    assert in_memory.stderr.startswith("Error: out of memory; no output was written")
+    assert not (tmp_path / "in_memory.npy").exists()
+    assert not [p for p in os.listdir(tmp_path) if p.startswith(".convt")]
