@@ -401,20 +401,60 @@ def cli():
 @click.option("--force", is_flag=True, help="Replace an existing output file or dataset.")
 @max_memory_option
 @quiet_option
+@click.option("--fail-fast", is_flag=True, help="With many tensors: stop at the first that fails.")
 @click.option("--json", "as_json", is_flag=True,
-              help="Print a JSON summary (on stderr when the array goes to stdout).")
+              help="Print a JSON summary, one line per tensor (on stderr when the array goes to stdout).")
 def run(input_ref, filters_ref, output_ref, output_shape, strides, padding, data_format, dilations, dtype, force,
-        max_memory, quiet, as_json):
+        max_memory, quiet, fail_fast, as_json):
     """Compute conv_transpose(INPUT, FILTERS) and write it to OUTPUT.
 
     FILTERS are spatial + [out_channels, in_channels] (TF's behaviour): the last axis matches INPUT's channels.
+    Many tensors at once: INPUT an HDF5 group (every dataset in it, the same names under the OUTPUT group), or
+    a quoted glob with an OUTPUT template using {stem}, {name} or {index}. A bad item is reported and the
+    others still run (exit 2 at the end); --fail-fast stops at the first.
 
     \b
     Examples:
       convt run x.npy w.npy --strides 2 -o y.npy
       convt run data.h5:/layer1/x w.npy --strides 2 --padding valid -o out.h5:/layer1/y
       convt run - w.npy --strides 2 -o - < x.npy | convt info -
+      convt run data.h5:/inputs/ w.npy --strides 2 -o out.h5:/outputs/
+      convt run 'in/*.npy' w.npy --strides 2 -o 'out/{stem}.npy'
     """
+    from . import io
+
+    items = io.expand_items(input_ref, output_ref)
+    if items is None:
+        info = _run_one(input_ref, filters_ref, output_ref, output_shape, strides, padding, data_format, dilations,
+                        dtype, force, max_memory, quiet)
+        if as_json:
+            click.echo(json.dumps(info), err=output_ref == "-")
+        return
+    failed = 0
+    for item_in, item_out in items:
+        try:
+            info = _run_one(item_in, filters_ref, item_out, output_shape, strides, padding, data_format, dilations,
+                            dtype, force, max_memory, quiet)
+        except ConvtError as e:
+            failed += 1
+            message = " ".join(str(e).split())
+            if not message.startswith(("INPUT '", "OUTPUT '", "FILTERS '")):
+                message = f"INPUT '{item_in}': {message}"  # which of the many it was
+            click.echo(f"Error: {message}", err=True)
+            info = {"input": item_in, "output": item_out, "error": message}
+            if fail_fast:
+                if as_json:
+                    click.echo(json.dumps(info))
+                break
+        if as_json:
+            click.echo(json.dumps(info))
+    if failed:
+        sys.exit(EXIT_TROUBLE)
+
+
+def _run_one(input_ref, filters_ref, output_ref, output_shape, strides, padding, data_format, dilations, dtype,
+             force, max_memory, quiet) -> dict:
+    """One INPUT -> OUTPUT: plan, check, then compute and write in batch chunks that fit the memory budget."""
     from . import io
     from .engine import run_conv_transpose
     from .shapes import plan_conv_transpose
@@ -466,8 +506,7 @@ def run(input_ref, filters_ref, output_ref, output_shape, strides, padding, data
         x_src.close()
     info = _summary(plan, out_dtype, args, (x_ref, w_ref, out_ref), seconds)
     info["batch_per_chunk"] = min(chunk, plan.batch)
-    if as_json:
-        click.echo(json.dumps(info), err=out_ref.is_std)
+    return info
 
 
 class _NoBar:

@@ -545,6 +545,61 @@ class Source:
         self._mmap = self._array = None
 
 
+GLOB_CHARACTERS = "*?["
+
+
+def expand_items(input_text: str, output_text: str):
+    """[(input, output)] when INPUT names many tensors, else None.
+
+    An HDF5 group (`data.h5:/inputs/`, or a group's path) stands for every dataset below it, written under the
+    OUTPUT group with the same relative names; a glob (`'in/*.npy'`, not an existing file) for the files it
+    matches, sorted, each written to the OUTPUT template with {stem}, {name} (the file name) or {index}.
+    """
+    import glob
+
+    if input_text != "-" and not os.path.exists(input_text) and any(c in input_text for c in GLOB_CHARACTERS):
+        paths = sorted(p for p in glob.glob(input_text) if os.path.isfile(p))
+        if not paths:
+            raise ConvtError(f"INPUT '{input_text}': the pattern matches no file")
+        if not any(key in output_text for key in ("{stem}", "{name}", "{index}")):
+            raise ConvtError(f"OUTPUT '{output_text}': with many inputs it must be a template holding {{stem}}, "
+                             f"{{name}} or {{index}}, like 'out/{{stem}}.npy'")
+        return [(p, _fill(output_text, p, i)) for i, p in enumerate(paths)]
+    ref = parse_ref("INPUT", input_text) if input_text != "-" else None
+    if ref is None or ref.is_std or ref.name is None or sniff(ref) != "h5":
+        return None  # a bare .h5 path is its one dataset, as everywhere
+    import h5py
+
+    with _open_h5(ref) as f:
+        group = f.get(ref.name)
+        if not isinstance(group, h5py.Group):
+            return None
+        names: list[str] = []
+        group.visititems(lambda name, obj: names.append(name) if isinstance(obj, h5py.Dataset) else None)
+    if not names:
+        ref.fail(f"group '{ref.name}' holds no dataset")
+    base = "/" + ref.name.strip("/")
+    if any(key in output_text for key in ("{stem}", "{name}", "{index}")):
+        return [(f"{ref.path}:{base.rstrip('/')}/{n}", _fill(output_text, n, i)) for i, n in enumerate(sorted(names))]
+    out = parse_ref("OUTPUT", output_text, must_exist=False)
+    if out.is_std or output_format(out) != "h5" or not (out.name or "/").endswith("/"):
+        ref.fail(f"'{ref.name}' is a group, not a dataset: name a dataset inside it, or give OUTPUT as a group "
+                 f"(like out.h5:/outputs/) or a template with {{stem}}, {{name}} or {{index}} to convert every "
+                 f"dataset in it")
+    return [(f"{ref.path}:{base.rstrip('/')}/{n}", f"{out.path}:/{out.name.strip('/')}/{n}".replace("//", "/"))
+            for n in sorted(names)]
+
+
+def _fill(template: str, source: str, index: int) -> str:
+    name = os.path.basename(source.rstrip("/"))
+    stem = name[: -len(os.path.splitext(name)[1])] if os.path.splitext(name)[1] else name
+    try:
+        return template.format(stem=stem, name=name, index=index)
+    except (KeyError, IndexError, ValueError) as e:
+        raise ConvtError(f"OUTPUT '{template}': not a template convt can fill ({e}); use {{stem}}, {{name}}, "
+                         f"{{index}}") from None
+
+
 def same_h5_file(a: ArrayRef, b: ArrayRef) -> bool:
     """Both name datasets in the same existing HDF5 file."""
     return (not a.is_std and not b.is_std and output_format(a) == "h5" and os.path.exists(a.path)

@@ -368,7 +368,9 @@ CASES = [
     case("h5-dataset-missing", ["run", "d.h5:/inputs/b", "w.npy", "-o", "y.npy"],
          "Error: INPUT 'd.h5:/inputs/b': has no dataset '/inputs/b'", lambda: h5("d.h5", **{"inputs/a": x_like()})),
     case("h5-path-is-group", ["run", "d.h5:/inputs", "w.npy", "-o", "y.npy"],
-         "Error: INPUT 'd.h5:/inputs': '/inputs' is a group, not a dataset: name a dataset inside it",
+         "Error: INPUT 'd.h5:/inputs': '/inputs' is a group, not a dataset: name a dataset inside it, or give OUTPUT "
+         "as a group (like out.h5:/outputs/) or a template with {stem}, {name} or {index} to convert every dataset "
+         "in it",
          lambda: h5("d.h5", **{"inputs/a": x_like()})),
     case("h5-several-datasets-no-name", ["run", "d.h5", "w.npy", "-o", "y.npy"],
          "Error: INPUT 'd.h5': holds 2 datasets (/a, /b): name one, as d.h5:/a",

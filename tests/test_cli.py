@@ -362,7 +362,8 @@ def test_real_h5_in_and_out_and_error_exit_code(tmp_path):
                        capture_output=True, text=True)
     assert p.returncode == 2
     assert p.stderr == ("Error: INPUT 'batch.h5:/inputs': '/inputs' is a group, not a dataset: name a dataset "
-                        "inside it\n")
+                        "inside it, or give OUTPUT as a group (like out.h5:/outputs/) or a template with {stem}, "
+                        "{name} or {index} to convert every dataset in it\n")
 
 
 def test_verify_passes_fails_and_reports(work):
@@ -480,3 +481,83 @@ def test_running_out_of_memory_anyway_is_one_error_line(work, monkeypatch):
     assert error_line(r) == ("Error: out of memory; no output was written: pass a smaller --max-memory to work in "
                              "smaller pieces, or use a lower-precision --dtype")
     assert sorted(os.listdir(".")) == ["w.npy", "x.npy"]
+
+
+def _many(work):
+    x, w = work
+    os.mkdir("in")
+    os.mkdir("out")
+    rng = np.random.default_rng(5)
+    inputs = {name: rng.standard_normal((2, 5, 6, 3)).astype(np.float32) for name in ("a", "b", "c")}
+    for name, a in inputs.items():
+        np.save(f"in/{name}.npy", a)
+    return inputs, w
+
+
+def test_many_files_by_glob_and_template(work):
+    inputs, w = _many(work)
+    r = invoke("run", "in/*.npy", "w.npy", "--strides", "2", "-o", "out/{stem}_up.npy", "--json")
+    assert r.exit_code == 0, r.output
+    lines = [json.loads(line) for line in r.stdout.splitlines()]
+    assert [(i["input"], i["output"]) for i in lines] == [(f"in/{n}.npy", f"out/{n}_up.npy") for n in "abc"]
+    for name, a in inputs.items():
+        np.testing.assert_allclose(np.load(f"out/{name}_up.npy"), reference(a, w, (10, 12), strides=2),
+                                   rtol=1e-5, atol=1e-5)
+
+
+def test_many_tensors_one_bad_item_is_reported_and_the_others_run(work):
+    inputs, w = _many(work)
+    np.save("in/b.npy", np.zeros((2, 5, 6, 7), np.float32))  # wrong channels
+    r = invoke("run", "in/*.npy", "w.npy", "-o", "out/{stem}.npy", "--json")
+    assert r.exit_code == 2
+    assert r.stderr.splitlines() == ["Error: INPUT 'in/b.npy': conv_transpose: filters.shape[-1]=3 (in_channels) "
+                                     "must equal the input's channels 7 (filters are spatial + [out_channels, "
+                                     "in_channels]; input shape (2, 5, 6, 7), data_format NHWC)"]
+    lines = [json.loads(line) for line in r.stdout.splitlines()]
+    assert [("error" in i) for i in lines] == [False, True, False]
+    assert sorted(os.listdir("out")) == ["a.npy", "c.npy"]
+    r = invoke("run", "in/*.npy", "w.npy", "-o", "out/{stem}.npy", "--force", "--fail-fast")
+    assert r.exit_code == 2 and len(r.stderr.splitlines()) == 1
+    assert np.load("out/c.npy").shape == (2, 5, 6, 4)  # written by the first call; --fail-fast stopped before it
+
+
+def test_every_dataset_of_an_h5_group(work):
+    x, w = work
+    with h5py.File("data.h5", "w") as f:
+        f["inputs/a"] = x
+        f["inputs/deeper/b"] = x[:1]
+        f["other/c"] = x
+    r = invoke("run", "data.h5:/inputs/", "w.npy", "--strides", "2", "-o", "out.h5:/outputs/")
+    assert r.exit_code == 0, r.output
+    with h5py.File("out.h5") as f:
+        names = []
+        f.visititems(lambda n, o: names.append(n) if isinstance(o, h5py.Dataset) else None)
+        assert sorted(names) == ["outputs/a", "outputs/deeper/b"]
+        np.testing.assert_allclose(f["outputs/deeper/b"][()], reference(x[:1], w, (10, 12), strides=2),
+                                   rtol=1e-5, atol=1e-5)
+        assert f["outputs/a"].attrs["convt_input"] == "data.h5:/inputs/a"
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["run", "in/*.npy", "w.npy", "-o", "out/y.npy"], "Error: OUTPUT 'out/y.npy': with many inputs it must be a "
+                                                          "template holding {stem}, {name} or {index}, like "
+                                                          "'out/{stem}.npy'"),
+        (["run", "nothing/*.npy", "w.npy", "-o", "out/{stem}.npy"], "Error: INPUT 'nothing/*.npy': the pattern "
+                                                                    "matches no file"),
+        (["run", "g.h5:/inputs", "w.npy", "-o", "o.npy"], "Error: INPUT 'g.h5:/inputs': '/inputs' is a group, not a "
+                                                          "dataset: name a dataset inside it, or give OUTPUT as a "
+                                                          "group (like out.h5:/outputs/) or a template with {stem}, "
+                                                          "{name} or {index} to convert every dataset in it"),
+        (["run", "g.h5:/empty/", "w.npy", "-o", "o.h5:/o/"], "Error: INPUT 'g.h5:/empty/': group '/empty/' holds no "
+                                                             "dataset"),
+    ],
+)
+def test_many_tensors_mistakes(work, args, message):
+    _many(work)
+    with h5py.File("g.h5", "w") as f:
+        f["inputs/a"] = np.zeros((1, 2, 2, 3), np.float32)
+        f.create_group("empty")
+    r = invoke(*args)
+    assert error_line(r) == message
