@@ -6,6 +6,7 @@ for each kind of mistake; provenance on .h5 outputs; help texts carry an example
 """
 
 import hashlib
+import io
 import json
 import os
 import shutil
@@ -561,3 +562,21 @@ def test_many_tensors_mistakes(work, args, message):
         f.create_group("empty")
     r = invoke(*args)
     assert error_line(r) == message
+
+
+class _Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def test_progress_bar_only_on_a_terminal_and_only_in_pieces(monkeypatch):
+    from convt_cli import cli as cli_module
+
+    for total, chunk, quiet, terminal, shown in [(8, 3, False, True, True), (8, 8, False, True, False),
+                                                 (8, 3, True, True, False), (8, 3, False, False, False)]:
+        err = _Terminal() if terminal else io.StringIO()
+        monkeypatch.setattr(cli_module.sys, "stderr", err)
+        with cli_module._progress(total, chunk, quiet, "convt run") as bar:
+            for done in (3, 3, 2):
+                bar.update(done)
+        assert ("convt run" in err.getvalue()) == shown, (total, chunk, quiet, terminal)
