@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import itertools
 import math
+import os
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
@@ -92,8 +94,9 @@ def estimate_bytes(plan: Plan, dtype) -> int:
     per_image = (in_image * (taps + 1) + math.prod(plan.input_spatial) * taps * plan.out_channels + out_image)
     per_image *= compute
     chunk = min(max(1, plan.batch), max(1, WORK_BYTES // max(1, per_image)))
+    at_once = min(THREADS, max(1, plan.batch))  # chunks in flight, one per thread
     weights = 2 * math.prod(plan.filters_shape) * compute
-    return math.prod(plan.output_shape) * dtype.itemsize + chunk * per_image + weights
+    return math.prod(plan.output_shape) * dtype.itemsize + at_once * chunk * per_image + weights
 
 
 def conv_transpose(
@@ -150,10 +153,36 @@ def run_conv_transpose(plan: Plan, x: np.ndarray, w: np.ndarray, strategy: str |
 
 
 WORK_BYTES = 8 << 20  # aim for one batch chunk's workspace to stay in the last-level cache
+THREADS = min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+_blas = []  # a threadpoolctl controller, made on first use (it scans the loaded libraries)
 
 
-def _batch_chunk(batch: int, per_image: int) -> int:
-    return max(1, min(batch, WORK_BYTES // max(1, per_image)))
+def _blas_one_thread():
+    """BLAS on one thread while convt runs its own threads over batch chunks: results then do not depend on the
+    number of threads (OpenBLAS rounds some shapes differently on 1 and 2), and the two levels do not fight."""
+    from threadpoolctl import ThreadpoolController
+
+    if not _blas:
+        _blas.append(ThreadpoolController())
+    return _blas[0].limit(limits=1, user_api="blas")
+
+
+def _over_batch(batch: int, per_image: int, work) -> None:
+    """work(b0, b1) over the batch in chunks that keep the workspace near WORK_BYTES, on THREADS threads. Every
+    GEMM is one image's, so neither the chunks nor the threads change a single bit of the result."""
+    chunk = max(1, min(WORK_BYTES // max(1, per_image), -(-batch // THREADS)))
+    starts = range(0, batch, chunk)
+    with _blas_one_thread():
+        if THREADS == 1 or len(starts) == 1:
+            for b0 in starts:
+                work(b0, min(batch, b0 + chunk))
+            return
+        pool = ThreadPoolExecutor(min(THREADS, len(starts)))
+        try:
+            for future in [pool.submit(work, b0, min(batch, b0 + chunk)) for b0 in starts]:
+                future.result()
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _chunk_of(x: np.ndarray, b0: int, b1: int, compute: np.dtype) -> np.ndarray:
@@ -210,9 +239,7 @@ def _transpose_phases(plan: Plan, x, w, out, compute) -> None:
         math.prod(b - a for a, b in zip(qa, qb)) * (len(sh) * c_in + len(cb) * c_out)
         for cb, qa, qb, sh, _ in prepared
     ) * compute.itemsize
-    chunk = _batch_chunk(x.shape[0], per_image)
-    for b0 in range(0, x.shape[0], chunk):
-        b1 = min(x.shape[0], b0 + chunk)
+    def work(b0, b1):
         xb = _chunk_of(x, b0, b1, compute)
         for combos, qa, qb, shifts, weights in prepared:
             nq = [b - a for a, b in zip(qa, qb)]
@@ -235,6 +262,8 @@ def _transpose_phases(plan: Plan, x, w, out, compute) -> None:
                 else:
                     _store(plan, out[(slice(b0, b1), *dst, slice(None))], y[(slice(None), *src, p, slice(None))])
             del a, y  # before the next group's buffers exist: the peak holds one set, not two
+
+    _over_batch(x.shape[0], per_image, work)
 
 
 def _shifted_inputs(xb, shifts, qa, nq, spatial, first, compute):
@@ -280,7 +309,7 @@ def _transpose_taps(plan: Plan, x, w, out, compute) -> None:
     if not taps:
         return
     per_tap = max(1, -(-256 // c_out))  # aim for GEMMs at least 256 wide
-    group = min(len(taps), per_tap, max(1, WORK_BYTES // max(1, positions * c_out * compute.itemsize)))
+    group = min(len(taps), per_tap)  # from the shapes only: a GEMM's width changes how BLAS rounds
     groups = [taps[i:i + group] for i in range(0, len(taps), group)]
     weights = []
     for g in groups:
@@ -288,10 +317,9 @@ def _transpose_taps(plan: Plan, x, w, out, compute) -> None:
         weights.append(wg.reshape(len(g) * c_out, c_in) if first else
                        np.ascontiguousarray(wg.reshape(len(g) * c_out, c_in).T))
     per_image = positions * (group * c_out + c_in) * compute.itemsize
-    chunk = _batch_chunk(x.shape[0], per_image)
     accumulate_in_place = out.dtype == compute
-    for b0 in range(0, x.shape[0], chunk):
-        b1 = min(x.shape[0], b0 + chunk)
+
+    def work(b0, b1):
         xb = _chunk_of(x, b0, b1, compute)
         acc = out[b0:b1] if accumulate_in_place else np.zeros((b1 - b0, *out.shape[1:]), dtype=compute)
         for g, wg in zip(groups, weights):
@@ -312,6 +340,8 @@ def _transpose_taps(plan: Plan, x, w, out, compute) -> None:
             del y
         if not accumulate_in_place:
             _store(plan, out[b0:b1], acc)
+
+    _over_batch(x.shape[0], per_image, work)
 
 
 def choose_strategy(plan: Plan) -> str:

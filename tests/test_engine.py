@@ -360,3 +360,41 @@ def test_object_and_string_arrays_are_refused():
 def test_convt_error_is_a_value_error():
     with pytest.raises(ValueError):
         conv_transpose(np.zeros((1, 2, 3)), np.zeros((1, 3, 4)))
+
+
+DETERMINISM = [((6, 9, 11, 5), 6), ((4, 20, 20, 130), 3), ((5, 33, 17, 24), 40), ((3, 8, 8, 8, 16), 8),
+               ((9, 16, 16, 64), 32)]
+
+
+@pytest.mark.parametrize("shape,c_out", DETERMINISM, ids=lambda v: "x".join(map(str, v)) if isinstance(v, tuple)
+                         else str(v))
+@pytest.mark.parametrize("strides", [1, 2, 3])
+@pytest.mark.parametrize("channels_first", [False, True], ids=["last", "first"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
+def test_bitwise_identical_whatever_the_slicing_chunking_or_threads(monkeypatch, shape, c_out, strides,
+                                                                    channels_first, dtype):
+    from threadpoolctl import threadpool_limits
+
+    rng = np.random.default_rng(0)
+    n = len(shape) - 2
+    x = rng.standard_normal(shape).astype(dtype)
+    w = rng.standard_normal((3,) * n + (c_out, shape[-1])).astype(dtype)
+    flags = {"strides": strides}
+    if channels_first:
+        x, flags["data_format"] = np.ascontiguousarray(np.moveaxis(x, -1, 1)), "channels_first"
+    whole = conv_transpose(x, w, **flags)
+    b = x.shape[0]
+    failures = []
+    for name, pieces in (("one by one", [(i, i + 1) for i in range(b)]), ("2 + rest", [(0, 2), (2, b)])):
+        if not np.array_equal(whole, np.concatenate([conv_transpose(x[i:j], w, **flags) for i, j in pieces])):
+            failures.append(f"batch sliced {name}")
+    for setting, value in (("WORK_BYTES", 1), ("WORK_BYTES", 1 << 40), ("THREADS", 1), ("THREADS", 3)):
+        with monkeypatch.context() as m:
+            m.setattr(engine, setting, value)
+            if not np.array_equal(whole, conv_transpose(x, w, **flags)):
+                failures.append(f"{setting}={value}")
+    for threads in (1, 2):  # whatever BLAS was set to outside
+        with threadpool_limits(threads):
+            if not np.array_equal(whole, conv_transpose(x, w, **flags)):
+                failures.append(f"{threads} BLAS thread(s) outside")
+    assert failures == []
