@@ -179,7 +179,13 @@ def _over_batch(batch: int, per_image: int, work) -> None:
             return
         pool = ThreadPoolExecutor(min(THREADS, len(starts)))
         try:
-            for future in [pool.submit(work, b0, min(batch, b0 + chunk)) for b0 in starts]:
+            futures = []
+            for b0 in starts:
+                try:
+                    futures.append(pool.submit(work, b0, min(batch, b0 + chunk)))
+                except RuntimeError:  # no thread can be started (a memory cap, a thread limit): do it here
+                    work(b0, min(batch, b0 + chunk))
+            for future in futures:
                 future.result()
         finally:
             pool.shutdown(wait=True, cancel_futures=True)

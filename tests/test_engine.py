@@ -398,3 +398,19 @@ def test_bitwise_identical_whatever_the_slicing_chunking_or_threads(monkeypatch,
             if not np.array_equal(whole, conv_transpose(x, w, **flags)):
                 failures.append(f"{threads} BLAS thread(s) outside")
     assert failures == []
+
+
+def test_no_thread_can_start_and_the_run_goes_on_in_this_one(monkeypatch):
+    import concurrent.futures
+
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((6, 7, 8, 5)).astype(np.float32)
+    w = rng.standard_normal((3, 3, 4, 5)).astype(np.float32)
+    want = conv_transpose(x, w, strides=2)
+
+    def refuse(self, *args, **kwargs):
+        raise RuntimeError("can't start new thread")
+
+    monkeypatch.setattr(concurrent.futures.ThreadPoolExecutor, "submit", refuse)
+    monkeypatch.setattr(engine, "WORK_BYTES", 1)
+    assert conv_transpose(x, w, strides=2).tobytes() == want.tobytes()
