@@ -658,5 +658,12 @@ def verify(input_ref, filters_ref, output_ref, output_shape, strides, padding, d
         sys.exit(EXIT_MISMATCH)
 
 
+def _terminated(signum, frame):
+    raise KeyboardInterrupt  # SIGTERM, what schedulers send, cleans up exactly as Ctrl-C does
+
+
 def main():
+    import signal
+
+    signal.signal(signal.SIGTERM, _terminated)
     cli.main(prog_name="convt")

@@ -551,7 +551,8 @@ def _cpu_seconds(pid) -> float | None:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def test_ctrl_c_during_the_computation_leaves_nothing_behind(work):
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_ctrl_c_during_the_computation_leaves_nothing_behind(work, signum):
     # 80 GFLOP: over 2 CPU seconds here, where convt has used 0.3 s to start and read when stdin is taken;
     # the signal comes 0.15 CPU seconds later, inside the computation
     rng = np.random.default_rng(0)
@@ -570,7 +571,7 @@ def test_ctrl_c_during_the_computation_leaves_nothing_behind(work):
         while start is not None and p.poll() is None and (_cpu_seconds(p.pid) or math.inf) < start + 0.15:
             time.sleep(0.01)
         assert p.poll() is None, "convt finished before the signal: make the input bigger"
-        p.send_signal(signal.SIGINT)
+        p.send_signal(signum)
         out, err = p.communicate(timeout=120)
     finally:
         p.kill()
