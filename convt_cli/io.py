@@ -417,9 +417,15 @@ def _folder(ref: ArrayRef) -> str:
 
 
 def _temp_file(folder: str) -> str:
-    """A new empty file beside the target, hidden, named so that a leftover is recognisable."""
+    """A new empty file beside the target, hidden, named so that a leftover is recognisable, with the
+    permissions any new file gets (mkstemp's are owner-only, and the rename would keep them)."""
     fd, path = tempfile.mkstemp(prefix=".convt-", suffix=".tmp", dir=folder)
-    os.close(fd)
+    try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.fchmod(fd, 0o666 & ~umask)
+    finally:
+        os.close(fd)
     return path
 
 

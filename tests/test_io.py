@@ -187,3 +187,13 @@ def test_write_resolves_dotdot_after_a_symlink_like_the_kernel(monkeypatch):
     np.testing.assert_array_equal(np.load("far/y.npy"), np.arange(3))
     assert not os.path.exists("y.npy")
     assert [p for p in os.listdir("far") + os.listdir(".") if p.startswith(".convt")] == []
+
+
+def test_outputs_get_the_permissions_of_any_new_file():
+    old = os.umask(0o022)
+    try:
+        for target in ("p.npy", "p.npz:y", "p.h5:/y"):
+            io.write(io.parse_ref("OUTPUT", target, must_exist=False), np.ones((2, 2)))
+            assert os.stat(target.split(":")[0]).st_mode & 0o777 == 0o644, target
+    finally:
+        os.umask(old)
