@@ -1,7 +1,15 @@
 """convt: N-D transposed convolution with tf.nn.conv_transpose semantics, in NumPy."""
 
-from .engine import conv, conv_transpose
 from .errors import ConvtError
 
 __version__ = "0.1.0"
 __all__ = ["conv_transpose", "conv", "ConvtError", "__version__"]
+
+
+def __getattr__(name):
+    # the engine (and NumPy) load on first use, so that `convt --help` starts as fast as click alone
+    if name in ("conv_transpose", "conv"):
+        from . import engine
+
+        return getattr(engine, name)
+    raise AttributeError(f"module 'convt_cli' has no attribute {name!r}")

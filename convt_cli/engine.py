@@ -11,7 +11,6 @@ from __future__ import annotations
 import itertools
 import math
 import os
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
@@ -170,6 +169,8 @@ def _blas_one_thread():
 def _over_batch(batch: int, per_image: int, work) -> None:
     """work(b0, b1) over the batch in chunks that keep the workspace near WORK_BYTES, on THREADS threads. Every
     GEMM is one image's, so neither the chunks nor the threads change a single bit of the result."""
+    from concurrent.futures import ThreadPoolExecutor  # here, not at import: `convt --help` starts faster
+
     chunk = max(1, min(WORK_BYTES // max(1, per_image), -(-batch // THREADS)))
     starts = range(0, batch, chunk)
     with _blas_one_thread():
