@@ -69,16 +69,9 @@ def _check_int32_bound(op: str, x, w, terms: int) -> None:
 
 
 def _finish(op: str, out: np.ndarray, dtype: np.dtype) -> np.ndarray:
-    if dtype.name == "int32" and out.size:
-        lo, hi = int(out.min()), int(out.max())
-        if lo < _INT32_MIN or hi > _INT32_MAX:
-            bad = hi if hi > _INT32_MAX else lo
-            where = tuple(int(v) for v in np.unravel_index(np.argmax(out == bad), out.shape))
-            raise ConvtError(
-                f"{op}: int32 result overflows: output{list(where)} = {bad} is outside "
-                f"[{_INT32_MIN}, {_INT32_MAX}]; cast the inputs to float64 instead"
-            )
-    return out.astype(dtype.newbyteorder("="), copy=False)  # big-endian in, native out
+    result = np.empty(out.shape, dtype=dtype.newbyteorder("="))  # big-endian in, native out
+    _store(op, result, out)
+    return result
 
 
 def estimate_bytes(plan: Plan, dtype) -> int:
@@ -196,14 +189,14 @@ def _chunk_of(x: np.ndarray, b0: int, b1: int, compute: np.dtype) -> np.ndarray:
     return np.ascontiguousarray(x[b0:b1], dtype=compute)  # a view when x is already so
 
 
-def _store(plan: Plan, dst: np.ndarray, src: np.ndarray) -> None:
+def _store(op: str, dst: np.ndarray, src: np.ndarray) -> None:
     # the one place results are cast to the output dtype; int32 must not wrap on the way
     if dst.dtype.name == "int32" and src.size:
         lo, hi = int(src.min()), int(src.max())
         if lo < _INT32_MIN or hi > _INT32_MAX:
             bad = hi if hi > _INT32_MAX else lo
             raise ConvtError(
-                f"{plan.op}: int32 result overflows: an output element is {bad}, outside "
+                f"{op}: int32 result overflows: an output element is {bad}, outside "
                 f"[{_INT32_MIN}, {_INT32_MAX}]; cast the inputs to float64 instead"
             )
     dst[...] = src
@@ -265,9 +258,9 @@ def _transpose_phases(plan: Plan, x, w, out, compute) -> None:
                             for ph, s in zip(combo, plan.spec.strides))
                 src = tuple(slice(ph.q0 - a0, ph.q1 - a0) for ph, a0 in zip(combo, qa))
                 if first:
-                    _store(plan, out[(slice(b0, b1), slice(None), *dst)], y[(slice(None), p, slice(None), *src)])
+                    _store(plan.op, out[(slice(b0, b1), slice(None), *dst)], y[(slice(None), p, slice(None), *src)])
                 else:
-                    _store(plan, out[(slice(b0, b1), *dst, slice(None))], y[(slice(None), *src, p, slice(None))])
+                    _store(plan.op, out[(slice(b0, b1), *dst, slice(None))], y[(slice(None), *src, p, slice(None))])
             del a, y  # before the next group's buffers exist: the peak holds one set, not two
 
     _over_batch(x.shape[0], per_image, work)
@@ -346,7 +339,7 @@ def _transpose_taps(plan: Plan, x, w, out, compute) -> None:
                     acc[(slice(None), *dst, slice(None))] += y[(slice(None), *src, t, slice(None))]
             del y
         if not accumulate_in_place:
-            _store(plan, out[b0:b1], acc)
+            _store(plan.op, out[b0:b1], acc)
 
     _over_batch(x.shape[0], per_image, work)
 
