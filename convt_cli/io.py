@@ -564,13 +564,13 @@ def expand_items(input_text: str, output_text: str):
     import glob
 
     if input_text != "-" and not os.path.exists(input_text) and any(c in input_text for c in GLOB_CHARACTERS):
-        paths = sorted(p for p in glob.glob(input_text) if os.path.isfile(p))
+        paths = sorted(p for p in glob.glob(input_text, recursive=True) if os.path.isfile(p))
         if not paths:
             raise ConvtError(f"INPUT '{input_text}': the pattern matches no file")
         if not any(key in output_text for key in ("{stem}", "{name}", "{index}")):
             raise ConvtError(f"OUTPUT '{output_text}': with many inputs it must be a template holding {{stem}}, "
                              f"{{name}} or {{index}}, like 'out/{{stem}}.npy'")
-        return [(p, _fill(output_text, p, i)) for i, p in enumerate(paths)]
+        return _distinct([(p, _fill(output_text, p, i)) for i, p in enumerate(paths)], output_text)
     ref = parse_ref("INPUT", input_text) if input_text != "-" else None
     if ref is None or ref.is_std or ref.name is None or sniff(ref) != "h5":
         return None  # a bare .h5 path is its one dataset, as everywhere
@@ -586,7 +586,8 @@ def expand_items(input_text: str, output_text: str):
         ref.fail(f"group '{ref.name}' holds no dataset")
     base = "/" + ref.name.strip("/")
     if any(key in output_text for key in ("{stem}", "{name}", "{index}")):
-        return [(f"{ref.path}:{base.rstrip('/')}/{n}", _fill(output_text, n, i)) for i, n in enumerate(sorted(names))]
+        return _distinct([(f"{ref.path}:{base.rstrip('/')}/{n}", _fill(output_text, n, i))
+                          for i, n in enumerate(sorted(names))], output_text)
     out = parse_ref("OUTPUT", output_text, must_exist=False)
     if out.is_std or output_format(out) != "h5" or not (out.name or "/").endswith("/"):
         ref.fail(f"'{ref.name}' is a group, not a dataset: name a dataset inside it, or give OUTPUT as a group "
@@ -594,6 +595,17 @@ def expand_items(input_text: str, output_text: str):
                  f"dataset in it")
     return [(f"{ref.path}:{base.rstrip('/')}/{n}", f"{out.path}:/{out.name.strip('/')}/{n}".replace("//", "/"))
             for n in sorted(names)]
+
+
+def _distinct(items: list, template: str) -> list:
+    """Refuse a template that sends two inputs to one output: the second would replace the first."""
+    seen: dict[str, str] = {}
+    for source, target in items:
+        if target in seen:
+            raise ConvtError(f"OUTPUT '{template}': '{seen[target]}' and '{source}' would both be written to "
+                             f"'{target}': use {{index}}, or {{stem}} with distinct names")
+        seen[target] = source
+    return items
 
 
 def _fill(template: str, source: str, index: int) -> str:

@@ -580,3 +580,13 @@ def test_progress_bar_only_on_a_terminal_and_only_in_pieces(monkeypatch):
             for done in (3, 3, 2):
                 bar.update(done)
         assert ("convt run" in err.getvalue()) == shown, (total, chunk, quiet, terminal)
+
+
+def test_a_template_that_sends_two_inputs_to_one_output_is_refused(work):
+    _many(work)
+    os.mkdir("in/sub")
+    np.save("in/sub/a.npy", np.zeros((1, 5, 6, 3), np.float32))
+    r = invoke("run", "in/**/a.npy", "w.npy", "-o", "out/{name}")
+    assert error_line(r) == ("Error: OUTPUT 'out/{name}': 'in/a.npy' and 'in/sub/a.npy' would both be written to "
+                             "'out/a.npy': use {index}, or {stem} with distinct names")
+    assert os.listdir("out") == []
