@@ -188,8 +188,9 @@ def _checked_dtype(cast, *refs_and_dtypes):
     return x_dtype.newbyteorder("=")  # big-endian in, native out
 
 
-def _cast(ref, a, dtype):
-    """a as dtype. numpy turns nan, inf and out-of-range values into arbitrary int32s without a word: refused."""
+def _cast(ref, a, dtype, b0: int = 0, piece: bool = False):
+    """a as dtype. numpy turns nan, inf and out-of-range values into arbitrary int32s without a word: refused.
+    `a` is batch elements b0.. of the array; `piece` says that it is not all of them (the count is the piece's)."""
     import numpy as np
 
     if a.dtype == dtype:
@@ -201,9 +202,12 @@ def _cast(ref, a, dtype):
         count = int(np.count_nonzero(bad))
         if count:
             where = [int(i) for i in np.argwhere(bad)[0]]
+            value = a[tuple(where)]
+            where[0] += b0
+            within = f" in batch elements {b0}..{b0 + len(a) - 1}" if piece else ""
             raise ConvtError(
-                f"--dtype {dtype.name}: {ref.label} holds {count} value{'s' if count > 1 else ''} that "
-                f"{'are' if count > 1 else 'is'} not finite or outside {dtype.name} ({a[tuple(where)]} at {where}): "
+                f"--dtype {dtype.name}: {ref.label} holds {count} value{'s' if count > 1 else ''}{within} that "
+                f"{'are' if count > 1 else 'is'} not finite or outside {dtype.name} ({value} at {where}): "
                 f"{dtype.name} cannot represent {'them' if count > 1 else 'it'}"
             )
     with np.errstate(all="ignore"):  # float16 overflow gives inf, as TF's cast does; not a warning line
@@ -438,7 +442,7 @@ def run(input_ref, filters_ref, output_ref, output_shape, strides, padding, data
         except ConvtError as e:
             failed += 1
             message = " ".join(str(e).split())
-            if not message.startswith(("INPUT '", "OUTPUT '", "FILTERS '")):
+            if not message.startswith(("INPUT ", "OUTPUT ", "FILTERS ")):
                 message = f"INPUT '{item_in}': {message}"  # which of the many it was
             click.echo(f"Error: {message}", err=True)
             info = {"input": item_in, "output": item_out, "error": message}
@@ -489,7 +493,7 @@ def _run_one(input_ref, filters_ref, output_ref, output_shape, strides, padding,
             with _progress(plan.batch, chunk, quiet, "convt run") as bar:
                 for b0 in range(0, plan.batch, chunk):
                     b1 = min(plan.batch, b0 + chunk)
-                    x = _cast(x_ref, x_src.read(b0, b1), out_dtype)
+                    x = _cast(x_ref, x_src.read(b0, b1), out_dtype, b0, chunk < plan.batch)
                     start = time.perf_counter()
                     with _quiet_arithmetic():
                         y = run_conv_transpose(plan, x, w)
@@ -498,6 +502,8 @@ def _run_one(input_ref, filters_ref, output_ref, output_shape, strides, padding,
                     sink.write(y)
                     del y
                     bar.update(b1 - b0)
+                    _stop_if_signalled()
+            _stop_if_signalled()
             sink.commit()
         except BaseException:
             sink.abort()
@@ -641,11 +647,12 @@ def verify(input_ref, filters_ref, output_ref, output_shape, strides, padding, d
         with _progress(plan.batch, chunk, quiet, "convt verify") as bar, _quiet_arithmetic():
             for b0 in range(0, plan.batch, chunk):
                 b1 = min(plan.batch, b0 + chunk)
-                x = _cast(x_ref, x_src.read(b0, b1), out_dtype)
+                x = _cast(x_ref, x_src.read(b0, b1), out_dtype, b0, chunk < plan.batch)
                 y = run_conv_transpose(plan, x, w) if y_src is None else y_src.read(b0, b1)
                 check.add(x, y, batch_offset=b0)
                 del x, y
                 bar.update(b1 - b0)
+                _stop_if_signalled()
             report = check.report()
     finally:
         for src in sources:
@@ -658,12 +665,25 @@ def verify(input_ref, filters_ref, output_ref, output_shape, strides, padding, d
         sys.exit(EXIT_MISMATCH)
 
 
+_signalled: list[int] = []
+
+
 def _terminated(signum, frame):
-    raise KeyboardInterrupt  # SIGTERM, what schedulers send, cleans up exactly as Ctrl-C does
+    # SIGTERM (what schedulers send) cleans up exactly as Ctrl-C does. Raised inside a finalizer (h5py closes
+    # objects in weakref callbacks) the exception is swallowed, so the signal is also recorded for
+    # _stop_if_signalled to find before anything is committed.
+    _signalled.append(signum)
+    raise KeyboardInterrupt
+
+
+def _stop_if_signalled() -> None:
+    if _signalled:
+        raise KeyboardInterrupt
 
 
 def main():
     import signal
 
     signal.signal(signal.SIGTERM, _terminated)
+    signal.signal(signal.SIGINT, _terminated)
     cli.main(prog_name="convt")

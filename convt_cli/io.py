@@ -567,7 +567,7 @@ def expand_items(input_text: str, output_text: str):
         paths = sorted(p for p in glob.glob(input_text, recursive=True) if os.path.isfile(p))
         if not paths:
             raise ConvtError(f"INPUT '{input_text}': the pattern matches no file")
-        if not any(key in output_text for key in ("{stem}", "{name}", "{index}")):
+        if not _is_template(output_text):
             raise ConvtError(f"OUTPUT '{output_text}': with many inputs it must be a template holding {{stem}}, "
                              f"{{name}} or {{index}}, like 'out/{{stem}}.npy'")
         return _distinct([(p, _fill(output_text, p, i)) for i, p in enumerate(paths)], output_text)
@@ -585,7 +585,7 @@ def expand_items(input_text: str, output_text: str):
     if not names:
         ref.fail(f"group '{ref.name}' holds no dataset")
     base = "/" + ref.name.strip("/")
-    if any(key in output_text for key in ("{stem}", "{name}", "{index}")):
+    if _is_template(output_text):
         return _distinct([(f"{ref.path}:{base.rstrip('/')}/{n}", _fill(output_text, n, i))
                           for i, n in enumerate(sorted(names))], output_text)
     out = parse_ref("OUTPUT", output_text, must_exist=False)
@@ -598,14 +598,49 @@ def expand_items(input_text: str, output_text: str):
 
 
 def _distinct(items: list, template: str) -> list:
-    """Refuse a template that sends two inputs to one output: the second would replace the first."""
+    """Refuse outputs that collide: two inputs sent to one output (the second would replace the first), or an
+    output that is another item's input (it would be replaced before it is read, with --force)."""
     seen: dict[str, str] = {}
+    inputs = {_identity(parse_ref("INPUT", source)): source for source, _ in items}
     for source, target in items:
         if target in seen:
             raise ConvtError(f"OUTPUT '{template}': '{seen[target]}' and '{source}' would both be written to "
                              f"'{target}': use {{index}}, or {{stem}} with distinct names")
         seen[target] = source
+        other = inputs.get(_identity(parse_ref("OUTPUT", target, must_exist=False)))
+        if other is not None:
+            raise ConvtError(f"OUTPUT '{template}': '{source}' would be written to '{target}', which is the input "
+                             f"'{other}': write the outputs elsewhere")
     return items
+
+
+def _identity(ref: ArrayRef):
+    """What a reference names, however spelled: (device, inode) of an existing file, plus the dataset name."""
+    try:
+        st = os.stat(ref.path)
+    except OSError:
+        return (ref.path, None)
+    name = _h5_name(ref.name) if ref.name is not None else None
+    return (st.st_dev, st.st_ino, name)
+
+
+TEMPLATE_FIELDS = ("stem", "name", "index")
+
+
+def _is_template(text: str) -> bool:
+    """True when text holds a {stem}, {name} or {index} field (with or without a format spec like {index:03d});
+    any other field, attribute or item access is refused."""
+    import string
+
+    try:
+        fields = [(f, conv) for _, f, _, conv in string.Formatter().parse(text) if f is not None]
+    except ValueError as e:
+        raise ConvtError(f"OUTPUT '{text}': not a template convt can fill ({e})") from None
+    for field, conversion in fields:
+        if field not in TEMPLATE_FIELDS or conversion is not None:
+            raise ConvtError(f"OUTPUT '{text}': '{{{field}}}' is not a template field: use {{stem}}, {{name}} or "
+                             f"{{index}} (a format spec such as {{index:03d}} is fine)")
+    return bool(fields)
 
 
 def _fill(template: str, source: str, index: int) -> str:
@@ -613,9 +648,8 @@ def _fill(template: str, source: str, index: int) -> str:
     stem = name[: -len(os.path.splitext(name)[1])] if os.path.splitext(name)[1] else name
     try:
         return template.format(stem=stem, name=name, index=index)
-    except (KeyError, IndexError, ValueError) as e:
-        raise ConvtError(f"OUTPUT '{template}': not a template convt can fill ({e}); use {{stem}}, {{name}}, "
-                         f"{{index}}") from None
+    except (ValueError, TypeError) as e:  # a format spec that does not fit the value, as {stem:d}
+        raise ConvtError(f"OUTPUT '{template}': not a template convt can fill ({e})") from None
 
 
 def same_h5_file(a: ArrayRef, b: ArrayRef) -> bool:
@@ -638,6 +672,7 @@ class Sink:
         self.kind = output_format(ref)
         self.done = 0  # batch elements written so far
         self.tmp = self._file = self._zip = self._h5 = self._dataset = self._h5_tmp = None
+        self._new_groups: list[str] = []
         try:
             self._open()
         except OSError as e:
@@ -650,7 +685,8 @@ class Sink:
 
     def _open(self) -> None:
         if self.ref.is_std:
-            self._file = sys.stdout.buffer
+            # spooled to an unnamed temporary file: a failure half-way must put nothing on stdout
+            self._file = tempfile.TemporaryFile(prefix=".convt-")
             self._header(self._file)
             return
         if self.kind == "h5" and os.path.exists(self.ref.path):
@@ -659,6 +695,9 @@ class Sink:
             self._h5_tmp = f"{parent}/.convt-partial-{os.getpid()}-{leaf}"
             self._h5 = _open_h5(self.ref, "r+")
             _check_h5_target(self.ref, self._h5, self.force)
+            parts = parent.strip("/").split("/") if parent.strip("/") else []
+            self._new_groups = [g for g in ("/" + "/".join(parts[:i]) for i in range(1, len(parts) + 1))
+                                if g not in self._h5]  # made by this run: abort() takes them away again
             self._dataset = self._create(self._h5, self._h5_tmp)
             return
         self.tmp = _temp_file(_folder(self.ref))
@@ -717,7 +756,11 @@ class Sink:
         """Make the output visible, whole, under its name."""
         try:
             if self.ref.is_std:
-                self._file.flush()
+                self._file.seek(0)
+                shutil.copyfileobj(self._file, sys.stdout.buffer, 1 << 20)
+                sys.stdout.buffer.flush()
+                self._file.close()
+                self._file = None
                 return
             if self._h5_tmp is not None:
                 self._dataset = None
@@ -746,6 +789,9 @@ class Sink:
     def abort(self) -> None:
         """Undo: no temporary file, no hidden dataset, everything else as it was."""
         if self.ref.is_std:
+            if self._file is not None:
+                self._file.close()  # the spool vanishes; stdout saw nothing
+                self._file = None
             return
         for handle in (self._file, self._zip):
             try:
@@ -758,6 +804,9 @@ class Sink:
             try:
                 if self._h5_tmp is not None and self._h5_tmp in self._h5:
                     del self._h5[self._h5_tmp]
+                for group in reversed(self._new_groups):
+                    if group in self._h5 and len(self._h5[group]) == 0:
+                        del self._h5[group]
             finally:
                 try:
                     self._h5.close()

@@ -590,3 +590,67 @@ def test_a_template_that_sends_two_inputs_to_one_output_is_refused(work):
     assert error_line(r) == ("Error: OUTPUT 'out/{name}': 'in/a.npy' and 'in/sub/a.npy' would both be written to "
                              "'out/a.npy': use {index}, or {stem} with distinct names")
     assert os.listdir("out") == []
+
+
+def _overflowing_late(tmp_batch=8):
+    x = np.ones((tmp_batch, 2, 2, 3), np.int32)
+    x[-2:] = 2**22  # only the last batch elements overflow int32
+    np.save("xi.npy", x)
+    np.save("wi.npy", np.full((1, 1, 2, 3), 2**9, np.int32))
+
+
+def test_a_failure_late_in_a_streamed_run_puts_nothing_on_stdout(work):
+    _overflowing_late()
+    r = invoke("run", "xi.npy", "wi.npy", "-o", "-", "--max-memory", "20K")
+    assert error_line(r).startswith("Error: conv_transpose: int32 result overflows")
+    assert r.stdout_bytes == b""
+
+
+def test_a_failed_write_into_an_existing_h5_takes_away_the_groups_it_made(work):
+    _overflowing_late()
+    with h5py.File("k.h5", "w") as f:
+        f["keep"] = np.arange(3)
+    r = invoke("run", "xi.npy", "wi.npy", "-o", "k.h5:/new/deeper/y", "--max-memory", "20K")
+    assert error_line(r).startswith("Error: conv_transpose: int32 result overflows")
+    with h5py.File("k.h5") as f:
+        assert list(f) == ["keep"]
+
+
+@pytest.mark.parametrize(
+    "template,message",
+    [
+        ("out/{stem.upper}.npy", "Error: OUTPUT 'out/{stem.upper}.npy': '{stem.upper}' is not a template field: use "
+                                 "{stem}, {name} or {index} (a format spec such as {index:03d} is fine)"),
+        ("out/{index[0]}.npy", "Error: OUTPUT 'out/{index[0]}.npy': '{index[0]}' is not a template field: use "
+                               "{stem}, {name} or {index} (a format spec such as {index:03d} is fine)"),
+        ("out/{stem:d}.npy", "Error: OUTPUT 'out/{stem:d}.npy': not a template convt can fill (Unknown format code "
+                             "'d' for object of type 'str')"),
+        ("in/{stem}_up.npy", "Error: OUTPUT 'in/{stem}_up.npy': 'in/a.npy' would be written to 'in/a_up.npy', which "
+                             "is the input 'in/a_up.npy': write the outputs elsewhere"),
+    ],
+)
+def test_bad_templates_are_refused_before_anything_runs(work, template, message):
+    _many(work)
+    np.save("in/a_up.npy", np.zeros((1, 5, 6, 3), np.float32))
+    before = {p: open(os.path.join("in", p), "rb").read() for p in os.listdir("in")}
+    r = invoke("run", "in/*.npy", "w.npy", "-o", template, "--force")
+    assert error_line(r) == message
+    assert {p: open(os.path.join("in", p), "rb").read() for p in os.listdir("in")} == before
+    assert os.listdir("out") == []
+
+
+def test_format_specs_in_templates(work):
+    _many(work)
+    r = invoke("run", "in/*.npy", "w.npy", "-o", "out/{index:03d}_{stem}.npy")
+    assert r.exit_code == 0, r.output
+    assert sorted(os.listdir("out")) == ["000_a.npy", "001_b.npy", "002_c.npy"]
+
+
+def test_a_bad_cast_names_its_place_in_the_whole_batch_when_streaming(work):
+    x = np.zeros((8, 2, 2, 3))
+    x[6, 1, 0, 1] = 1e12
+    np.save("xf.npy", x)
+    np.save("wf.npy", np.ones((1, 1, 2, 3)))
+    r = invoke("run", "xf.npy", "wf.npy", "--dtype", "int32", "-o", "y.npy", "--max-memory", "2K")
+    assert error_line(r).startswith("Error: --dtype int32: INPUT holds 1 value in batch elements 6..")
+    assert "(1000000000000.0 at [6, 1, 0, 1])" in r.stderr
