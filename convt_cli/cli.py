@@ -354,7 +354,7 @@ def _quiet_arithmetic():
     return np.errstate(all="ignore")
 
 
-def _summary(plan, dtype, args, refs, seconds=None):
+def _summary(plan, dtype, args, refs):
     info = {
         "input": str(refs[0]), "filters": str(refs[1]),
         "input_shape": list(plan.input_shape), "filters_shape": list(plan.filters_shape),
@@ -369,10 +369,12 @@ def _summary(plan, dtype, args, refs, seconds=None):
     }
     if len(refs) > 2:
         info["output"] = str(refs[2])
-    if seconds is not None:
-        info["seconds"] = round(seconds, 6)
-        info["gflop_per_s"] = round(plan.flops / seconds / 1e9, 3) if seconds > 0 else None
     return info
+
+
+def _timing(plan, seconds: float) -> dict:
+    return {"seconds": round(seconds, 6),
+            "gflop_per_s": round(plan.flops / seconds / 1e9, 3) if seconds > 0 else None}
 
 
 def _prod(values):
@@ -510,8 +512,7 @@ def _run_one(input_ref, filters_ref, output_ref, output_shape, strides, padding,
             raise
     finally:
         x_src.close()
-    info = _summary(plan, out_dtype, args, (x_ref, w_ref, out_ref), seconds)
-    info["batch_per_chunk"] = min(chunk, plan.batch)
+    info.update(_timing(plan, seconds), batch_per_chunk=min(chunk, plan.batch))
     return info
 
 

@@ -138,6 +138,12 @@ def _check_plain(ref: ArrayRef, dtype: np.dtype) -> None:
 
 def _npy_header(ref: ArrayRef, f, size: int | None):
     """(shape, dtype) of a .npy stream positioned at its start, checking that the data is all there."""
+    shape, _, dtype = _npy_header_as_stored(ref, f, size)
+    return shape, _fix_header_dtype(dtype)
+
+
+def _npy_header_as_stored(ref: ArrayRef, f, size: int | None):
+    """(shape, fortran_order, dtype as stored) of a checked .npy header; f is left where the data starts."""
     try:
         version = np.lib.format.read_magic(f)
         if version == (1, 0):
@@ -153,7 +159,7 @@ def _npy_header(ref: ArrayRef, f, size: int | None):
         need = f.tell() + math.prod(shape) * dtype.itemsize  # Python ints: a forged header cannot wrap around
         if size < need:
             ref.fail(f"is truncated: header says shape {shape} {dtype}, needing {need} bytes, the file has {size}")
-    return tuple(shape), _fix_header_dtype(dtype)
+    return tuple(shape), fortran, dtype
 
 
 def _npz_member(ref: ArrayRef, names: list[str]) -> str:
@@ -509,12 +515,9 @@ class Source:
         kind = sniff(ref)
         if kind == "npy":
             with open(ref.path, "rb") as f:
-                self.shape, self.dtype = _npy_header(ref, f, os.path.getsize(ref.path))
+                self.shape, fortran, self._raw_dtype = _npy_header_as_stored(ref, f, os.path.getsize(ref.path))
                 self._offset = f.tell()
-                f.seek(0)
-                version = np.lib.format.read_magic(f)
-                read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-                _, fortran, self._raw_dtype = read(f)
+            self.dtype = _fix_header_dtype(self._raw_dtype)
             if fortran and len(self.shape) > 1:
                 self._mmap = np.load(ref.path, mmap_mode="r", allow_pickle=False)
         elif kind == "npz":
