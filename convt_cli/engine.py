@@ -87,8 +87,14 @@ def estimate_bytes(plan: Plan, dtype) -> int:
     per_image *= compute
     chunk = min(max(1, plan.batch), max(1, WORK_BYTES // max(1, per_image)))
     at_once = min(THREADS, max(1, plan.batch))  # chunks in flight, one per thread
+    work = chunk * per_image
+    layout = _offset_layout(plan)
+    if layout is not None:  # "offsets": a padded block of rows, its accumulator and one GEMM result, per thread
+        axes, _, _, big, _, st, block = layout
+        width = math.prod(len(a) for a in axes) * plan.out_channels
+        work = max(work, ((block + big[0] + 1) * plan.in_channels + 2 * block * width) * st[0] * compute)
     weights = 2 * math.prod(plan.filters_shape) * compute
-    return math.prod(plan.output_shape) * dtype.itemsize + at_once * chunk * per_image + weights
+    return math.prod(plan.output_shape) * dtype.itemsize + at_once * work + weights
 
 
 def conv_transpose(
@@ -125,7 +131,7 @@ def conv_transpose(
 def run_conv_transpose(plan: Plan, x: np.ndarray, w: np.ndarray, strategy: str | None = None) -> np.ndarray:
     """Execute a plan on arrays whose shapes match it (any batch size: batch elements are independent).
 
-    `strategy` ("phases" or "taps") overrides the choice by shape; the tests run both.
+    `strategy` (one of STRATEGIES) overrides the choice by shape; the tests run each.
     """
     batch = x.shape[0]
     _check_int32_bound(plan.op, x, w, plan.in_channels * math.prod(plan.kernel))
@@ -139,11 +145,14 @@ def run_conv_transpose(plan: Plan, x: np.ndarray, w: np.ndarray, strategy: str |
         _transpose_phases(plan, x, wc, out, compute)
     elif strategy == "taps":
         _transpose_taps(plan, x, wc, out, compute)
+    elif strategy == "offsets":
+        _transpose_offsets(plan, x, wc, out, compute)
     else:
         raise ValueError(f"unknown strategy {strategy!r}")
     return out
 
 
+STRATEGIES = ("phases", "taps", "offsets")
 WORK_BYTES = 8 << 20  # aim for one batch chunk's workspace to stay in the last-level cache
 THREADS = min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
 _blas = []  # a threadpoolctl controller, made on first use (it scans the loaded libraries)
@@ -162,23 +171,33 @@ def _blas_one_thread():
 def _over_batch(batch: int, per_image: int, work) -> None:
     """work(b0, b1) over the batch in chunks that keep the workspace near WORK_BYTES, on THREADS threads. Every
     GEMM is one image's, so neither the chunks nor the threads change a single bit of the result."""
+    chunk = max(1, min(WORK_BYTES // max(1, per_image), -(-batch // THREADS)))
+    _run_tasks([(work, b0, min(batch, b0 + chunk)) for b0 in range(0, batch, chunk)])
+
+
+def _over_jobs(jobs: list, work) -> None:
+    """work(share) for THREADS contiguous shares of jobs, one per thread (work allocates its buffers once)."""
+    shares = min(THREADS, len(jobs))
+    _run_tasks([(work, jobs[k * len(jobs) // shares:(k + 1) * len(jobs) // shares]) for k in range(shares)])
+
+
+def _run_tasks(tasks: list) -> None:
+    """fn(*args) for each (fn, *args), on up to THREADS threads with BLAS on one."""
     from concurrent.futures import ThreadPoolExecutor  # here, not at import: `convt --help` starts faster
 
-    chunk = max(1, min(WORK_BYTES // max(1, per_image), -(-batch // THREADS)))
-    starts = range(0, batch, chunk)
     with _blas_one_thread():
-        if THREADS == 1 or len(starts) == 1:
-            for b0 in starts:
-                work(b0, min(batch, b0 + chunk))
+        if THREADS == 1 or len(tasks) == 1:
+            for fn, *args in tasks:
+                fn(*args)
             return
-        pool = ThreadPoolExecutor(min(THREADS, len(starts)))
+        pool = ThreadPoolExecutor(min(THREADS, len(tasks)))
         try:
             futures = []
-            for b0 in starts:
+            for fn, *args in tasks:
                 try:
-                    futures.append(pool.submit(work, b0, min(batch, b0 + chunk)))
+                    futures.append(pool.submit(fn, *args))
                 except RuntimeError:  # no thread can be started (a memory cap, a thread limit): do it here
-                    work(b0, min(batch, b0 + chunk))
+                    fn(*args)
             for future in futures:
                 future.result()
         finally:
@@ -344,29 +363,153 @@ def _transpose_taps(plan: Plan, x, w, out, compute) -> None:
     _over_batch(x.shape[0], per_image, work)
 
 
+# rows per GEMM in the "offsets" strategy (a block of one image, set by the shapes only): enough that the
+# (rows, phases*c_out) accumulator stays near ACC_BYTES, in a cache, within [ROW_MIN, ROW_MAX]
+ACC_BYTES, ROW_MIN, ROW_MAX = 2 << 20, 256, 4096
+
+
+def _offset_layout(plan: Plan):
+    """The padded grid of the "offsets" strategy, or None when no phase reaches the output.
+
+    Per axis j the output phases' q ranges are united into [qa, qa + nq); the input is padded to Tp = nq + M
+    positions (M the largest shift) so that x[q - m] sits at padded position q - qa + M - m. Flattened with
+    strides st, every shift m is then one contiguous run of the padded input starting at sum((M - m) * st):
+    a matrix the GEMM reads in place, with Tp - nq junk positions per row of the inner axes.
+    """
+    n, s, d = plan.spec.n, plan.spec.strides, plan.spec.dilations
+    axes = [axis_phases(plan.input_spatial[j], plan.output_spatial[j], plan.kernel[j], s[j], d[j], plan.pads[j][0])
+            for j in range(n)]
+    if not all(axes):
+        return None
+    qa = [min(ph.q0 for ph in a) for a in axes]
+    nq = [max(ph.q1 for ph in a) - q for a, q in zip(axes, qa)]
+    big = [max(max(ph.shifts) for ph in a) for a in axes]
+    tp = [q + m for q, m in zip(nq, big)]
+    st = [math.prod(tp[j + 1:]) for j in range(n)]
+    width = math.prod(len(a) for a in axes) * plan.out_channels  # the accumulator's columns: every phase's
+    block = max(1, min(ROW_MAX, max(ROW_MIN, ACC_BYTES // (8 * max(1, width)))) // st[0])
+    pieces = -(-nq[0] // block)
+    block = -(-nq[0] // pieces)  # balanced blocks along the first axis
+    return axes, qa, nq, big, tp, st, block
+
+
+def _transpose_offsets(plan: Plan, x, w, out, compute) -> None:
+    # Shift GEMMs in place: pad a block of rows of one image once; each input shift is then a contiguous slice
+    # of the flat padded block, so one GEMM per shift (no im2col copy) gives that shift's contribution to every
+    # phase that uses it, accumulated per phase, and each phase is stored once with strided slices.
+    layout = _offset_layout(plan)
+    if layout is None:
+        return
+    axes, qa, nq, big, tp, st, block = layout
+    first, n = plan.spec.channels_first, plan.spec.n
+    c_in, c_out, spatial = plan.in_channels, plan.out_channels, plan.input_spatial
+    phases = list(itertools.product(*axes))
+    users: dict[tuple, list] = {}
+    for p, combo in enumerate(phases):
+        for picks in itertools.product(*[tuple(zip(ph.shifts, ph.taps)) for ph in combo]):
+            users.setdefault(tuple(m for m, _ in picks), []).append((p, tuple(t for _, t in picks)))
+    units = []
+    everyone = list(range(len(phases)))
+    for ms, uses in users.items():
+        wmat = np.concatenate([w[tap] for _, tap in uses], axis=0)  # (P_u*c_out, c_in)
+        wmat = np.ascontiguousarray(wmat if first else wmat.T)
+        offset = sum((m_max - m) * stride for m_max, m, stride in zip(big, ms, st))
+        units.append((offset, wmat, [p for p, _ in uses]))
+    n_ph = len(phases)
+
+    def one_block(b, r0, r1, slab, acc):
+        rows = (r1 - r0) * st[0]
+        # slab[t] = x[qa + t - big] on the padded grid, rows r0 .. r1 + big[0] (+1 spare) of the first axis
+        slab[...] = 0
+        src, dst = [], []
+        for j in range(n):
+            lo_t = r0 if j == 0 else 0
+            hi_t = (r1 + big[0] + 1) if j == 0 else tp[j]
+            t0, t1 = max(lo_t, big[j] - qa[j]), min(hi_t, spatial[j] + big[j] - qa[j])
+            if t1 <= t0:
+                break
+            dst.append(slice(t0 - lo_t, t1 - lo_t))
+            src.append(slice(qa[j] + t0 - big[j], qa[j] + t1 - big[j]))
+        else:
+            if first:
+                slab[(slice(None), *dst)] = x[(b, slice(None), *src)]
+            else:
+                slab[(*dst, slice(None))] = x[(b, *src, slice(None))]
+        flat = slab.reshape(c_in, -1) if first else slab.reshape(-1, c_in)
+        acc = acc[..., :rows] if first else acc[:rows]
+        if units[0][2] != everyone:
+            acc[...] = 0
+        for u, (offset, wmat, ps) in enumerate(units):
+            if u == 0 and ps == everyone:  # the first product is the accumulator's start: no zeroing, no add
+                if first:
+                    np.matmul(wmat, flat[:, offset:offset + rows], out=acc)
+                else:
+                    np.matmul(flat[offset:offset + rows], wmat, out=acc)
+            elif first:
+                y = np.matmul(wmat, flat[:, offset:offset + rows])  # (P_u*c_out, rows)
+                if ps == everyone:
+                    acc += y
+                else:
+                    view = acc.reshape(n_ph, c_out, rows)
+                    for k, p in enumerate(ps):
+                        view[p] += y[k * c_out:(k + 1) * c_out]
+            else:
+                y = np.matmul(flat[offset:offset + rows], wmat)  # (rows, P_u*c_out)
+                if ps == everyone:
+                    acc += y
+                else:
+                    view = acc.reshape(rows, n_ph, c_out)
+                    for k, p in enumerate(ps):
+                        view[:, p] += y[:, k * c_out:(k + 1) * c_out]
+        grid = (r1 - r0, *tp[1:])
+        view = acc.reshape(n_ph, c_out, *grid) if first else acc.reshape(*grid, n_ph, c_out)
+        for p, combo in enumerate(phases):
+            dst, src = [], []
+            for j, ph in enumerate(combo):
+                v0, v1 = ph.q0 - qa[j], ph.q1 - qa[j]
+                if j == 0:
+                    v0, v1 = max(v0, r0), min(v1, r1)
+                    if v1 <= v0:
+                        break
+                o0 = ph.o0 + (v0 - (ph.q0 - qa[j])) * plan.spec.strides[j]
+                dst.append(slice(o0, o0 + (v1 - v0 - 1) * plan.spec.strides[j] + 1, plan.spec.strides[j]))
+                src.append(slice(v0 - (r0 if j == 0 else 0), v1 - (r0 if j == 0 else 0)))
+            else:
+                if first:
+                    _store(plan.op, out[(b, slice(None), *dst)], view[(p, slice(None), *src)])
+                else:
+                    _store(plan.op, out[(b, *dst, slice(None))], view[(*src, p, slice(None))])
+
+    jobs = [(b, r0, min(nq[0], r0 + block)) for b in range(x.shape[0]) for r0 in range(0, nq[0], block)]
+
+    def work(some):
+        slab_shape = (block + big[0] + 1, *tp[1:])
+        slab = np.empty((c_in, *slab_shape) if first else (*slab_shape, c_in), dtype=compute)
+        rows = block * st[0]
+        acc = np.empty((n_ph * c_out, rows) if first else (rows, n_ph * c_out), dtype=compute)
+        for b, r0, r1 in some:
+            one_block(b, r0, r1, slab, acc)
+
+    _over_jobs(jobs, work)
+
+
 def choose_strategy(plan: Plan) -> str:
-    """'phases' or 'taps', by a rough cost model of one image (never the batch size, so that any batch slicing
-    gives bitwise the same numbers): GEMM time at an efficiency that falls for thin matrices, plus memory
-    traffic (phases: the shifted-input matrices and one pass over the output; taps: three passes per tap).
-    The weights were fitted to timings of the benchmark workloads on a 2-core AVX-512 machine."""
-    c_in, c_out = plan.in_channels, plan.out_channels
-    if all(s == 1 for s in plan.spec.strides) and c_in >= 16:
-        return "taps"  # one phase holding every tap: its shifted-input matrix costs more than the adds
+    """One of STRATEGIES from the shapes of one image (never the batch size, so that any batch slicing gives
+    bitwise the same numbers), by what timing the benchmark workloads on a 2-core AVX-512 machine showed:
 
-    def gemm(k, n, rows):
-        return 2.0 * rows * k * n * (1 + 16 / k + 32 / n) / 200e9
+    - "offsets" when a GEMM over the input channels alone is efficient (c_in >= 32) and the junk positions of
+      its padded rows cost at most half again the useful work: it copies nothing but the padded input;
+    - "phases" otherwise: with few input channels, folding the shifts into the contraction is what keeps the
+      GEMM from being memory-bound, and the copy of the shifted inputs is then small.
 
-    memory = 4 / 8e9  # seconds per float32 moved
-    phases = 0.0
-    for shift_sets, combos in _phase_groups(plan):
-        rows = math.prod(max(c[j].q1 for c in combos) - min(c[j].q0 for c in combos) for j in range(plan.spec.n))
-        u = math.prod(len(m) for m in shift_sets)
-        phases += gemm(u * c_in, len(combos) * c_out, rows) + memory * rows * (u * c_in + 2 * len(combos) * c_out)
-    positions = math.prod(plan.input_spatial)
-    taps = math.prod(plan.kernel)
-    group = min(taps, max(1, -(-256 // c_out)))
-    scatter = gemm(c_in, group * c_out, positions) * taps / group + memory * positions * taps * c_out * 3
-    return "phases" if phases <= scatter else "taps"
+    "taps" is never the best by much on those workloads; it stays as the plainest strategy, tested like the
+    others.
+    """
+    layout = _offset_layout(plan)
+    if layout is None or plan.in_channels < 32:
+        return "phases"
+    _, _, nq, _, tp, _, _ = layout
+    return "offsets" if math.prod(tp[1:]) <= 1.5 * math.prod(nq[1:]) else "phases"
 
 
 def conv(input, filters, strides=1, padding="SAME", data_format=None, dilations=None) -> np.ndarray:

@@ -56,7 +56,7 @@ def test_matches_tensorflow_golden(path):
     if params["op"] == "conv_transpose":
         got = [conv_transpose(a["input"], a["filters"], params["output_shape"], **flags)]
         plan = plan_conv_transpose(a["input"].shape, a["filters"].shape, params["output_shape"], **flags)
-        got += [engine.run_conv_transpose(plan, a["input"], a["filters"], strategy=s) for s in ("phases", "taps")]
+        got += [engine.run_conv_transpose(plan, a["input"], a["filters"], strategy=s) for s in engine.STRATEGIES]
     else:
         got = [conv(a["input"], a["filters"], **flags)]
     want = a["output"]
@@ -101,7 +101,7 @@ def _random_config(seed):
     return x, w, out_sizes, channels_first, flags
 
 
-@pytest.mark.parametrize("strategy", ["phases", "taps"])
+@pytest.mark.parametrize("strategy", engine.STRATEGIES)
 @pytest.mark.parametrize("seed", range(160))
 def test_conv_transpose_matches_loop_reference(seed, strategy):
     x, w, out_sizes, first, flags = _random_config(seed)
@@ -111,7 +111,19 @@ def test_conv_transpose_matches_loop_reference(seed, strategy):
     np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("strategy", ["phases", "taps"])
+@pytest.mark.parametrize("seed", range(160, 220))
+def test_offsets_in_blocks_of_one_row_match_loop_reference(monkeypatch, seed):
+    # the loop-reference images are too small for "offsets" to cut them into blocks of rows by default
+    monkeypatch.setattr(engine, "ROW_MIN", 1)
+    monkeypatch.setattr(engine, "ACC_BYTES", 1)
+    x, w, out_sizes, first, flags = _random_config(seed)
+    plan = plan_conv_transpose(x.shape, w.shape, out_sizes, data_format="channels_first" if first else None, **flags)
+    got = engine.run_conv_transpose(plan, x, w, strategy="offsets")
+    want = conv_transpose_loop(x, w, out_sizes, channels_first=first, **flags)
+    np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("strategy", engine.STRATEGIES)
 @pytest.mark.parametrize("dtype", [np.float32, np.float64, np.float16])
 @pytest.mark.parametrize("first", [False, True])
 def test_batch_chunking_is_bitwise_invisible(monkeypatch, strategy, dtype, first):
