@@ -89,10 +89,12 @@ def estimate_bytes(plan: Plan, dtype) -> int:
     at_once = min(THREADS, max(1, plan.batch))  # chunks in flight, one per thread
     work = chunk * per_image
     layout = _offset_layout(plan)
-    if layout is not None:  # "offsets": a padded block of rows, its accumulator and one GEMM result, per thread
+    if layout is not None:  # "offsets"/"dense": about BLOCK_BYTES per thread, or one block of ROW_MIN rows
         axes, _, _, big, _, st, block = layout
         width = math.prod(len(a) for a in axes) * plan.out_channels
-        work = max(work, ((block + big[0] + 1) * plan.in_channels + 2 * block * width) * st[0] * compute)
+        shifts = math.prod(len({m for ph in a for m in ph.shifts}) for a in axes)
+        per_row = 2 * width + (shifts + 1) * plan.in_channels
+        work = max(work, ((block + big[0] + 1) * st[0] * per_row) * compute)
     weights = 2 * math.prod(plan.filters_shape) * compute
     return math.prod(plan.output_shape) * dtype.itemsize + at_once * work + weights
 
@@ -135,6 +137,8 @@ def run_conv_transpose(plan: Plan, x: np.ndarray, w: np.ndarray, strategy: str |
     """
     batch = x.shape[0]
     _check_int32_bound(plan.op, x, w, plan.in_channels * math.prod(plan.kernel))
+    if batch * math.prod(plan.input_spatial) > 4096:
+        _pool()  # BLAS buffers before the output: see _pool
     out = np.zeros((batch, *plan.output_shape[1:]), dtype=x.dtype.newbyteorder("="))
     if out.size == 0 or x.size == 0 or w.size == 0:
         return out
@@ -145,14 +149,14 @@ def run_conv_transpose(plan: Plan, x: np.ndarray, w: np.ndarray, strategy: str |
         _transpose_phases(plan, x, wc, out, compute)
     elif strategy == "taps":
         _transpose_taps(plan, x, wc, out, compute)
-    elif strategy == "offsets":
-        _transpose_offsets(plan, x, wc, out, compute)
+    elif strategy in ("offsets", "dense"):
+        _transpose_offsets(plan, x, wc, out, compute, dense=strategy == "dense")
     else:
         raise ValueError(f"unknown strategy {strategy!r}")
     return out
 
 
-STRATEGIES = ("phases", "taps", "offsets")
+STRATEGIES = ("phases", "taps", "offsets", "dense")
 WORK_BYTES = 8 << 20  # aim for one batch chunk's workspace to stay in the last-level cache
 THREADS = min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
 _blas = []  # a threadpoolctl controller, made on first use (it scans the loaded libraries)
@@ -183,25 +187,58 @@ def _over_jobs(jobs: list, work) -> None:
 
 def _run_tasks(tasks: list) -> None:
     """fn(*args) for each (fn, *args), on up to THREADS threads with BLAS on one."""
-    from concurrent.futures import ThreadPoolExecutor  # here, not at import: `convt --help` starts faster
+    from concurrent.futures import wait
 
     with _blas_one_thread():
-        if THREADS == 1 or len(tasks) == 1:
-            for fn, *args in tasks:
-                fn(*args)
-            return
-        pool = ThreadPoolExecutor(min(THREADS, len(tasks)))
+        pool = _pool() if len(tasks) > 1 else None
+        futures = []
         try:
-            futures = []
             for fn, *args in tasks:
                 try:
+                    if pool is None:
+                        raise RuntimeError("one thread")
                     futures.append(pool.submit(fn, *args))
                 except RuntimeError:  # no thread can be started (a memory cap, a thread limit): do it here
                     fn(*args)
             for future in futures:
                 future.result()
         finally:
-            pool.shutdown(wait=True, cancel_futures=True)
+            for future in futures:
+                future.cancel()
+            wait(futures)
+
+
+_pools: dict = {}  # THREADS -> a ThreadPoolExecutor kept for the process, or None where threads can't start
+
+
+def _pool():
+    """convt's worker threads, started once. Each runs one small GEMM at the start, while memory is still to be
+    had: OpenBLAS allocates a buffer for each thread that calls it and exits the process if it cannot, whereas
+    a NumPy allocation that fails later is a clean MemoryError."""
+    if THREADS not in _pools:
+        import threading
+        from concurrent.futures import ThreadPoolExecutor  # here, not at import: `convt --help` starts faster
+
+        pool, barrier = None, threading.Barrier(THREADS)
+        a = np.ones((512, 512), dtype=np.float32)  # long enough that the threads' GEMMs overlap
+
+        def warm():
+            barrier.wait(timeout=10)  # every thread takes one: the pool starts all of its threads
+            a @ a
+
+        if THREADS > 1:
+            try:
+                with _blas_one_thread():
+                    pool = ThreadPoolExecutor(THREADS)
+                    for future in [pool.submit(warm) for _ in range(THREADS)]:
+                        future.result()
+            except (RuntimeError, threading.BrokenBarrierError):
+                if pool is not None:
+                    barrier.abort()
+                    pool.shutdown(wait=True, cancel_futures=True)
+                pool = None
+        _pools[THREADS] = pool
+    return _pools[THREADS]
 
 
 def _chunk_of(x: np.ndarray, b0: int, b1: int, compute: np.dtype) -> np.ndarray:
@@ -363,12 +400,12 @@ def _transpose_taps(plan: Plan, x, w, out, compute) -> None:
     _over_batch(x.shape[0], per_image, work)
 
 
-# rows per GEMM in the "offsets" strategy (a block of one image, set by the shapes only): enough that the
-# (rows, phases*c_out) accumulator stays near ACC_BYTES, in a cache, within [ROW_MIN, ROW_MAX]
-ACC_BYTES, ROW_MIN, ROW_MAX = 2 << 20, 256, 4096
+# rows per block in the "offsets" and "dense" strategies (a block of one image, set by the shapes only): about
+# BLOCK_BYTES of padded input, accumulator and GEMM result, so that they stay in a cache, and at least ROW_MIN
+BLOCK_BYTES, ROW_MIN = 3 << 20, 256
 
 
-def _offset_layout(plan: Plan):
+def _offset_layout(plan: Plan, dense: bool = False):
     """The padded grid of the "offsets" strategy, or None when no phase reaches the output.
 
     Per axis j the output phases' q ranges are united into [qa, qa + nq); the input is padded to Tp = nq + M
@@ -387,17 +424,57 @@ def _offset_layout(plan: Plan):
     tp = [q + m for q, m in zip(nq, big)]
     st = [math.prod(tp[j + 1:]) for j in range(n)]
     width = math.prod(len(a) for a in axes) * plan.out_channels  # the accumulator's columns: every phase's
-    block = max(1, min(ROW_MAX, max(ROW_MIN, ACC_BYTES // (8 * max(1, width)))) // st[0])
+    if dense:  # a GEMM result is the accumulator itself; the shifted copies take its place
+        shifts = {ms for combo in itertools.product(*axes) for ms in itertools.product(*[ph.shifts for ph in combo])}
+        per_row = width + (len(shifts) + 1) * plan.in_channels
+    else:
+        per_row = 2 * width + plan.in_channels
+    block = max(1, max(ROW_MIN, BLOCK_BYTES // (4 * per_row)) // st[0])
     pieces = -(-nq[0] // block)
     block = -(-nq[0] // pieces)  # balanced blocks along the first axis
     return axes, qa, nq, big, tp, st, block
 
 
-def _transpose_offsets(plan: Plan, x, w, out, compute) -> None:
+def _phase_stores(plan: Plan, phases, qa, r0: int, r1: int) -> list:
+    """(phase, output slices, accumulator slices) for the phases that reach rows [r0, r1) of the first axis."""
+    stores = []
+    for p, combo in enumerate(phases):
+        dst, src = [], []
+        for j, (ph, s) in enumerate(zip(combo, plan.spec.strides)):
+            v0, v1 = ph.q0 - qa[j], ph.q1 - qa[j]
+            base = 0
+            if j == 0:
+                v0, v1, base = max(v0, r0), min(v1, r1), r0
+                if v1 <= v0:
+                    break
+            o0 = ph.o0 + (v0 - (ph.q0 - qa[j])) * s
+            dst.append(slice(o0, o0 + (v1 - v0 - 1) * s + 1, s))
+            src.append(slice(v0 - base, v1 - base))
+        else:
+            stores.append((p, tuple(dst), tuple(src)))
+    return stores
+
+
+def _region(axes, ms):
+    """The phases that use shift combination ms, as (phases per axis, a box of slices, its sizes) when on every
+    axis they are evenly spaced (they always form a product over the axes), else None."""
+    lens, box, sizes = [], [], []
+    for phases, m in zip(axes, ms):
+        idx = [i for i, ph in enumerate(phases) if m in ph.shifts]
+        step = idx[1] - idx[0] if len(idx) > 1 else 1
+        if any(b - a != step for a, b in zip(idx, idx[1:])):
+            return None
+        lens.append(len(phases))
+        box.append(slice(idx[0], idx[-1] + 1, step))
+        sizes.append(len(idx))
+    return tuple(lens), tuple(box), tuple(sizes)
+
+
+def _transpose_offsets(plan: Plan, x, w, out, compute, dense: bool = False) -> None:
     # Shift GEMMs in place: pad a block of rows of one image once; each input shift is then a contiguous slice
     # of the flat padded block, so one GEMM per shift (no im2col copy) gives that shift's contribution to every
     # phase that uses it, accumulated per phase, and each phase is stored once with strided slices.
-    layout = _offset_layout(plan)
+    layout = _offset_layout(plan, dense)
     if layout is None:
         return
     axes, qa, nq, big, tp, st, block = layout
@@ -414,10 +491,18 @@ def _transpose_offsets(plan: Plan, x, w, out, compute) -> None:
         wmat = np.concatenate([w[tap] for _, tap in uses], axis=0)  # (P_u*c_out, c_in)
         wmat = np.ascontiguousarray(wmat if first else wmat.T)
         offset = sum((m_max - m) * stride for m_max, m, stride in zip(big, ms, st))
-        units.append((offset, wmat, [p for p, _ in uses]))
+        units.append((offset, wmat, [p for p, _ in uses], _region(axes, ms)))
     n_ph = len(phases)
+    if dense:  # "dense": every shift's slice side by side (a copy), one GEMM with zeros for unused pairs
+        wd = np.zeros((len(units), c_in, n_ph, c_out), dtype=compute)
+        for u, uses in enumerate(users.values()):
+            for p, tap in uses:
+                wd[u, :, p, :] = w[tap].T
+        wd = wd.reshape(len(units) * c_in, n_ph * c_out)
+        wd = np.ascontiguousarray(wd.T) if first else wd
+        offsets = [unit[0] for unit in units]
 
-    def one_block(b, r0, r1, slab, acc):
+    def one_block(b, r0, r1, slab, acc, a):
         rows = (r1 - r0) * st[0]
         # slab[t] = x[qa + t - big] on the padded grid, rows r0 .. r1 + big[0] (+1 spare) of the first axis
         slab[...] = 0
@@ -437,49 +522,58 @@ def _transpose_offsets(plan: Plan, x, w, out, compute) -> None:
                 slab[(*dst, slice(None))] = x[(b, *src, slice(None))]
         flat = slab.reshape(c_in, -1) if first else slab.reshape(-1, c_in)
         acc = acc[..., :rows] if first else acc[:rows]
-        if units[0][2] != everyone:
+        if dense:
+            a = a[..., :rows] if first else a[:rows]  # (U, c_in, rows) or (rows, U, c_in)
+            for u, offset in enumerate(offsets):
+                if first:
+                    a[u] = flat[:, offset:offset + rows]
+                else:
+                    a[:, u] = flat[offset:offset + rows]
+            if first:
+                np.matmul(wd, a.reshape(-1, rows), out=acc)
+            else:
+                np.matmul(a.reshape(rows, -1), wd, out=acc)
+            units_now = ()
+        else:
+            units_now = units
+        if units_now and units[0][2] != everyone:
             acc[...] = 0
-        for u, (offset, wmat, ps) in enumerate(units):
+        for u, (offset, wmat, ps, region) in enumerate(units_now):
             if u == 0 and ps == everyone:  # the first product is the accumulator's start: no zeroing, no add
                 if first:
                     np.matmul(wmat, flat[:, offset:offset + rows], out=acc)
                 else:
                     np.matmul(flat[offset:offset + rows], wmat, out=acc)
-            elif first:
+                continue
+            if first:
                 y = np.matmul(wmat, flat[:, offset:offset + rows])  # (P_u*c_out, rows)
-                if ps == everyone:
-                    acc += y
-                else:
-                    view = acc.reshape(n_ph, c_out, rows)
-                    for k, p in enumerate(ps):
-                        view[p] += y[k * c_out:(k + 1) * c_out]
             else:
                 y = np.matmul(flat[offset:offset + rows], wmat)  # (rows, P_u*c_out)
-                if ps == everyone:
-                    acc += y
+            if ps == everyone:
+                acc += y
+            elif region is not None:  # the phases using this shift are a box of the phase grid: one add
+                lens, box, sizes = region
+                if first:
+                    acc.reshape(*lens, c_out, rows)[box] += y.reshape(*sizes, c_out, rows)
                 else:
-                    view = acc.reshape(rows, n_ph, c_out)
-                    for k, p in enumerate(ps):
-                        view[:, p] += y[:, k * c_out:(k + 1) * c_out]
+                    acc.reshape(rows, *lens, c_out)[(slice(None), *box)] += y.reshape(rows, *sizes, c_out)
+            else:
+                for k, p in enumerate(ps):
+                    if first:
+                        acc[p * c_out:(p + 1) * c_out] += y[k * c_out:(k + 1) * c_out]
+                    else:
+                        acc[:, p * c_out:(p + 1) * c_out] += y[:, k * c_out:(k + 1) * c_out]
         grid = (r1 - r0, *tp[1:])
         view = acc.reshape(n_ph, c_out, *grid) if first else acc.reshape(*grid, n_ph, c_out)
-        for p, combo in enumerate(phases):
-            dst, src = [], []
-            for j, ph in enumerate(combo):
-                v0, v1 = ph.q0 - qa[j], ph.q1 - qa[j]
-                if j == 0:
-                    v0, v1 = max(v0, r0), min(v1, r1)
-                    if v1 <= v0:
-                        break
-                o0 = ph.o0 + (v0 - (ph.q0 - qa[j])) * plan.spec.strides[j]
-                dst.append(slice(o0, o0 + (v1 - v0 - 1) * plan.spec.strides[j] + 1, plan.spec.strides[j]))
-                src.append(slice(v0 - (r0 if j == 0 else 0), v1 - (r0 if j == 0 else 0)))
+        if (r0, r1) not in stores:
+            stores[r0, r1] = _phase_stores(plan, phases, qa, r0, r1)
+        for p, dst, src in stores[r0, r1]:
+            if first:
+                _store(plan.op, out[(b, slice(None), *dst)], view[(p, slice(None), *src)])
             else:
-                if first:
-                    _store(plan.op, out[(b, slice(None), *dst)], view[(p, slice(None), *src)])
-                else:
-                    _store(plan.op, out[(b, *dst, slice(None))], view[(*src, p, slice(None))])
+                _store(plan.op, out[(b, *dst, slice(None))], view[(*src, p, slice(None))])
 
+    stores: dict[tuple, list] = {}  # per block bounds: which slices of the accumulator go where
     jobs = [(b, r0, min(nq[0], r0 + block)) for b in range(x.shape[0]) for r0 in range(0, nq[0], block)]
 
     def work(some):
@@ -487,8 +581,11 @@ def _transpose_offsets(plan: Plan, x, w, out, compute) -> None:
         slab = np.empty((c_in, *slab_shape) if first else (*slab_shape, c_in), dtype=compute)
         rows = block * st[0]
         acc = np.empty((n_ph * c_out, rows) if first else (rows, n_ph * c_out), dtype=compute)
+        a = None
+        if dense:
+            a = np.empty((len(units), c_in, rows) if first else (rows, len(units), c_in), dtype=compute)
         for b, r0, r1 in some:
-            one_block(b, r0, r1, slab, acc)
+            one_block(b, r0, r1, slab, acc, a)
 
     _over_jobs(jobs, work)
 
@@ -497,19 +594,21 @@ def choose_strategy(plan: Plan) -> str:
     """One of STRATEGIES from the shapes of one image (never the batch size, so that any batch slicing gives
     bitwise the same numbers), by what timing the benchmark workloads on a 2-core AVX-512 machine showed:
 
-    - "offsets" when a GEMM over the input channels alone is efficient (c_in >= 32) and the junk positions of
-      its padded rows cost at most half again the useful work: it copies nothing but the padded input;
-    - "phases" otherwise: with few input channels, folding the shifts into the contraction is what keeps the
-      GEMM from being memory-bound, and the copy of the shifted inputs is then small.
-
-    "taps" is never the best by much on those workloads; it stays as the plainest strategy, tested like the
-    others.
+    - "offsets" when a GEMM over the input channels alone is efficient (c_in >= 32): it copies nothing but the
+      padded input;
+    - "dense" with fewer input channels: the shifts side by side make the contraction long enough for BLAS,
+      and one GEMM per block replaces the accumulation;
+    - "phases" when the padded rows of either would be mostly junk (an inner axis far shorter than the
+      kernel's reach). "taps" is never the best by much; it stays as the plainest strategy, tested like the
+      others.
     """
     layout = _offset_layout(plan)
-    if layout is None or plan.in_channels < 32:
+    if layout is None:
         return "phases"
     _, _, nq, _, tp, _, _ = layout
-    return "offsets" if math.prod(tp[1:]) <= 1.5 * math.prod(nq[1:]) else "phases"
+    if math.prod(tp[1:]) > 1.5 * math.prod(nq[1:]):
+        return "phases"
+    return "offsets" if plan.in_channels >= 32 else "dense"
 
 
 def conv(input, filters, strides=1, padding="SAME", data_format=None, dilations=None) -> np.ndarray:

@@ -112,14 +112,33 @@ def test_conv_transpose_matches_loop_reference(seed, strategy):
 
 
 @pytest.mark.parametrize("seed", range(160, 220))
-def test_offsets_in_blocks_of_one_row_match_loop_reference(monkeypatch, seed):
+@pytest.mark.parametrize("strategy", ["offsets", "dense"])
+def test_offsets_in_blocks_of_one_row_match_loop_reference(monkeypatch, seed, strategy):
     # the loop-reference images are too small for "offsets" to cut them into blocks of rows by default
     monkeypatch.setattr(engine, "ROW_MIN", 1)
-    monkeypatch.setattr(engine, "ACC_BYTES", 1)
+    monkeypatch.setattr(engine, "BLOCK_BYTES", 1)
     x, w, out_sizes, first, flags = _random_config(seed)
     plan = plan_conv_transpose(x.shape, w.shape, out_sizes, data_format="channels_first" if first else None, **flags)
-    got = engine.run_conv_transpose(plan, x, w, strategy="offsets")
+    got = engine.run_conv_transpose(plan, x, w, strategy=strategy)
     want = conv_transpose_loop(x, w, out_sizes, channels_first=first, **flags)
+    np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("strategy", ["offsets", "dense"])
+@pytest.mark.parametrize("first", [False, True])
+def test_shift_used_by_unevenly_spaced_phases(strategy, first):
+    # stride 5, dilation 2, kernel 4: taps land on residues 0, 2, 4, 1 with shifts 0, 0, 0, 1, so shift 0 is
+    # used by phases 0, 2, 3 of 4 and cannot be added as one box
+    plan = plan_conv_transpose((2, 4, 3) if first else (2, 3, 4), (4, 3, 4), None, 5, "VALID",
+                               "channels_first" if first else None, 2)
+    axes = engine._offset_layout(plan)[0]
+    assert engine._region(axes, (0,)) is None
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal(plan.input_shape)
+    w = rng.standard_normal(plan.filters_shape)
+    got = engine.run_conv_transpose(plan, x, w, strategy=strategy)
+    want = conv_transpose_loop(x, w, plan.output_spatial, strides=5, padding="VALID", dilations=2,
+                               channels_first=first)
     np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
 
 
