@@ -458,6 +458,9 @@ def run(input_ref, filters_ref, output_ref, output_shape, strides, padding, data
         sys.exit(EXIT_TROUBLE)
 
 
+PIECE_BYTES = 8 << 20  # input + output of one piece of `run`: enough per piece to keep every thread busy
+
+
 def _run_one(input_ref, filters_ref, output_ref, output_shape, strides, padding, data_format, dilations, dtype,
              force, max_memory, quiet) -> dict:
     """One INPUT -> OUTPUT: plan, check, then compute and write in batch chunks that fit the memory budget."""
@@ -478,6 +481,10 @@ def _run_one(input_ref, filters_ref, output_ref, output_shape, strides, padding,
         whole = ("input",) if x_src.whole else ()
         chunk = check_memory("run", _needs(plan, x_src.dtype, w_dtype, out_dtype, whole=whole), plan.batch,
                              max_memory)
+        # pieces of about PIECE_BYTES even when all would fit: the output need never be held whole
+        per_image = (_prod(plan.input_shape[1:]) * x_src.dtype.itemsize + _prod(plan.output_shape[1:]) *
+                     out_dtype.itemsize)
+        chunk = min(chunk, max(1, PIECE_BYTES // max(1, per_image)))
         _check_space(out_ref, _prod(plan.output_shape) * out_dtype.itemsize)
         w = _cast(w_ref, w_load(), out_dtype)
         info = _summary(plan, out_dtype, args, (x_ref, w_ref, out_ref))

@@ -219,18 +219,22 @@ def _pool():
         import threading
         from concurrent.futures import ThreadPoolExecutor  # here, not at import: `convt --help` starts faster
 
-        pool, barrier = None, threading.Barrier(THREADS)
-        a = np.ones((512, 512), dtype=np.float32)  # long enough that the threads' GEMMs overlap
+        pool, barrier, started = None, threading.Barrier(THREADS), threading.Event()
+        a = np.ones((768, 768), dtype=np.float32)  # a GEMM of ~10 ms: the others start inside it
 
-        def warm():
-            barrier.wait(timeout=10)  # every thread takes one: the pool starts all of its threads
-            a @ a
+        def warm(k):
+            barrier.wait(timeout=10)  # every thread takes one task: the pool starts all of its threads
+            if k == 0:
+                started.set()
+            else:
+                started.wait(timeout=10)
+            a @ a  # all at once, so that OpenBLAS holds as many buffers as convt will ever ask of it
 
         if THREADS > 1:
             try:
                 with _blas_one_thread():
                     pool = ThreadPoolExecutor(THREADS)
-                    for future in [pool.submit(warm) for _ in range(THREADS)]:
+                    for future in [pool.submit(warm, k) for k in range(THREADS)]:
                         future.result()
             except (RuntimeError, threading.BrokenBarrierError):
                 if pool is not None:
