@@ -1,9 +1,11 @@
 """conv_transpose and conv on NumPy arrays: no I/O, no click.
 
-Both work tap by tap: one BLAS matrix product per kernel tap contracts the channels of the whole batch and
-all spatial positions at once, and strided slices place (conv_transpose: scatter-add) or fetch (conv: gather
-from a zero-padded copy) the positions. The two are written independently on purpose: `verify` holds one
-against the other, so a mistake in one must not be repeated in the other.
+conv_transpose splits the output into stride phases (output positions with the same residue modulo the stride
+on every axis); each phase is a plain correlation of the input with that phase's taps. The default strategies
+("offsets", "dense") pad a block of rows of one image once, read every input shift as a contiguous slice of it,
+and run BLAS GEMMs over the channels; "phases" and "taps" are the earlier, simpler strategies, kept and tested.
+conv gathers from a zero-padded copy, tap by tap. The two are written independently on purpose: `verify` holds
+one against the other, so a mistake in one must not be repeated in the other.
 """
 
 from __future__ import annotations
