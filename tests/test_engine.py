@@ -112,7 +112,7 @@ def test_conv_transpose_matches_loop_reference(seed, strategy):
 
 
 @pytest.mark.parametrize("seed", range(160, 220))
-@pytest.mark.parametrize("strategy", ["offsets", "dense"])
+@pytest.mark.parametrize("strategy", ["offsets", "dense", "winograd"])
 def test_offsets_in_blocks_of_one_row_match_loop_reference(monkeypatch, seed, strategy):
     # the loop-reference images are too small for "offsets" to cut them into blocks of rows by default
     monkeypatch.setattr(engine, "ROW_MIN", 1)
