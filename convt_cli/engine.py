@@ -97,7 +97,15 @@ def estimate_bytes(plan: Plan, dtype) -> int:
         shifts = math.prod(len({m for ph in a for m in ph.shifts}) for a in axes)
         per_row = 2 * width + (shifts + 1) * plan.in_channels
         work = max(work, ((block + big[0] + 1) * st[0] * per_row) * compute)
-    weights = 2 * math.prod(plan.filters_shape) * compute
+    chosen = choose_strategy(plan)
+    if chosen == "winograd":  # 3**n transformed blocks of TILES_MIN tiles or more
+        points = 3 ** plan.spec.n
+        width = math.prod(plan.spec.strides) * plan.out_channels
+        rows = max(TILES_MIN, BLOCK_BYTES // max(1, points * (plan.in_channels + 2 * width) * compute))
+        rows = min(rows, math.prod(-(-q // 2) + 1 for q in layout[2]))
+        work = max(work, (points * rows * (plan.in_channels + 3 * width) + 2 ** plan.spec.n * rows *
+                          (plan.in_channels + width)) * compute)
+    weights = (2 + (3 ** plan.spec.n if chosen == "winograd" else 0)) * math.prod(plan.filters_shape) * compute
     return math.prod(plan.output_shape) * dtype.itemsize + at_once * work + weights
 
 
@@ -411,6 +419,7 @@ def _transpose_taps(plan: Plan, x, w, out, compute) -> None:
 # rows per block in the "offsets" and "dense" strategies (a block of one image, set by the shapes only): about
 # BLOCK_BYTES of padded input, accumulator and GEMM result, so that they stay in a cache, and at least ROW_MIN
 BLOCK_BYTES, ROW_MIN = 3 << 20, 256
+TILES_MIN = 512  # tiles per block in "winograd": its GEMMs are 3**n per block, each this many rows at least
 
 
 def _offset_layout(plan: Plan, dense: bool = False):
@@ -653,7 +662,7 @@ def _transpose_winograd(plan: Plan, x, w, out, compute) -> None:
     points, width = u.shape[0], math.prod(strides) * c_out
     per_row = math.prod(tiles[1:])
     row_bytes = points * per_row * (c_in + 2 * width) * compute.itemsize
-    block = max(-(-ROW_MIN // per_row), BLOCK_BYTES // max(1, row_bytes), 1)
+    block = max(-(-TILES_MIN // per_row), BLOCK_BYTES // max(1, row_bytes), 1)
     pieces = -(-tiles[0] // block)
     block = -(-tiles[0] // pieces)
     shift = [q * s - p[0] for q, s, p in zip(qa, strides, plan.pads)]  # o - g
@@ -765,6 +774,8 @@ def choose_strategy(plan: Plan) -> str:
     """One of STRATEGIES from the shapes of one image (never the batch size, so that any batch slicing gives
     bitwise the same numbers), by what timing the benchmark workloads on a 2-core AVX-512 machine showed:
 
+    - "winograd" where it applies and saves at least 40% of the products (a stride-2 kernel-4 layer in 2-D or
+      3-D, say) with c_in >= 16: the transforms are cheap next to GEMMs of that many channels;
     - "offsets" when a GEMM over the input channels alone is efficient (c_in >= 32): it copies nothing but the
       padded input;
     - "dense" with fewer input channels: the shifts side by side make the contraction long enough for BLAS,
@@ -776,10 +787,20 @@ def choose_strategy(plan: Plan) -> str:
     layout = _offset_layout(plan)
     if layout is None:
         return "phases"
-    _, _, nq, _, tp, _, _ = layout
+    axes, _, nq, _, tp, _, _ = layout
     if math.prod(tp[1:]) > 1.5 * math.prod(nq[1:]):
         return "phases"
+    if plan.in_channels >= 16 and _winograd_ok(plan) and _winograd_saving(plan, axes) >= 0.4:
+        return "winograd"
     return "offsets" if plan.in_channels >= 32 else "dense"
+
+
+def _winograd_saving(plan: Plan, axes) -> float:
+    """1 - Winograd's products / the direct products, per position of the phase grid."""
+    direct = sum(math.prod(len(ph.taps) for ph in combo) for combo in itertools.product(*axes))
+    big = [(k - 1) * d // s for k, s, d in zip(plan.kernel, plan.spec.strides, plan.spec.dilations)]
+    winograd = math.prod((3 / 2 if b else 1) * s for b, s in zip(big, plan.spec.strides))
+    return 1 - winograd / direct
 
 
 def conv(input, filters, strides=1, padding="SAME", data_format=None, dilations=None) -> np.ndarray:

@@ -445,3 +445,27 @@ def test_no_thread_can_start_and_the_run_goes_on_in_this_one(monkeypatch):
     monkeypatch.setattr(concurrent.futures.ThreadPoolExecutor, "submit", refuse)
     monkeypatch.setattr(engine, "WORK_BYTES", 1)
     assert conv_transpose(x, w, strides=2).tobytes() == want.tobytes()
+
+
+@pytest.mark.parametrize("x_shape,w_shape,strides,dilations,data_format", [
+    ((3, 20, 20, 64), (4, 4, 32, 64), 2, 1, "NHWC"),  # winograd
+    ((3, 64, 20, 20), (4, 4, 32, 64), 2, 1, "NCHW"),  # winograd, channels-first
+    ((2, 24, 24, 48), (3, 3, 40, 48), 1, 2, "NHWC"),  # offsets
+    ((4, 40, 40, 3), (3, 3, 3, 3), 2, 1, "NHWC"),  # dense
+    ((2, 9, 9, 9, 32), (3, 3, 3, 16, 32), 2, 1, "NDHWC"),  # offsets, 3-D
+    ((2, 50, 3, 5), (7, 7, 4, 5), 1, 3, "NHWC"),  # phases: rows mostly junk
+])
+def test_estimate_bytes_bounds_what_the_engine_allocates(x_shape, w_shape, strides, dilations, data_format):
+    import tracemalloc
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal(x_shape).astype(np.float32)
+    w = rng.standard_normal(w_shape).astype(np.float32)
+    plan = plan_conv_transpose(x.shape, w.shape, None, strides, "SAME", data_format, dilations)
+    tracemalloc.start()
+    try:
+        conv_transpose(x, w, strides=strides, data_format=data_format, dilations=dilations)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak <= engine.estimate_bytes(plan, np.float32), (engine.choose_strategy(plan), peak)
