@@ -105,7 +105,9 @@ def estimate_bytes(plan: Plan, dtype) -> int:
         rows = min(rows, math.prod(-(-q // 2) + 1 for q in layout[2]))
         work = max(work, (points * rows * (plan.in_channels + 3 * width) + 2 ** plan.spec.n * rows *
                           (plan.in_channels + width)) * compute)
-    weights = (2 + (3 ** plan.spec.n if chosen == "winograd" else 0)) * math.prod(plan.filters_shape) * compute
+    weights = 2 * math.prod(plan.filters_shape) * compute
+    if chosen == "winograd":  # the transformed taps: 3**n points for every residue combination
+        weights += 3 ** plan.spec.n * math.prod(plan.spec.strides) * plan.in_channels * plan.out_channels * compute
     return math.prod(plan.output_shape) * dtype.itemsize + at_once * work + weights
 
 
@@ -419,7 +421,7 @@ def _transpose_taps(plan: Plan, x, w, out, compute) -> None:
 # rows per block in the "offsets" and "dense" strategies (a block of one image, set by the shapes only): about
 # BLOCK_BYTES of padded input, accumulator and GEMM result, so that they stay in a cache, and at least ROW_MIN
 BLOCK_BYTES, ROW_MIN = 3 << 20, 256
-TILES_MIN = 512  # tiles per block in "winograd": its GEMMs are 3**n per block, each this many rows at least
+TILES_MIN = 128  # tiles per block in "winograd": its GEMMs are 3**n per block, each this many rows at least
 
 
 def _offset_layout(plan: Plan, dense: bool = False):
@@ -625,20 +627,29 @@ def _winograd_ok(plan: Plan) -> bool:
 
 
 def _winograd_filters(plan: Plan, axes, big, w, compute):
-    """U: (points, P*c_out, c_in) over every residue combination P, each phase's taps transformed per axis to
-    g0, g0 + g1, g1 (F(2, 2)); zeros for the taps a phase does not have."""
-    c_in, c_out = plan.in_channels, plan.out_channels
+    """U: (points, c_in, P*c_out), or (points, P*c_out, c_in) channels-first, over every residue combination P:
+    each phase's taps transformed per axis to g0, g0 + g1, g1 (F(2, 2)), zeros for taps a phase lacks. Filled
+    point by point, so that nothing but U itself is allocated."""
+    first, c_in, c_out = plan.spec.channels_first, plan.in_channels, plan.out_channels
     phases = list(itertools.product(*axes))
-    g = np.zeros((*[b + 1 for b in big], len(phases), c_out, c_in), dtype=compute)
+    # per axis, point a of a phase sums its taps e in POINT_TAPS[a] (e: y[v] = sum_e d[v + e] g_e)
+    point_taps = [((0,), (0, 1), (1,)) if b else ((0,),) for b in big]
+    points = list(itertools.product(*point_taps))
+    u = np.zeros((len(points), len(phases) * c_out, c_in) if first else (len(points), c_in, len(phases) * c_out),
+                 dtype=compute)
     for p, combo in enumerate(phases):
+        by_e = {}
         for picks in itertools.product(*[tuple(zip(*ph)) for ph in combo]):
-            e = tuple(b - m for b, (m, _) in zip(big, picks))  # tap e of y[v] = sum_e d[v + e] g_e
-            g[(*e, p)] = w[tuple(t for _, t in picks)]
-    for j, b in enumerate(big):
-        if b:
-            g0, g1 = g.take(0, axis=j), g.take(1, axis=j)
-            g = np.stack([g0, g0 + g1, g1], axis=j)
-    return g.reshape(-1, len(phases) * c_out, c_in)
+            by_e[tuple(b - m for b, (m, _) in zip(big, picks))] = tuple(t for _, t in picks)
+        cols = slice(p * c_out, (p + 1) * c_out)
+        for a, sets in enumerate(points):
+            for e in itertools.product(*sets):
+                if e in by_e:
+                    if first:
+                        u[a, cols] += w[by_e[e]]
+                    else:
+                        u[a, :, cols] += w[by_e[e]].T
+    return u
 
 
 def _transpose_winograd(plan: Plan, x, w, out, compute) -> None:
@@ -657,8 +668,6 @@ def _transpose_winograd(plan: Plan, x, w, out, compute) -> None:
     m = [2 if b else 1 for b in big]  # outputs per tile
     tiles = [-(-q // k) for q, k in zip(nq, m)]
     u = _winograd_filters(plan, axes, big, w, compute)
-    if not first:
-        u = np.ascontiguousarray(u.transpose(0, 2, 1))  # (points, c_in, P*c_out)
     points, width = u.shape[0], math.prod(strides) * c_out
     per_row = math.prod(tiles[1:])
     row_bytes = points * per_row * (c_in + 2 * width) * compute.itemsize
@@ -716,8 +725,10 @@ def _transpose_winograd(plan: Plan, x, w, out, compute) -> None:
                 if j == last:  # straight into the block's grid
                     np.add(lo, mid, out=view[(*head, 0)])
                     np.add(mid, hi, out=view[(*head, 1)])
-                else:
-                    y = np.stack([lo + mid, mid + hi], axis=j)
+                else:  # in place: points 0 and 2 become the tile's outputs 0 and 1
+                    lo += mid
+                    hi += mid
+                    y = y[(*head, slice(0, 3, 2))]
         window_store(b, t0, t1, g)
 
     def window_store(b, t0, t1, g):
