@@ -163,8 +163,10 @@ def run_conv_transpose(plan: Plan, x: np.ndarray, w: np.ndarray, strategy: str |
         _transpose_taps(plan, x, wc, out, compute)
     elif strategy == "winograd" and _winograd_ok(plan):
         _transpose_winograd(plan, x, wc, out, compute)
-    elif strategy in ("offsets", "dense", "winograd"):  # winograd where it does not apply: offsets
-        _transpose_offsets(plan, x, wc, out, compute, dense=strategy == "dense")
+    elif strategy == "dense":
+        _transpose_dense(plan, x, wc, out, compute)
+    elif strategy in ("offsets", "winograd"):  # winograd where it does not apply: offsets
+        _transpose_offsets(plan, x, wc, out, compute)
     else:
         raise ValueError(f"unknown strategy {strategy!r}")
     return out
@@ -489,11 +491,11 @@ def _region(axes, ms):
     return tuple(lens), tuple(box), tuple(sizes)
 
 
-def _transpose_offsets(plan: Plan, x, w, out, compute, dense: bool = False) -> None:
+def _transpose_offsets(plan: Plan, x, w, out, compute) -> None:
     # Shift GEMMs in place: pad a block of rows of one image once; each input shift is then a contiguous slice
     # of the flat padded block, so one GEMM per shift (no im2col copy) gives that shift's contribution to every
     # phase that uses it, accumulated per phase, and each phase is stored once with strided slices.
-    layout = _offset_layout(plan, dense)
+    layout = _offset_layout(plan)
     if layout is None:
         return
     axes, qa, nq, big, tp, st, block = layout
@@ -512,16 +514,8 @@ def _transpose_offsets(plan: Plan, x, w, out, compute, dense: bool = False) -> N
         offset = sum((m_max - m) * stride for m_max, m, stride in zip(big, ms, st))
         units.append((offset, wmat, [p for p, _ in uses], _region(axes, ms)))
     n_ph = len(phases)
-    if dense:  # "dense": every shift's slice side by side (a copy), one GEMM with zeros for unused pairs
-        wd = np.zeros((len(units), c_in, n_ph, c_out), dtype=compute)
-        for u, uses in enumerate(users.values()):
-            for p, tap in uses:
-                wd[u, :, p, :] = w[tap].T
-        wd = wd.reshape(len(units) * c_in, n_ph * c_out)
-        wd = np.ascontiguousarray(wd.T) if first else wd
-        offsets = [unit[0] for unit in units]
 
-    def one_block(b, r0, r1, slab, acc, a):
+    def one_block(b, r0, r1, slab, acc):
         rows = (r1 - r0) * st[0]
         # slab[t] = x[qa + t - big] on the padded grid, rows r0 .. r1 + big[0] (+1 spare) of the first axis
         slab[...] = 0
@@ -541,20 +535,7 @@ def _transpose_offsets(plan: Plan, x, w, out, compute, dense: bool = False) -> N
                 slab[(*dst, slice(None))] = x[(b, *src, slice(None))]
         flat = slab.reshape(c_in, -1) if first else slab.reshape(-1, c_in)
         acc = acc[..., :rows] if first else acc[:rows]
-        if dense:
-            a = a[..., :rows] if first else a[:rows]  # (U, c_in, rows) or (rows, U, c_in)
-            for u, offset in enumerate(offsets):
-                if first:
-                    a[u] = flat[:, offset:offset + rows]
-                else:
-                    a[:, u] = flat[offset:offset + rows]
-            if first:
-                np.matmul(wd, a.reshape(-1, rows), out=acc)
-            else:
-                np.matmul(a.reshape(rows, -1), wd, out=acc)
-            units_now = ()
-        else:
-            units_now = units
+        units_now = units
         if units_now and units[0][2] != everyone:
             acc[...] = 0
         for u, (offset, wmat, ps, region) in enumerate(units_now):
@@ -600,11 +581,8 @@ def _transpose_offsets(plan: Plan, x, w, out, compute, dense: bool = False) -> N
         slab = np.empty((c_in, *slab_shape) if first else (*slab_shape, c_in), dtype=compute)
         rows = block * st[0]
         acc = np.empty((n_ph * c_out, rows) if first else (rows, n_ph * c_out), dtype=compute)
-        a = None
-        if dense:
-            a = np.empty((len(units), c_in, rows) if first else (rows, len(units), c_in), dtype=compute)
         for b, r0, r1 in some:
-            one_block(b, r0, r1, slab, acc, a)
+            one_block(b, r0, r1, slab, acc)
 
     _over_jobs(jobs, work)
 
@@ -650,6 +628,97 @@ def _winograd_filters(plan: Plan, axes, big, w, compute):
                     else:
                         u[a, :, cols] += w[by_e[e]].T
     return u
+
+
+def _transpose_dense(plan: Plan, x, w, out, compute) -> None:
+    # For few input channels: pad a block of rows of one image once, copy every shift e (0..big per axis) of it
+    # side by side, and run one GEMM per block against the taps of every residue combination (zeros where a
+    # residue lacks a tap), so the contraction is (big+1)**n * c_in long. Output o = s*v + r + (qa*s - lo) for
+    # padded-grid position v and residue r: the block's outputs are one window of the output, stored once.
+    layout = _offset_layout(plan, dense=True)
+    if layout is None:
+        return
+    axes, qa, nq, big, tp, st, block = layout
+    first, n, strides = plan.spec.channels_first, plan.spec.n, plan.spec.strides
+    c_in, c_out, spatial = plan.in_channels, plan.out_channels, plan.input_spatial
+    es = list(itertools.product(*[range(b + 1) for b in big]))  # e = big - shift; the last axis varies fastest
+    n_res = math.prod(strides)
+    wd = np.zeros((len(es), c_in, n_res, c_out), dtype=compute)
+    for combo in itertools.product(*axes):
+        f = int(np.ravel_multi_index([ph.residue for ph in combo], strides))
+        for picks in itertools.product(*[tuple(zip(ph.shifts, ph.taps)) for ph in combo]):
+            e = tuple(b - m for b, (m, _) in zip(big, picks))
+            wd[es.index(e), :, f, :] = w[tuple(t for _, t in picks)].T
+    wd = wd.reshape(len(es) * c_in, n_res * c_out)
+    wd = np.ascontiguousarray(wd.T) if first else wd
+    inner = big[-1] + 1  # channels-last: the shifts of the last axis are consecutive in memory, copied together
+    outer = [sum(e_j * s_j for e_j, s_j in zip(e, st)) for e in es[::inner]]
+    shift = [q * s - p[0] for q, s, p in zip(qa, strides, plan.pads)]  # o - (s*v + r)
+
+    full = [strides[j] * tp[j] for j in range(n)]  # the grid of a block: (s*v + r) per axis
+
+    def one_block(b, r0, r1, slab, a, acc, grid):
+        nb, rows = r1 - r0, (r1 - r0) * st[0]
+        _fill_padded(slab, x, b, first, [r0] + [0] * (n - 1), qa, big, spatial)
+        flat = slab.reshape(c_in, -1) if first else slab.reshape(-1, c_in)
+        if first:
+            a_now = a[..., :rows]  # (U, c_in, rows)
+            for u, e in enumerate(es):
+                offset = sum(e_j * s_j for e_j, s_j in zip(e, st))
+                a_now[u] = flat[:, offset:offset + rows]
+            y = np.matmul(wd, a_now.reshape(-1, rows), out=acc[:, :rows])  # (n_res*c_out, rows)
+            y = y.reshape(*strides, c_out, nb, *tp[1:]).transpose(
+                n, n + 1, 0, *[k for j in range(1, n) for k in (n + 1 + j, j)])  # (c, v0, r0, v1, r1, ..)
+        else:
+            a_now = a[:rows]  # (rows, U/inner, inner*c_in)
+            item = flat.strides[1]
+            for u, offset in enumerate(outer):
+                a_now[:, u] = np.lib.stride_tricks.as_strided(flat[offset:], (rows, inner * c_in), (c_in * item, item))
+            y = np.matmul(a_now.reshape(rows, -1), wd, out=acc[:rows])  # (rows, n_res*c_out)
+            y = y.reshape(nb, *tp[1:], *strides, c_out).transpose(
+                0, n, *[k for j in range(1, n) for k in (j, n + j)], 2 * n)  # (v0, r0, v1, r1, .., c)
+        dst, src, aligned = [], [], True
+        for j in range(n):
+            base = strides[j] * r0 if j == 0 else 0
+            end = strides[j] * r1 if j == 0 else strides[j] * nq[j]
+            o0, o1 = max(0, shift[j] + base), min(plan.output_spatial[j], shift[j] + end)
+            if o1 <= o0:
+                return
+            dst.append(slice(o0, o1))
+            src.append(slice(o0 - shift[j] - base, o1 - shift[j] - base))
+            aligned = aligned and (o0 - shift[j] - base) % strides[j] == 0 and (o1 - o0) % strides[j] == 0
+        window = out[(b, slice(None), *dst)] if first else out[(b, *dst, slice(None))]
+        if aligned:  # whole (v, r) groups on every axis: the output window is y's (v, r) grid, cropped
+            pairs = [(g.stop - g.start) // s for g, s in zip(src, strides)]
+            shape = [d for k, s in zip(pairs, strides) for d in (k, s)]
+            view = window.view()
+            view.shape = (c_out, *shape) if first else (*shape, c_out)  # splits axes: never a copy
+            cut = tuple(sl for g, s, k in zip(src, strides, pairs) for sl in (slice(g.start // s, g.start // s + k),
+                                                                          slice(None)))
+            _store(plan.op, view, y[(slice(None), *cut)] if first else y[cut])
+            return
+        sizes = [strides[0] * nb, *full[1:]]
+        g = grid[:c_out * math.prod(sizes)]
+        if first:
+            g.reshape(y.shape)[...] = y
+            _store(plan.op, window, g.reshape(c_out, *sizes)[(slice(None), *src)])
+        else:
+            g.reshape(y.shape)[...] = y
+            _store(plan.op, window, g.reshape(*sizes, c_out)[(*src, slice(None))])
+
+    jobs = [(b, r0, min(nq[0], r0 + block)) for b in range(x.shape[0]) for r0 in range(0, nq[0], block)]
+
+    def work(some):
+        slab_shape = (block + big[0] + 1, *tp[1:])
+        rows = block * st[0]
+        slab = np.empty((c_in, *slab_shape) if first else (*slab_shape, c_in), dtype=compute)
+        a = np.empty((len(es), c_in, rows) if first else (rows, len(es) // inner, inner * c_in), dtype=compute)
+        acc = np.empty((n_res * c_out, rows) if first else (rows, n_res * c_out), dtype=compute)
+        grid = np.empty(c_out * block * strides[0] * math.prod(full[1:]), dtype=compute)  # flat: any block fits
+        for b, r0, r1 in some:
+            one_block(b, r0, r1, slab, a, acc, grid)
+
+    _over_jobs(jobs, work)
 
 
 def _transpose_winograd(plan: Plan, x, w, out, compute) -> None:
