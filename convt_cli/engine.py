@@ -98,6 +98,12 @@ def estimate_bytes(plan: Plan, dtype) -> int:
         per_row = 2 * width + (shifts + 1) * plan.in_channels
         work = max(work, ((block + big[0] + 1) * st[0] * per_row) * compute)
     chosen = choose_strategy(plan)
+    if chosen == "dense":  # padded block, the shifts side by side, the GEMM result and the output grid
+        _, _, _, big, tp, st, block = _offset_layout(plan, dense=True)
+        rows = block * st[0]
+        shifts, residues = math.prod(b + 1 for b in big), math.prod(plan.spec.strides)
+        work = max(work, ((rows + (big[0] + 1) * st[0]) * plan.in_channels + rows * shifts * plan.in_channels +
+                          2 * rows * residues * plan.out_channels) * compute)
     if chosen == "winograd":  # 3**n transformed blocks of TILES_MIN tiles or more
         points = 3 ** plan.spec.n
         width = math.prod(plan.spec.strides) * plan.out_channels
@@ -856,10 +862,12 @@ def choose_strategy(plan: Plan) -> str:
 
     - "winograd" where it applies and saves at least 40% of the products (a stride-2 kernel-4 layer in 2-D or
       3-D, say) with c_in >= 16: the transforms are cheap next to GEMMs of that many channels;
-    - "offsets" when a GEMM over the input channels alone is efficient (c_in >= 32): it copies nothing but the
-      padded input;
-    - "dense" with fewer input channels: the shifts side by side make the contraction long enough for BLAS,
-      and one GEMM per block replaces the accumulation;
+    - "dense" when its GEMM, over every shift and residue, makes at most 15% more products than the taps
+      need (every residue has all its taps, as in a 1-D stride-8 kernel-16 layer), or with fewer than 32 input
+      channels, where folding the shifts into the contraction is what keeps BLAS efficient: one GEMM and one
+      contiguous store per block;
+    - "offsets" otherwise (dilated or odd-sized kernels with many channels): one GEMM per shift over the
+      input channels, read in place, so it copies nothing but the padded input;
     - "phases" when the padded rows of either would be mostly junk (an inner axis far shorter than the
       kernel's reach). "taps" is never the best by much; it stays as the plainest strategy, tested like the
       others.
@@ -872,7 +880,9 @@ def choose_strategy(plan: Plan) -> str:
         return "phases"
     if plan.in_channels >= 16 and _winograd_ok(plan) and _winograd_saving(plan, axes) >= 0.4:
         return "winograd"
-    return "offsets" if plan.in_channels >= 32 else "dense"
+    direct = sum(math.prod(len(ph.taps) for ph in combo) for combo in itertools.product(*axes))
+    dense = math.prod(b + 1 for b in layout[3]) * math.prod(plan.spec.strides)  # products "dense" makes
+    return "offsets" if plan.in_channels >= 32 and dense > 1.15 * direct else "dense"
 
 
 def _winograd_saving(plan: Plan, axes) -> float:

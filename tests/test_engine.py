@@ -452,6 +452,7 @@ def test_no_thread_can_start_and_the_run_goes_on_in_this_one(monkeypatch):
     ((3, 64, 20, 20), (4, 4, 32, 64), 2, 1, "NCHW"),  # winograd, channels-first
     ((2, 24, 24, 48), (3, 3, 40, 48), 1, 2, "NHWC"),  # offsets
     ((4, 40, 40, 3), (3, 3, 3, 3), 2, 1, "NHWC"),  # dense
+    ((2, 3000, 64), (16, 32, 64), 8, 1, "NWC"),  # dense, every residue with all its taps
     ((2, 9, 9, 9, 32), (3, 3, 3, 16, 32), 2, 1, "NDHWC"),  # offsets, 3-D
     ((2, 50, 3, 5), (7, 7, 4, 5), 1, 3, "NHWC"),  # phases: rows mostly junk
 ])
