@@ -524,21 +524,7 @@ def _transpose_offsets(plan: Plan, x, w, out, compute) -> None:
     def one_block(b, r0, r1, slab, acc):
         rows = (r1 - r0) * st[0]
         # slab[t] = x[qa + t - big] on the padded grid, rows r0 .. r1 + big[0] (+1 spare) of the first axis
-        slab[...] = 0
-        src, dst = [], []
-        for j in range(n):
-            lo_t = r0 if j == 0 else 0
-            hi_t = (r1 + big[0] + 1) if j == 0 else tp[j]
-            t0, t1 = max(lo_t, big[j] - qa[j]), min(hi_t, spatial[j] + big[j] - qa[j])
-            if t1 <= t0:
-                break
-            dst.append(slice(t0 - lo_t, t1 - lo_t))
-            src.append(slice(qa[j] + t0 - big[j], qa[j] + t1 - big[j]))
-        else:
-            if first:
-                slab[(slice(None), *dst)] = x[(b, slice(None), *src)]
-            else:
-                slab[(*dst, slice(None))] = x[(b, *src, slice(None))]
+        _fill_padded(slab, x, b, first, [r0] + [0] * (n - 1), qa, big, spatial)
         flat = slab.reshape(c_in, -1) if first else slab.reshape(-1, c_in)
         acc = acc[..., :rows] if first else acc[:rows]
         units_now = units
@@ -838,23 +824,26 @@ def _transpose_winograd(plan: Plan, x, w, out, compute) -> None:
 
 
 def _fill_padded(d, x, b, first, lo_t, qa, big, spatial) -> None:
-    """d[s] = x[b, qa + lo_t + s - big] where that is inside x, else 0 (d: a padded block, channels included)."""
-    d[...] = 0
-    src, dst = [], []
+    """d[s] = x[b, qa + lo_t + s - big] where that is inside x, else 0 (d: a padded block, channels included).
+    Only the border outside the copied box is zeroed."""
+    src, box = [], []
     n = len(spatial)
+    lead = 1 if first else 0
     for j in range(n):
-        size = d.shape[j + 1] if first else d.shape[j]
-        s0 = max(0, big[j] - qa[j] - lo_t[j])
-        s1 = min(size, spatial[j] + big[j] - qa[j] - lo_t[j])
-        if s1 <= s0:
-            return
-        dst.append(slice(s0, s1))
+        size = d.shape[j + lead]
+        s0 = min(size, max(0, big[j] - qa[j] - lo_t[j]))
+        s1 = max(s0, min(size, spatial[j] + big[j] - qa[j] - lo_t[j]))
+        box.append(slice(s0, s1))
         src.append(slice(qa[j] + lo_t[j] + s0 - big[j], qa[j] + lo_t[j] + s1 - big[j]))
-    if first:
-        d[(slice(None), *dst)] = x[(b, slice(None), *src)]
-    else:
-        d[(*dst, slice(None))] = x[(b, *src, slice(None))]
-
+    for j, part in enumerate(box):  # the slabs before and after the box on each axis
+        for edge in (slice(0, part.start), slice(part.stop, d.shape[j + lead])):
+            if edge.stop > edge.start:
+                d[(*(slice(None),) * (j + lead), edge)] = 0
+    if all(part.stop > part.start for part in box):
+        if first:
+            d[(slice(None), *box)] = x[(b, slice(None), *src)]
+        else:
+            d[(*box, slice(None))] = x[(b, *src, slice(None))]
 
 def choose_strategy(plan: Plan) -> str:
     """One of STRATEGIES from the shapes of one image (never the batch size, so that any batch slicing gives
