@@ -202,9 +202,21 @@ def _over_batch(batch: int, per_image: int, work) -> None:
 
 
 def _over_jobs(jobs: list, work) -> None:
-    """work(share) for THREADS contiguous shares of jobs, one per thread (work allocates its buffers once)."""
-    shares = min(THREADS, len(jobs))
-    _run_tasks([(work, jobs[k * len(jobs) // shares:(k + 1) * len(jobs) // shares]) for k in range(shares)])
+    """work(jobs) on up to THREADS threads that share one queue of jobs: each takes the next job when it is done
+    with one, so a core slowed by other load does less (work allocates its buffers once and iterates)."""
+    import threading
+
+    lock, queue = threading.Lock(), iter(jobs)
+
+    def take():
+        while True:
+            with lock:
+                job = next(queue, None)
+            if job is None:
+                return
+            yield job
+
+    _run_tasks([(lambda: work(take()),) for _ in range(min(THREADS, len(jobs)))])
 
 
 def _run_tasks(tasks: list) -> None:
