@@ -122,6 +122,16 @@ def draw_config(seed, index, conv_share):
     return cfg, x, f, y
 
 
+def forced(strategy, x, f, cfg):
+    """convt's conv_transpose with the engine strategy given, not the one it would choose."""
+    from convt_cli import engine
+    from convt_cli.shapes import plan_conv_transpose
+
+    plan = plan_conv_transpose(x.shape, f.shape, cfg["output_shape"], cfg["strides"], cfg["padding"],
+                               cfg["data_format"], cfg["dilations"])
+    return engine.run_conv_transpose(plan, x, f, strategy=strategy)
+
+
 def tf_conv_transpose(cfg, x, f):
     return tf.nn.conv_transpose(x, f, cfg["output_shape"], strides=cfg["strides"],
                                 padding=cfg["padding"], data_format=cfg["data_format"],
@@ -254,6 +264,8 @@ def main():
     p.add_argument("--conv-share", type=float, default=0.5,
                    help="fraction of configs that also check conv (default 0.5)")
     p.add_argument("--tol", type=float, default=1e-5, help="max scaled error (see docstring)")
+    p.add_argument("--strategy", default=None,
+                   help="force one of convt's engine strategies (engine.STRATEGIES) instead of its choice")
     p.add_argument("--strict", action="store_true",
                    help="count configs where TF float32 itself is wrong as disagreements too")
     p.add_argument("--dry-run", action="store_true",
@@ -284,7 +296,8 @@ def main():
             lambda: tf_conv_transpose(cfg, x, f),
             lambda: convt_ct(x, f, output_shape=cfg["output_shape"], strides=cfg["strides"],
                              padding=cfg["padding"], data_format=cfg["data_format"],
-                             dilations=cfg["dilations"]),
+                             dilations=cfg["dilations"]) if ARGS.strategy is None else
+            forced(ARGS.strategy, x, f, cfg),
             lambda: tf_float64("conv_transpose", cfg, x, f),
             x,
             # Terms per output: every (input channel, tap) pair; filters[-1] = input channels.
