@@ -107,7 +107,8 @@ def estimate_bytes(plan: Plan, dtype) -> int:
     if chosen == "winograd":  # 3**n transformed blocks of TILES_MIN tiles or more
         points = 3 ** plan.spec.n
         width = math.prod(plan.spec.strides) * plan.out_channels
-        rows = max(TILES_MIN, BLOCK_BYTES // max(1, points * (plan.in_channels + 2 * width) * compute))
+        least = TILES_MIN_FIRST if plan.spec.channels_first else TILES_MIN
+        rows = max(least, BLOCK_BYTES // max(1, points * (plan.in_channels + 2 * width) * compute))
         rows = min(rows, math.prod(-(-q // 2) + 1 for q in layout[2]))
         work = max(work, (points * rows * (plan.in_channels + 3 * width) + 2 ** plan.spec.n * rows *
                           (plan.in_channels + width)) * compute)
@@ -441,7 +442,9 @@ def _transpose_taps(plan: Plan, x, w, out, compute) -> None:
 # rows per block in the "offsets" and "dense" strategies (a block of one image, set by the shapes only): about
 # BLOCK_BYTES of padded input, accumulator and GEMM result, so that they stay in a cache, and at least ROW_MIN
 BLOCK_BYTES, ROW_MIN = 3 << 20, 256
-TILES_MIN = 128  # tiles per block in "winograd": its GEMMs are 3**n per block, each this many rows at least
+# tiles per block in "winograd" at least (or one image's): channels-last, they are the rows of its 3**n GEMMs;
+# channels-first, the columns, which OpenBLAS packs per call and wants wider
+TILES_MIN, TILES_MIN_FIRST = 128, 512
 
 
 def _offset_layout(plan: Plan, dense: bool = False):
@@ -744,7 +747,8 @@ def _transpose_winograd(plan: Plan, x, w, out, compute) -> None:
     points, width = u.shape[0], math.prod(strides) * c_out
     per_row = math.prod(tiles[1:])
     row_bytes = points * per_row * (c_in + 2 * width) * compute.itemsize
-    block = max(-(-TILES_MIN // per_row), BLOCK_BYTES // max(1, row_bytes), 1)
+    least = TILES_MIN_FIRST if first else TILES_MIN
+    block = max(-(-least // per_row), BLOCK_BYTES // max(1, row_bytes), 1)
     pieces = -(-tiles[0] // block)
     block = -(-tiles[0] // pieces)
     shift = [q * s - p[0] for q, s, p in zip(qa, strides, plan.pads)]  # o - g
