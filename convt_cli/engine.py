@@ -78,7 +78,8 @@ def _finish(op: str, out: np.ndarray, dtype: np.dtype) -> np.ndarray:
 
 def estimate_bytes(plan: Plan, dtype) -> int:
     """Peak bytes run_conv_transpose allocates for this plan beyond its input and filters (an upper bound):
-    the output, plus one batch chunk's workspace (a few times WORK_BYTES, or one image's if that is larger)."""
+    the output, each thread's workspace for the strategy chosen (a batch chunk of about WORK_BYTES for
+    "phases"/"taps", a block of about BLOCK_BYTES for the others), and the prepared filters."""
     dtype = np.dtype(dtype)
     compute = np.dtype(COMPUTE_DTYPES[dtype.name]).itemsize
     out_image = math.prod(plan.output_shape[1:])
@@ -448,7 +449,8 @@ TILES_MIN, TILES_MIN_FIRST = 128, 512
 
 
 def _offset_layout(plan: Plan, dense: bool = False):
-    """The padded grid of the "offsets" strategy, or None when no phase reaches the output.
+    """The padded grid of the "offsets", "dense" and "winograd" strategies, or None when no phase reaches
+    the output; with the rows per block (dense: sized for its own buffers).
 
     Per axis j the output phases' q ranges are united into [qa, qa + nq); the input is padded to Tp = nq + M
     positions (M the largest shift) so that x[q - m] sits at padded position q - qa + M - m. Flattened with
