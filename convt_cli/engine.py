@@ -245,6 +245,8 @@ def _run_tasks(tasks: list) -> None:
 
 
 _pools: dict = {}  # THREADS -> a ThreadPoolExecutor kept for the process, or None where threads can't start
+if hasattr(os, "register_at_fork"):  # a forked child has none of its parent's threads: it starts its own
+    os.register_at_fork(after_in_child=_pools.clear)
 
 
 def _pool():

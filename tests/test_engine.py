@@ -470,3 +470,32 @@ def test_estimate_bytes_bounds_what_the_engine_allocates(x_shape, w_shape, strid
     finally:
         tracemalloc.stop()
     assert peak <= engine.estimate_bytes(plan, np.float32), (engine.choose_strategy(plan), peak)
+
+
+def _convt_in_child(queue):
+    rng = np.random.default_rng(8)
+    x = rng.standard_normal((4, 30, 30, 8)).astype(np.float32)
+    w = rng.standard_normal((3, 3, 8, 8)).astype(np.float32)
+    queue.put(conv_transpose(x, w, strides=2).tobytes())
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_a_forked_child_gets_threads_of_its_own():
+    # the worker threads are kept for the process; a child forked after they started must not wait on them
+    import multiprocessing
+
+    rng = np.random.default_rng(8)
+    x = rng.standard_normal((4, 30, 30, 8)).astype(np.float32)
+    w = rng.standard_normal((3, 3, 8, 8)).astype(np.float32)
+    want = conv_transpose(x, w, strides=2).tobytes()  # starts the threads here
+    context = multiprocessing.get_context("fork")
+    queue = context.Queue()
+    child = context.Process(target=_convt_in_child, args=(queue,))
+    child.start()
+    try:
+        got = queue.get(timeout=60)
+    finally:
+        child.join(timeout=10)
+        if child.is_alive():
+            child.kill()
+    assert got == want
