@@ -10,9 +10,11 @@ one against the other, so a mistake in one must not be repeated in the other.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 import os
+import threading
 
 import numpy as np
 
@@ -114,9 +116,14 @@ def estimate_bytes(plan: Plan, dtype) -> int:
         work = max(work, (points * rows * (plan.in_channels + 3 * width) + 2 ** plan.spec.n * rows *
                           (plan.in_channels + width)) * compute)
     weights = 2 * math.prod(plan.filters_shape) * compute
+    if chosen == "dense":  # the weights of every shift and residue, and their transpose channels-first
+        _, _, _, big, _, _, _ = _offset_layout(plan, dense=True)
+        weights += 2 * math.prod(b + 1 for b in big) * math.prod(plan.spec.strides) * plan.in_channels * \
+            plan.out_channels * compute
     if chosen == "winograd":  # the transformed taps: 3**n points for every residue combination
         weights += 3 ** plan.spec.n * math.prod(plan.spec.strides) * plan.in_channels * plan.out_channels * compute
-    return math.prod(plan.output_shape) * dtype.itemsize + at_once * work + weights
+    warm = (1 + THREADS) * _WARM * _WARM * 4 if THREADS > 1 else 0  # the threads' first GEMMs (see _pool)
+    return math.prod(plan.output_shape) * dtype.itemsize + at_once * work + weights + warm
 
 
 def conv_transpose(
@@ -165,19 +172,60 @@ def run_conv_transpose(plan: Plan, x: np.ndarray, w: np.ndarray, strategy: str |
     compute = np.dtype(COMPUTE_DTYPES[x.dtype.name])
     wc = np.ascontiguousarray(w, dtype=compute)
     strategy = strategy or choose_strategy(plan)
+    if strategy not in STRATEGIES:
+        raise ValueError(f"unknown strategy {strategy!r}")
+    if strategy == "winograd" and not _winograd_ok(plan):
+        strategy = "offsets"  # where it does not apply
+    images = None
+    if strategy in ("dense", "winograd"):
+        # both are direct sums only for tame numbers: "dense" multiplies zero weights by every input (inf*0 is
+        # NaN) and "winograd" adds and subtracts inputs first (inf-inf, overflow near the largest float).
+        # Images that are not tame, decided per image, take "offsets", as every image does with wild filters.
+        wild = _wild(x, w, compute, strategy)
+        if wild.any():
+            _transpose_offsets(plan, x, wc, out, compute, images=np.flatnonzero(wild).tolist())
+            images = np.flatnonzero(~wild).tolist()
     if strategy == "phases":
         _transpose_phases(plan, x, wc, out, compute)
     elif strategy == "taps":
         _transpose_taps(plan, x, wc, out, compute)
-    elif strategy == "winograd" and _winograd_ok(plan):
-        _transpose_winograd(plan, x, wc, out, compute)
-    elif strategy == "dense":
-        _transpose_dense(plan, x, wc, out, compute)
-    elif strategy in ("offsets", "winograd"):  # winograd where it does not apply: offsets
+    elif strategy == "offsets":
         _transpose_offsets(plan, x, wc, out, compute)
-    else:
-        raise ValueError(f"unknown strategy {strategy!r}")
+    elif images != []:
+        run = _transpose_winograd if strategy == "winograd" else _transpose_dense
+        run(plan, x, wc, out, compute, images)
     return out
+
+
+# storage dtype -> (bits of the mantissa, bits of the exponent, bias): read off the bits, not by arithmetic
+_FLOATS = {"float16": (10, 5, 15), "bfloat16": (7, 8, 127), "float32": (23, 8, 127), "float64": (52, 11, 1023),
+           "complex64": (23, 8, 127), "complex128": (52, 11, 1023)}
+
+
+def _wild(x, w, compute, strategy) -> np.ndarray:
+    """Per image, whether "dense" (any inf or NaN) or "winograd" (also any magnitude of 2**(e/2 - 16) or more,
+    e the compute dtype's largest exponent: its transforms then cannot overflow where the direct sum does not)
+    must leave it to a direct sum. Integers: exact in "dense", and "winograd" leaves them all to offsets."""
+    batch = x.shape[0]
+    if compute.kind == "i":
+        return np.full(batch, strategy == "winograd")
+    limit = None
+    if strategy == "winograd":
+        limit = (np.finfo(compute).maxexp - 1) // 2 - 16  # as an unbiased exponent
+
+    def untame(a, per):
+        mant, ebits, bias = _FLOATS[a.dtype.name]
+        top = (1 << ebits) - 1
+        field = top if limit is None else min(top, bias + limit)
+        if a.dtype.kind == "c":  # real and imaginary parts side by side
+            a = np.ascontiguousarray(a).view(np.float32 if a.dtype.itemsize == 8 else np.float64)
+        bits = a.view(np.dtype(f"u{a.dtype.itemsize}").newbyteorder(a.dtype.byteorder))
+        high = np.bitwise_and(bits, top << mant, dtype=bits.dtype.newbyteorder("="))
+        return (high >= (field << mant)).reshape(per, -1).any(axis=1)
+
+    if untame(w, 1)[0]:
+        return np.ones(batch, dtype=bool)
+    return untame(x, batch)
 
 
 STRATEGIES = ("phases", "taps", "offsets", "dense", "winograd")
@@ -186,14 +234,31 @@ THREADS = min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity"
 _blas = []  # a threadpoolctl controller, made on first use (it scans the loaded libraries)
 
 
+_blas_users = [0]  # convt calls inside _blas_one_thread now, from any thread
+_blas_lock = threading.Lock()
+
+
+@contextlib.contextmanager
 def _blas_one_thread():
-    """BLAS on one thread while convt runs its own threads over batch chunks: results then do not depend on the
-    number of threads (OpenBLAS rounds some shapes differently on 1 and 2), and the two levels do not fight."""
+    """BLAS on one thread while convt runs its own threads over blocks: results then do not depend on the
+    number of threads (OpenBLAS rounds some shapes differently on 1 and 2), and the two levels do not fight.
+    Counted, so that calls from several threads at once restore the caller's setting only when the last ends
+    (threadpoolctl's own limit, entered and left by overlapping threads, would leave BLAS on one thread)."""
     from threadpoolctl import ThreadpoolController
 
-    if not _blas:
-        _blas.append(ThreadpoolController())
-    return _blas[0].limit(limits=1, user_api="blas")
+    with _blas_lock:
+        if not _blas:
+            _blas.append(ThreadpoolController())
+        if _blas_users[0] == 0:
+            _blas.append(_blas[0].limit(limits=1, user_api="blas"))  # the limiter: restore() undoes it
+        _blas_users[0] += 1
+    try:
+        yield
+    finally:
+        with _blas_lock:
+            _blas_users[0] -= 1
+            if _blas_users[0] == 0:
+                _blas.pop().restore_original_limits()
 
 
 def _over_batch(batch: int, per_image: int, work) -> None:
@@ -205,24 +270,31 @@ def _over_batch(batch: int, per_image: int, work) -> None:
 
 def _over_jobs(jobs: list, work) -> None:
     """work(jobs) on up to THREADS threads that share one queue of jobs: each takes the next job when it is done
-    with one, so a core slowed by other load does less (work allocates its buffers once and iterates)."""
-    import threading
-
-    lock, queue = threading.Lock(), iter(jobs)
+    with one, so a core slowed by other load does less (work allocates its buffers once and iterates). After
+    an error anywhere, or an interrupt, no thread takes another job."""
+    lock, queue, stop = threading.Lock(), iter(jobs), threading.Event()
 
     def take():
-        while True:
+        while not stop.is_set():
             with lock:
                 job = next(queue, None)
             if job is None:
                 return
             yield job
 
-    _run_tasks([(lambda: work(take()),) for _ in range(min(THREADS, len(jobs)))])
+    def share():
+        try:
+            work(take())
+        except BaseException:
+            stop.set()
+            raise
+
+    _run_tasks([(share,) for _ in range(min(THREADS, len(jobs)))], stop)
 
 
-def _run_tasks(tasks: list) -> None:
-    """fn(*args) for each (fn, *args), on up to THREADS threads with BLAS on one."""
+def _run_tasks(tasks: list, stop=None) -> None:
+    """fn(*args) for each (fn, *args), on up to THREADS threads with BLAS on one. On an error or an interrupt,
+    `stop` (an Event the tasks watch) is set before waiting for the tasks already running."""
     from concurrent.futures import wait
 
     with _blas_one_thread():
@@ -230,20 +302,29 @@ def _run_tasks(tasks: list) -> None:
         futures = []
         try:
             for fn, *args in tasks:
-                try:
-                    if pool is None:
-                        raise RuntimeError("one thread")
-                    futures.append(pool.submit(fn, *args))
-                except RuntimeError:  # no thread can be started (a memory cap, a thread limit): do it here
-                    fn(*args)
+                future = None
+                if pool is not None:
+                    try:
+                        future = pool.submit(fn, *args)
+                    except RuntimeError:  # no thread can be started (a memory cap, a thread limit)
+                        future = None
+                if future is None:
+                    fn(*args)  # here, in this thread
+                else:
+                    futures.append(future)
             for future in futures:
                 future.result()
+        except BaseException:
+            if stop is not None:
+                stop.set()
+            raise
         finally:
             for future in futures:
                 future.cancel()
             wait(futures)
 
 
+_WARM = 768  # the size of the threads' first GEMM
 _pools: dict = {}  # THREADS -> a ThreadPoolExecutor kept for the process, or None where threads can't start
 if hasattr(os, "register_at_fork"):  # a forked child has none of its parent's threads: it starts its own
     os.register_at_fork(after_in_child=_pools.clear)
@@ -254,11 +335,10 @@ def _pool():
     had: OpenBLAS allocates a buffer for each thread that calls it and exits the process if it cannot, whereas
     a NumPy allocation that fails later is a clean MemoryError."""
     if THREADS not in _pools:
-        import threading
         from concurrent.futures import ThreadPoolExecutor  # here, not at import: `convt --help` starts faster
 
         pool, barrier, started = None, threading.Barrier(THREADS), threading.Event()
-        a = np.ones((768, 768), dtype=np.float32)  # a GEMM of ~10 ms: the others start inside it
+        a = np.ones((_WARM, _WARM), dtype=np.float32)  # a GEMM of ~10 ms: the others start inside it
 
         def warm(k):
             barrier.wait(timeout=10)  # every thread takes one task: the pool starts all of its threads
@@ -475,7 +555,7 @@ def _offset_layout(plan: Plan, dense: bool = False):
         per_row = width + (len(shifts) + 1) * plan.in_channels
     else:
         per_row = 2 * width + plan.in_channels
-    block = max(1, max(ROW_MIN, BLOCK_BYTES // (4 * per_row)) // st[0])
+    block = max(1, max(ROW_MIN, BLOCK_BYTES // (4 * max(1, per_row))) // st[0])
     pieces = -(-nq[0] // block)
     block = -(-nq[0] // pieces)  # balanced blocks along the first axis
     return axes, qa, nq, big, tp, st, block
@@ -516,7 +596,7 @@ def _region(axes, ms):
     return tuple(lens), tuple(box), tuple(sizes)
 
 
-def _transpose_offsets(plan: Plan, x, w, out, compute) -> None:
+def _transpose_offsets(plan: Plan, x, w, out, compute, images=None) -> None:
     # Shift GEMMs in place: pad a block of rows of one image once; each input shift is then a contiguous slice
     # of the flat padded block, so one GEMM per shift (no im2col copy) gives that shift's contribution to every
     # phase that uses it, accumulated per phase, and each phase is stored once with strided slices.
@@ -585,7 +665,8 @@ def _transpose_offsets(plan: Plan, x, w, out, compute) -> None:
                 _store(plan.op, out[(b, *dst, slice(None))], view[(*src, p, slice(None))])
 
     stores: dict[tuple, list] = {}  # per block bounds: which slices of the accumulator go where
-    jobs = [(b, r0, min(nq[0], r0 + block)) for b in range(x.shape[0]) for r0 in range(0, nq[0], block)]
+    images = range(x.shape[0]) if images is None else images
+    jobs = [(b, r0, min(nq[0], r0 + block)) for b in images for r0 in range(0, nq[0], block)]
 
     def work(some):
         slab_shape = (block + big[0] + 1, *tp[1:])
@@ -641,7 +722,7 @@ def _winograd_filters(plan: Plan, axes, big, w, compute):
     return u
 
 
-def _transpose_dense(plan: Plan, x, w, out, compute) -> None:
+def _transpose_dense(plan: Plan, x, w, out, compute, images=None) -> None:
     # For few input channels: pad a block of rows of one image once, copy every shift e (0..big per axis) of it
     # side by side, and run one GEMM per block against the taps of every residue combination (zeros where a
     # residue lacks a tap), so the contraction is (big+1)**n * c_in long. Output o = s*v + r + (qa*s - lo) for
@@ -717,7 +798,8 @@ def _transpose_dense(plan: Plan, x, w, out, compute) -> None:
             g.reshape(y.shape)[...] = y
             _store(plan.op, window, g.reshape(*sizes, c_out)[(*src, slice(None))])
 
-    jobs = [(b, r0, min(nq[0], r0 + block)) for b in range(x.shape[0]) for r0 in range(0, nq[0], block)]
+    images = range(x.shape[0]) if images is None else images
+    jobs = [(b, r0, min(nq[0], r0 + block)) for b in images for r0 in range(0, nq[0], block)]
 
     def work(some):
         slab_shape = (block + big[0] + 1, *tp[1:])
@@ -732,7 +814,7 @@ def _transpose_dense(plan: Plan, x, w, out, compute) -> None:
     _over_jobs(jobs, work)
 
 
-def _transpose_winograd(plan: Plan, x, w, out, compute) -> None:
+def _transpose_winograd(plan: Plan, x, w, out, compute, images=None) -> None:
     # Winograd's minimal filtering F(2, 2) on each axis of the phase grid: every phase of every axis is a
     # correlation y[v] = d[v] g0 + d[v + 1] g1 of the padded input d, and a tile of two outputs takes three
     # products, (d0 - d1) g0, d1 (g0 + g1), (d2 - d1) g1, instead of four. In N-D the 3**n transformed inputs of a
@@ -829,7 +911,8 @@ def _transpose_winograd(plan: Plan, x, w, out, compute) -> None:
         else:
             _store(plan.op, out[(b, *dst, slice(None))], g.reshape(*full, c_out)[(*src, slice(None))])
 
-    jobs = [(b, t0, min(tiles[0], t0 + block)) for b in range(x.shape[0]) for t0 in range(0, tiles[0], block)]
+    images = range(x.shape[0]) if images is None else images
+    jobs = [(b, t0, min(tiles[0], t0 + block)) for b in images for t0 in range(0, tiles[0], block)]
 
     def work(some):
         shape = (m[0] * block + big[0], *[m[j] * tiles[j] + big[j] for j in range(1, n)])

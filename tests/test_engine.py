@@ -455,6 +455,8 @@ def test_no_thread_can_start_and_the_run_goes_on_in_this_one(monkeypatch):
     ((2, 3000, 64), (16, 32, 64), 8, 1, "NWC"),  # dense, every residue with all its taps
     ((2, 9, 9, 9, 32), (3, 3, 3, 16, 32), 2, 1, "NDHWC"),  # offsets, 3-D
     ((2, 50, 3, 5), (7, 7, 4, 5), 1, 3, "NHWC"),  # phases: rows mostly junk
+    ((1, 9, 3, 29), (5, 5, 256, 29), [3, 4], [3, 3], "NHWC"),  # dense, weights 10x the filters
+    ((1, 23, 6, 4, 1), (3, 4, 2, 128, 23), [2, 2, 4], [3, 3, 3], "NCDHW"),  # dense, channels-first
 ])
 def test_estimate_bytes_bounds_what_the_engine_allocates(x_shape, w_shape, strides, dilations, data_format):
     import tracemalloc
@@ -462,10 +464,12 @@ def test_estimate_bytes_bounds_what_the_engine_allocates(x_shape, w_shape, strid
     rng = np.random.default_rng(0)
     x = rng.standard_normal(x_shape).astype(np.float32)
     w = rng.standard_normal(w_shape).astype(np.float32)
-    plan = plan_conv_transpose(x.shape, w.shape, None, strides, "SAME", data_format, dilations)
+    padding = "VALID" if w.shape[-2] > 100 else "SAME"
+    plan = plan_conv_transpose(x.shape, w.shape, None, strides, padding, data_format, dilations)
+    engine._pools.clear()  # the threads' first GEMMs count too
     tracemalloc.start()
     try:
-        conv_transpose(x, w, strides=strides, data_format=data_format, dilations=dilations)
+        conv_transpose(x, w, strides=strides, padding=padding, data_format=data_format, dilations=dilations)
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
@@ -499,3 +503,83 @@ def test_a_forked_child_gets_threads_of_its_own():
         if child.is_alive():
             child.kill()
     assert got == want
+
+
+@pytest.mark.parametrize("strategy", [None, *engine.STRATEGIES])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.float16])
+@pytest.mark.parametrize("shape,w_shape,strides", [((4, 9, 9, 3), (3, 3, 2, 3), 2),  # dense by default
+                                                   ((4, 9, 9, 16), (4, 4, 8, 16), 2),  # winograd
+                                                   ((4, 12, 12, 40), (3, 3, 8, 40), 1)])  # offsets
+def test_inf_and_nan_spread_as_in_a_direct_sum(strategy, dtype, shape, w_shape, strides):
+    # "dense" multiplies zero weights by every input and "winograd" subtracts inputs from each other: an inf
+    # there would make NaN where a direct sum gives inf or 0. Such images take the direct path, the others not.
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal(shape).astype(dtype)
+    w = rng.standard_normal(w_shape).astype(dtype)
+    x[1, 4, 4, 0] = np.inf
+    x[2, 2, 5, 1] = np.nan
+    plan = plan_conv_transpose(x.shape, w.shape, None, strides)
+    got = engine.run_conv_transpose(plan, x, w, strategy=strategy)
+    with np.errstate(invalid="ignore"):
+        want = engine.run_conv_transpose(plan, x, w, strategy="taps")
+    for image in (1, 2):
+        assert np.array_equal(np.isnan(got[image]), np.isnan(want[image]))
+        assert np.array_equal(np.isposinf(got[image]), np.isposinf(want[image]))
+        assert np.array_equal(np.isneginf(got[image]), np.isneginf(want[image]))
+    alone = [engine.run_conv_transpose(plan, x[i:i + 1], w, strategy=strategy) for i in (0, 3)]
+    assert got[0].tobytes() == alone[0].tobytes() and got[3].tobytes() == alone[1].tobytes()
+    assert np.isfinite(got[[0, 3]]).all()
+
+
+def test_winograd_does_not_overflow_where_the_direct_sum_does_not():
+    x = np.zeros((1, 8, 8, 16), np.float32)
+    x[0, 3, 3:5, 0] = [3e38, -3e38]  # d0 - d1 would be -inf
+    w = np.full((4, 4, 2, 16), 1e-3, np.float32)
+    got = conv_transpose(x, w, strides=2)
+    assert np.isfinite(got).all()
+    np.testing.assert_allclose(got, engine.run_conv_transpose(
+        plan_conv_transpose(x.shape, w.shape, None, 2), x, w, strategy="taps"), rtol=1e-5, atol=1e30)
+
+
+def test_no_channels_at_all():
+    plan = plan_conv_transpose((2, 8, 0), (1, 0, 0), None, 3)
+    assert engine.choose_strategy(plan) in engine.STRATEGIES
+    assert engine.estimate_bytes(plan, np.float32) >= 0
+    assert conv_transpose(np.zeros((2, 8, 0), np.float32), np.zeros((1, 0, 0), np.float32), strides=3).shape == \
+        (2, 24, 0)
+
+
+def test_an_error_in_one_job_stops_the_others(monkeypatch):
+    # int32 overflow in the first image: the threads stop taking jobs instead of computing all 60 images
+    x = np.ones((60, 24, 24, 40), np.int32)
+    x[0] = 2**20
+    w = np.full((3, 3, 8, 40), 2**9, np.int32)
+    stores = []
+    real = engine._store
+    monkeypatch.setattr(engine, "_store", lambda op, dst, src: (stores.append(1), real(op, dst, src)))
+    with pytest.raises(ConvtError, match="overflows"):
+        conv_transpose(x, w, strides=1)
+    assert len(stores) < 20  # blocks of a few images at most, not 60 images' worth
+
+
+def test_an_error_is_not_chained_to_the_thread_fallback():
+    with pytest.raises(ConvtError) as caught:
+        conv_transpose(np.full((1, 2, 2), 2**20, np.int32), np.full((1, 1, 2), 2**11, np.int32), padding="VALID")
+    assert caught.value.__context__ is None
+
+
+def test_calls_from_several_threads_leave_blas_threads_as_they_were():
+    from concurrent.futures import ThreadPoolExecutor
+
+    from threadpoolctl import threadpool_info
+
+    def blas_threads():
+        return [i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"]
+
+    before = blas_threads()
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((4, 20, 20, 16)).astype(np.float32)
+    w = rng.standard_normal((4, 4, 8, 16)).astype(np.float32)
+    with ThreadPoolExecutor(3) as pool:
+        list(pool.map(lambda _: conv_transpose(x, w, strides=2), range(30)))
+    assert blas_threads() == before
