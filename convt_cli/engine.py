@@ -81,7 +81,8 @@ def _finish(op: str, out: np.ndarray, dtype: np.dtype) -> np.ndarray:
 def estimate_bytes(plan: Plan, dtype) -> int:
     """Peak bytes run_conv_transpose allocates for this plan beyond its input and filters (an upper bound):
     the output, each thread's workspace for the strategy chosen (a batch chunk of about WORK_BYTES for
-    "phases"/"taps", a block of about BLOCK_BYTES for the others), and the prepared filters."""
+    "phases"/"taps", a block of about BLOCK_BYTES for the others), and the prepared filters. Not counted:
+    the (1 + THREADS) * 2.25 MiB that the worker threads' first GEMMs take once per process (see _pool)."""
     dtype = np.dtype(dtype)
     compute = np.dtype(COMPUTE_DTYPES[dtype.name]).itemsize
     out_image = math.prod(plan.output_shape[1:])
@@ -122,8 +123,7 @@ def estimate_bytes(plan: Plan, dtype) -> int:
             plan.out_channels * compute
     if chosen == "winograd":  # the transformed taps: 3**n points for every residue combination
         weights += 3 ** plan.spec.n * math.prod(plan.spec.strides) * plan.in_channels * plan.out_channels * compute
-    warm = (1 + THREADS) * _WARM * _WARM * 4 if THREADS > 1 else 0  # the threads' first GEMMs (see _pool)
-    return math.prod(plan.output_shape) * dtype.itemsize + at_once * work + weights + warm
+    return math.prod(plan.output_shape) * dtype.itemsize + at_once * work + weights
 
 
 def conv_transpose(
