@@ -176,56 +176,49 @@ def run_conv_transpose(plan: Plan, x: np.ndarray, w: np.ndarray, strategy: str |
         raise ValueError(f"unknown strategy {strategy!r}")
     if strategy == "winograd" and not _winograd_ok(plan):
         strategy = "offsets"  # where it does not apply
-    images = None
-    if strategy in ("dense", "winograd"):
-        # both are direct sums only for tame numbers: "dense" multiplies zero weights by every input (inf*0 is
-        # NaN) and "winograd" adds and subtracts inputs first (inf-inf, overflow near the largest float).
-        # Images that are not tame, decided per image, take "offsets", as every image does with wild filters.
-        wild = _wild(x, w, compute, strategy)
-        if wild.any():
-            _transpose_offsets(plan, x, wc, out, compute, images=np.flatnonzero(wild).tolist())
-            images = np.flatnonzero(~wild).tolist()
+    if strategy in ("dense", "winograd") and not _tame(wc, _tame_limit(compute, strategy)):
+        strategy = "offsets"  # filters that "dense" or "winograd" would not sum as a direct sum does
     if strategy == "phases":
         _transpose_phases(plan, x, wc, out, compute)
     elif strategy == "taps":
         _transpose_taps(plan, x, wc, out, compute)
     elif strategy == "offsets":
         _transpose_offsets(plan, x, wc, out, compute)
-    elif images != []:
+    else:
+        wild: set = set()  # images with a block that is not tame: they are done again by "offsets"
         run = _transpose_winograd if strategy == "winograd" else _transpose_dense
-        run(plan, x, wc, out, compute, images)
+        run(plan, x, wc, out, compute, wild)
+        if wild:
+            images = sorted(wild)
+            out[images] = 0
+            _transpose_offsets(plan, x, wc, out, compute, images=images)
     return out
 
 
-# storage dtype -> (bits of the mantissa, bits of the exponent, bias): read off the bits, not by arithmetic
-_FLOATS = {"float16": (10, 5, 15), "bfloat16": (7, 8, 127), "float32": (23, 8, 127), "float64": (52, 11, 1023),
-           "complex64": (23, 8, 127), "complex128": (52, 11, 1023)}
-
-
-def _wild(x, w, compute, strategy) -> np.ndarray:
-    """Per image, whether "dense" (any inf or NaN) or "winograd" (also any magnitude of 2**(e/2 - 16) or more,
-    e the compute dtype's largest exponent: its transforms then cannot overflow where the direct sum does not)
-    must leave it to a direct sum. Integers: exact in "dense", and "winograd" leaves them all to offsets."""
-    batch = x.shape[0]
+def _tame_limit(compute: np.dtype, strategy: str):
+    """The largest magnitude "dense" or "winograd" takes: both are direct sums only for tame numbers. "dense"
+    multiplies its zero weights by every input (inf * 0 is NaN): finite numbers only. "winograd" adds and
+    subtracts inputs, and taps, before multiplying (inf - inf; overflow near the largest float): below
+    2**(e/2 - 16), e the largest exponent, so that nothing overflows that the direct sum would not. Integers:
+    no limit for "dense"; "winograd" is not used for them (None)."""
     if compute.kind == "i":
-        return np.full(batch, strategy == "winograd")
-    limit = None
-    if strategy == "winograd":
-        limit = (np.finfo(compute).maxexp - 1) // 2 - 16  # as an unbiased exponent
+        return np.inf if strategy == "dense" else None
+    if strategy == "dense":
+        return float(np.finfo(compute).max)
+    return 2.0 ** ((np.finfo(compute).maxexp - 1) // 2 - 16)
 
-    def untame(a, per):
-        mant, ebits, bias = _FLOATS[a.dtype.name]
-        top = (1 << ebits) - 1
-        field = top if limit is None else min(top, bias + limit)
-        if a.dtype.kind == "c":  # real and imaginary parts side by side
-            a = np.ascontiguousarray(a).view(np.float32 if a.dtype.itemsize == 8 else np.float64)
-        bits = a.view(np.dtype(f"u{a.dtype.itemsize}").newbyteorder(a.dtype.byteorder))
-        high = np.bitwise_and(bits, top << mant, dtype=bits.dtype.newbyteorder("="))
-        return (high >= (field << mant)).reshape(per, -1).any(axis=1)
 
-    if untame(w, 1)[0]:
-        return np.ones(batch, dtype=bool)
-    return untame(x, batch)
+def _tame(a: np.ndarray, limit) -> bool:
+    """Every |element| at most limit (False for any NaN, and for limit None)."""
+    if limit is None:
+        return False
+    if a.size == 0 or a.dtype.kind == "i":
+        return True
+    if a.dtype.kind == "c":
+        return bool(np.abs(a).max() <= limit)
+    return bool(a.max() <= limit and a.min() >= -limit)  # a NaN fails both
+
+
 
 
 STRATEGIES = ("phases", "taps", "offsets", "dense", "winograd")
@@ -722,7 +715,7 @@ def _winograd_filters(plan: Plan, axes, big, w, compute):
     return u
 
 
-def _transpose_dense(plan: Plan, x, w, out, compute, images=None) -> None:
+def _transpose_dense(plan: Plan, x, w, out, compute, wild: set) -> None:
     # For few input channels: pad a block of rows of one image once, copy every shift e (0..big per axis) of it
     # side by side, and run one GEMM per block against the taps of every residue combination (zeros where a
     # residue lacks a tap), so the contraction is (big+1)**n * c_in long. Output o = s*v + r + (qa*s - lo) for
@@ -743,6 +736,7 @@ def _transpose_dense(plan: Plan, x, w, out, compute, images=None) -> None:
             wd[es.index(e), :, f, :] = w[tuple(t for _, t in picks)].T
     wd = wd.reshape(len(es) * c_in, n_res * c_out)
     wd = np.ascontiguousarray(wd.T) if first else wd
+    limit = _tame_limit(compute, "dense")
     inner = big[-1] + 1  # channels-last: the shifts of the last axis are consecutive in memory, copied together
     outer = [sum(e_j * s_j for e_j, s_j in zip(e, st)) for e in es[::inner]]
     shift = [q * s - p[0] for q, s, p in zip(qa, strides, plan.pads)]  # o - (s*v + r)
@@ -752,6 +746,9 @@ def _transpose_dense(plan: Plan, x, w, out, compute, images=None) -> None:
     def one_block(b, r0, r1, slab, a, acc, grid):
         nb, rows = r1 - r0, (r1 - r0) * st[0]
         _fill_padded(slab, x, b, first, [r0] + [0] * (n - 1), qa, big, spatial)
+        if limit != np.inf and not _tame(slab, limit):  # see _tame_limit: the image is done by "offsets"
+            wild.add(b)
+            return
         flat = slab.reshape(c_in, -1) if first else slab.reshape(-1, c_in)
         if first:
             a_now = a[..., :rows]  # (U, c_in, rows)
@@ -798,8 +795,7 @@ def _transpose_dense(plan: Plan, x, w, out, compute, images=None) -> None:
             g.reshape(y.shape)[...] = y
             _store(plan.op, window, g.reshape(*sizes, c_out)[(*src, slice(None))])
 
-    images = range(x.shape[0]) if images is None else images
-    jobs = [(b, r0, min(nq[0], r0 + block)) for b in images for r0 in range(0, nq[0], block)]
+    jobs = [(b, r0, min(nq[0], r0 + block)) for b in range(x.shape[0]) for r0 in range(0, nq[0], block)]
 
     def work(some):
         slab_shape = (block + big[0] + 1, *tp[1:])
@@ -814,7 +810,7 @@ def _transpose_dense(plan: Plan, x, w, out, compute, images=None) -> None:
     _over_jobs(jobs, work)
 
 
-def _transpose_winograd(plan: Plan, x, w, out, compute, images=None) -> None:
+def _transpose_winograd(plan: Plan, x, w, out, compute, wild: set) -> None:
     # Winograd's minimal filtering F(2, 2) on each axis of the phase grid: every phase of every axis is a
     # correlation y[v] = d[v] g0 + d[v + 1] g1 of the padded input d, and a tile of two outputs takes three
     # products, (d0 - d1) g0, d1 (g0 + g1), (d2 - d1) g1, instead of four. In N-D the 3**n transformed inputs of a
@@ -837,6 +833,7 @@ def _transpose_winograd(plan: Plan, x, w, out, compute, images=None) -> None:
     block = max(-(-least // per_row), BLOCK_BYTES // max(1, row_bytes), 1)
     pieces = -(-tiles[0] // block)
     block = -(-tiles[0] // pieces)
+    limit = _tame_limit(compute, "winograd")
     shift = [q * s - p[0] for q, s, p in zip(qa, strides, plan.pads)]  # o - g
 
     def transform_in(d):
@@ -863,6 +860,9 @@ def _transpose_winograd(plan: Plan, x, w, out, compute, images=None) -> None:
         d = slab[(slice(None), *[slice(0, h - lo) for h, lo in zip(hi_t, lo_t)])] if first else \
             slab[tuple(slice(0, h - lo) for h, lo in zip(hi_t, lo_t))]
         _fill_padded(d, x, b, first, lo_t, qa, big, spatial)
+        if not _tame(d, limit):  # see _tame_limit: the image is done by "offsets"
+            wild.add(b)
+            return
         v = transform_in(d)  # (3, .., 3, c_in, *T) or (3, .., 3, *T, c_in)
         nt = [t1 - t0, *tiles[1:]]
         rows = math.prod(nt)
@@ -911,8 +911,7 @@ def _transpose_winograd(plan: Plan, x, w, out, compute, images=None) -> None:
         else:
             _store(plan.op, out[(b, *dst, slice(None))], g.reshape(*full, c_out)[(*src, slice(None))])
 
-    images = range(x.shape[0]) if images is None else images
-    jobs = [(b, t0, min(tiles[0], t0 + block)) for b in images for t0 in range(0, tiles[0], block)]
+    jobs = [(b, t0, min(tiles[0], t0 + block)) for b in range(x.shape[0]) for t0 in range(0, tiles[0], block)]
 
     def work(some):
         shape = (m[0] * block + big[0], *[m[j] * tiles[j] + big[j] for j in range(1, n)])
