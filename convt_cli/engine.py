@@ -548,10 +548,13 @@ def _offset_layout(plan: Plan, dense: bool = False):
         per_row = width + (len(shifts) + 1) * plan.in_channels
     else:
         per_row = 2 * width + plan.in_channels
-    block = max(1, max(ROW_MIN, BLOCK_BYTES // (4 * max(1, per_row))) // st[0])
-    pieces = -(-nq[0] // block)
-    block = -(-nq[0] // pieces)  # balanced blocks along the first axis
+    block = _balanced(nq[0], max(1, max(ROW_MIN, BLOCK_BYTES // (4 * max(1, per_row))) // st[0]))
     return axes, qa, nq, big, tp, st, block
+
+
+def _balanced(total: int, most: int) -> int:
+    """The block size that cuts total into as few blocks of at most `most` as possible, all nearly equal."""
+    return -(-total // -(-total // most))
 
 
 def _phase_stores(plan: Plan, phases, qa, r0: int, r1: int) -> list:
@@ -619,10 +622,9 @@ def _transpose_offsets(plan: Plan, x, w, out, compute, images=None) -> None:
         _fill_padded(slab, x, b, first, [r0] + [0] * (n - 1), qa, big, spatial)
         flat = slab.reshape(c_in, -1) if first else slab.reshape(-1, c_in)
         acc = acc[..., :rows] if first else acc[:rows]
-        units_now = units
-        if units_now and units[0][2] != everyone:
+        if units[0][2] != everyone:
             acc[...] = 0
-        for u, (offset, wmat, ps, region) in enumerate(units_now):
+        for u, (offset, wmat, ps, region) in enumerate(units):
             if u == 0 and ps == everyone:  # the first product is the accumulator's start: no zeroing, no add
                 if first:
                     np.matmul(wmat, flat[:, offset:offset + rows], out=acc)
@@ -681,12 +683,14 @@ def _full_axes(plan: Plan):
     return axes
 
 
+def _largest_shifts(plan: Plan) -> list:
+    """Per axis, the largest input shift of any tap, k*d // s for the last tap (reaching the output or not)."""
+    return [(k - 1) * d // s for k, s, d in zip(plan.kernel, plan.spec.strides, plan.spec.dilations)]
+
+
 def _winograd_ok(plan: Plan) -> bool:
     """Winograd applies when every tap's shift (k*d // s) is 0 or 1, and some axis has both."""
-    if _offset_layout(plan) is None:
-        return False
-    big = [(k - 1) * d // s for k, s, d in zip(plan.kernel, plan.spec.strides, plan.spec.dilations)]
-    return max(big) == 1
+    return _offset_layout(plan) is not None and max(_largest_shifts(plan)) == 1
 
 
 def _winograd_filters(plan: Plan, axes, big, w, compute):
@@ -738,7 +742,8 @@ def _transpose_dense(plan: Plan, x, w, out, compute, wild: set) -> None:
     wd = np.ascontiguousarray(wd.T) if first else wd
     limit = _tame_limit(compute, "dense")
     inner = big[-1] + 1  # channels-last: the shifts of the last axis are consecutive in memory, copied together
-    outer = [sum(e_j * s_j for e_j, s_j in zip(e, st)) for e in es[::inner]]
+    offsets = [sum(e_j * s_j for e_j, s_j in zip(e, st)) for e in es]  # of each shift's slice
+    outer = offsets[::inner]
     shift = [q * s - p[0] for q, s, p in zip(qa, strides, plan.pads)]  # o - (s*v + r)
 
     full = [strides[j] * tp[j] for j in range(n)]  # the grid of a block: (s*v + r) per axis
@@ -752,8 +757,7 @@ def _transpose_dense(plan: Plan, x, w, out, compute, wild: set) -> None:
         flat = slab.reshape(c_in, -1) if first else slab.reshape(-1, c_in)
         if first:
             a_now = a[..., :rows]  # (U, c_in, rows)
-            for u, e in enumerate(es):
-                offset = sum(e_j * s_j for e_j, s_j in zip(e, st))
+            for u, offset in enumerate(offsets):
                 a_now[u] = flat[:, offset:offset + rows]
             y = np.matmul(wd, a_now.reshape(-1, rows), out=acc[:, :rows])  # (n_res*c_out, rows)
             y = y.reshape(*strides, c_out, nb, *tp[1:]).transpose(
@@ -766,18 +770,13 @@ def _transpose_dense(plan: Plan, x, w, out, compute, wild: set) -> None:
             y = np.matmul(a_now.reshape(rows, -1), wd, out=acc[:rows])  # (rows, n_res*c_out)
             y = y.reshape(nb, *tp[1:], *strides, c_out).transpose(
                 0, n, *[k for j in range(1, n) for k in (j, n + j)], 2 * n)  # (v0, r0, v1, r1, .., c)
-        dst, src, aligned = [], [], True
-        for j in range(n):
-            base = strides[j] * r0 if j == 0 else 0
-            end = strides[j] * r1 if j == 0 else strides[j] * nq[j]
-            o0, o1 = max(0, shift[j] + base), min(plan.output_spatial[j], shift[j] + end)
-            if o1 <= o0:
-                return
-            dst.append(slice(o0, o1))
-            src.append(slice(o0 - shift[j] - base, o1 - shift[j] - base))
-            aligned = aligned and (o0 - shift[j] - base) % strides[j] == 0 and (o1 - o0) % strides[j] == 0
+        covered = _window(plan, shift, [strides[0] * r0] + [0] * (n - 1),
+                          [strides[0] * r1] + [s * q for s, q in zip(strides[1:], nq[1:])])
+        if covered is None:
+            return
+        dst, src = covered
         window = out[(b, slice(None), *dst)] if first else out[(b, *dst, slice(None))]
-        if aligned:  # whole (v, r) groups on every axis: the output window is y's (v, r) grid, cropped
+        if all(g.start % s == 0 and (g.stop - g.start) % s == 0 for g, s in zip(src, strides)):  # whole (v, r) groups on every axis: the output window is y's (v, r) grid, cropped
             pairs = [(g.stop - g.start) // s for g, s in zip(src, strides)]
             shape = [d for k, s in zip(pairs, strides) for d in (k, s)]
             view = window.view()
@@ -788,11 +787,10 @@ def _transpose_dense(plan: Plan, x, w, out, compute, wild: set) -> None:
             return
         sizes = [strides[0] * nb, *full[1:]]
         g = grid[:c_out * math.prod(sizes)]
+        g.reshape(y.shape)[...] = y
         if first:
-            g.reshape(y.shape)[...] = y
             _store(plan.op, window, g.reshape(c_out, *sizes)[(slice(None), *src)])
         else:
-            g.reshape(y.shape)[...] = y
             _store(plan.op, window, g.reshape(*sizes, c_out)[(*src, slice(None))])
 
     jobs = [(b, r0, min(nq[0], r0 + block)) for b in range(x.shape[0]) for r0 in range(0, nq[0], block)]
@@ -822,7 +820,7 @@ def _transpose_winograd(plan: Plan, x, w, out, compute, wild: set) -> None:
     axes = _full_axes(plan)
     first, n, strides = plan.spec.channels_first, plan.spec.n, plan.spec.strides
     c_in, c_out, spatial = plan.in_channels, plan.out_channels, plan.input_spatial
-    big = [max([0, *[m for ph in a for m in ph[0]]]) for a in axes]
+    big = _largest_shifts(plan)
     m = [2 if b else 1 for b in big]  # outputs per tile
     tiles = [-(-q // k) for q, k in zip(nq, m)]
     u = _winograd_filters(plan, axes, big, w, compute)
@@ -830,9 +828,7 @@ def _transpose_winograd(plan: Plan, x, w, out, compute, wild: set) -> None:
     per_row = math.prod(tiles[1:])
     row_bytes = points * per_row * (c_in + 2 * width) * compute.itemsize
     least = TILES_MIN_FIRST if first else TILES_MIN
-    block = max(-(-least // per_row), BLOCK_BYTES // max(1, row_bytes), 1)
-    pieces = -(-tiles[0] // block)
-    block = -(-tiles[0] // pieces)
+    block = _balanced(tiles[0], max(-(-least // per_row), BLOCK_BYTES // max(1, row_bytes), 1))
     limit = _tame_limit(compute, "winograd")
     shift = [q * s - p[0] for q, s, p in zip(qa, strides, plan.pads)]  # o - g
 
@@ -895,16 +891,11 @@ def _transpose_winograd(plan: Plan, x, w, out, compute, wild: set) -> None:
         window_store(b, t0, t1, g)
 
     def window_store(b, t0, t1, g):
-        dst, src = [], []
-        for j in range(n):
-            s_m = strides[j] * m[j]
-            g0 = s_m * t0 if j == 0 else 0
-            g1 = s_m * t1 if j == 0 else s_m * tiles[j]
-            o0, o1 = max(0, shift[j] + g0), min(plan.output_spatial[j], shift[j] + g1)
-            if o1 <= o0:
-                return
-            dst.append(slice(o0, o1))
-            src.append(slice(o0 - shift[j] - g0, o1 - shift[j] - g0))
+        covered = _window(plan, shift, [strides[0] * m[0] * t0] + [0] * (n - 1),
+                          [strides[0] * m[0] * t1] + [s * k * t for s, k, t in zip(strides[1:], m[1:], tiles[1:])])
+        if covered is None:
+            return
+        dst, src = covered
         full = [strides[j] * m[j] * (t1 - t0 if j == 0 else tiles[j]) for j in range(n)]
         if first:
             _store(plan.op, out[(b, slice(None), *dst)], g.reshape(c_out, *full)[(slice(None), *src)])
@@ -923,6 +914,20 @@ def _transpose_winograd(plan: Plan, x, w, out, compute, wild: set) -> None:
             one_block(b, t0, t1, slab, grid)
 
     _over_jobs(jobs, work)
+
+
+def _window(plan: Plan, shift, start, end):
+    """The output slices a block's grid covers and the slices of the grid that go there, per axis: grid
+    position g is output shift + g, and the block's grid on axis j runs [start[j], end[j]); None when no output
+    of the block is inside the output."""
+    dst, src = [], []
+    for j, size in enumerate(plan.output_spatial):
+        o0, o1 = max(0, shift[j] + start[j]), min(size, shift[j] + end[j])
+        if o1 <= o0:
+            return None
+        dst.append(slice(o0, o1))
+        src.append(slice(o0 - shift[j] - start[j], o1 - shift[j] - start[j]))
+    return tuple(dst), tuple(src)
 
 
 def _fill_padded(d, x, b, first, lo_t, qa, big, spatial) -> None:
@@ -946,6 +951,7 @@ def _fill_padded(d, x, b, first, lo_t, qa, big, spatial) -> None:
             d[(slice(None), *box)] = x[(b, slice(None), *src)]
         else:
             d[(*box, slice(None))] = x[(b, *src, slice(None))]
+
 
 def choose_strategy(plan: Plan) -> str:
     """One of STRATEGIES from the shapes of one image (never the batch size, so that any batch slicing gives
@@ -979,8 +985,7 @@ def choose_strategy(plan: Plan) -> str:
 def _winograd_saving(plan: Plan, axes) -> float:
     """1 - Winograd's products / the direct products, per position of the phase grid."""
     direct = sum(math.prod(len(ph.taps) for ph in combo) for combo in itertools.product(*axes))
-    big = [(k - 1) * d // s for k, s, d in zip(plan.kernel, plan.spec.strides, plan.spec.dilations)]
-    winograd = math.prod((3 / 2 if b else 1) * s for b, s in zip(big, plan.spec.strides))
+    winograd = math.prod((3 / 2 if b else 1) * s for b, s in zip(_largest_shifts(plan), plan.spec.strides))
     return 1 - winograd / direct
 
 
