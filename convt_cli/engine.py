@@ -776,7 +776,8 @@ def _transpose_dense(plan: Plan, x, w, out, compute, wild: set) -> None:
             return
         dst, src = covered
         window = out[(b, slice(None), *dst)] if first else out[(b, *dst, slice(None))]
-        if all(g.start % s == 0 and (g.stop - g.start) % s == 0 for g, s in zip(src, strides)):  # whole (v, r) groups on every axis: the output window is y's (v, r) grid, cropped
+        # whole (v, r) groups on every axis: the output window is y's (v, r) grid, cropped
+        if all(g.start % s == 0 and (g.stop - g.start) % s == 0 for g, s in zip(src, strides)):
             pairs = [(g.stop - g.start) // s for g, s in zip(src, strides)]
             shape = [d for k, s in zip(pairs, strides) for d in (k, s)]
             view = window.view()
