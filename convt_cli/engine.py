@@ -2,8 +2,9 @@
 
 conv_transpose splits the output into stride phases (output positions with the same residue modulo the stride
 on every axis); each phase is a plain correlation of the input with that phase's taps. The default strategies
-("offsets", "dense") pad a block of rows of one image once, read every input shift as a contiguous slice of it,
-and run BLAS GEMMs over the channels; "phases" and "taps" are the earlier, simpler strategies, kept and tested.
+("offsets", "folded", "dense", "winograd") pad a block of rows of one image once, read input shifts as
+contiguous slices of it, and run BLAS GEMMs over the channels; choose_strategy picks one by shape. "phases" and
+"taps" are the earlier, simpler strategies, kept and tested.
 conv gathers from a zero-padded copy, tap by tap. The two are written independently on purpose: `verify` holds
 one against the other, so a mistake in one must not be repeated in the other.
 """
@@ -108,6 +109,8 @@ def estimate_bytes(plan: Plan, dtype) -> int:
         shifts, residues = math.prod(b + 1 for b in big), math.prod(plan.spec.strides)
         work = max(work, ((rows + (big[0] + 1) * st[0]) * plan.in_channels + rows * shifts * plan.in_channels +
                           2 * rows * residues * plan.out_channels) * compute)
+    if chosen == "folded":  # A (the last axis' shifts side by side), the accumulator, one GEMM result
+        work = max(work, _folded_sizes(plan, np.dtype(COMPUTE_DTYPES[dtype.name]).type == dtype.type)[3] * compute)
     if chosen == "winograd":  # 3**n transformed blocks of TILES_MIN tiles or more
         points = 3 ** plan.spec.n
         width = math.prod(plan.spec.strides) * plan.out_channels
@@ -174,7 +177,7 @@ def run_conv_transpose(plan: Plan, x: np.ndarray, w: np.ndarray, strategy: str |
     strategy = strategy or choose_strategy(plan)
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown strategy {strategy!r}")
-    if strategy == "winograd" and not _winograd_ok(plan):
+    if (strategy == "winograd" and not _winograd_ok(plan)) or (strategy == "folded" and not _folded_ok(plan)):
         strategy = "offsets"  # where it does not apply
     if strategy in ("dense", "winograd") and not _tame(wc, _tame_limit(compute, strategy)):
         strategy = "offsets"  # filters that "dense" or "winograd" would not sum as a direct sum does
@@ -184,6 +187,8 @@ def run_conv_transpose(plan: Plan, x: np.ndarray, w: np.ndarray, strategy: str |
         _transpose_taps(plan, x, wc, out, compute)
     elif strategy == "offsets":
         _transpose_offsets(plan, x, wc, out, compute)
+    elif strategy == "folded":
+        _transpose_folded(plan, x, wc, out, compute)
     else:
         wild: set = set()  # images with a block that is not tame: they are done again by "offsets"
         run = _transpose_winograd if strategy == "winograd" else _transpose_dense
@@ -221,7 +226,7 @@ def _tame(a: np.ndarray, limit) -> bool:
 
 
 
-STRATEGIES = ("phases", "taps", "offsets", "dense", "winograd")
+STRATEGIES = ("phases", "taps", "offsets", "folded", "dense", "winograd")
 WORK_BYTES = 8 << 20  # aim for one batch chunk's workspace to stay in the last-level cache
 THREADS = min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
 _blas = []  # a threadpoolctl controller, made on first use (it scans the loaded libraries)
@@ -635,20 +640,7 @@ def _transpose_offsets(plan: Plan, x, w, out, compute, images=None) -> None:
                 y = np.matmul(wmat, flat[:, offset:offset + rows])  # (P_u*c_out, rows)
             else:
                 y = np.matmul(flat[offset:offset + rows], wmat)  # (rows, P_u*c_out)
-            if ps == everyone:
-                acc += y
-            elif region is not None:  # the phases using this shift are a box of the phase grid: one add
-                lens, box, sizes = region
-                if first:
-                    acc.reshape(*lens, c_out, rows)[box] += y.reshape(*sizes, c_out, rows)
-                else:
-                    acc.reshape(rows, *lens, c_out)[(slice(None), *box)] += y.reshape(rows, *sizes, c_out)
-            else:
-                for k, p in enumerate(ps):
-                    if first:
-                        acc[p * c_out:(p + 1) * c_out] += y[k * c_out:(k + 1) * c_out]
-                    else:
-                        acc[:, p * c_out:(p + 1) * c_out] += y[:, k * c_out:(k + 1) * c_out]
+            _accumulate(acc, y, ps, everyone, region, c_out, first)
         grid = (r1 - r0, *tp[1:])
         view = acc.reshape(n_ph, c_out, *grid) if first else acc.reshape(*grid, n_ph, c_out)
         if (r0, r1) not in stores:
@@ -670,6 +662,163 @@ def _transpose_offsets(plan: Plan, x, w, out, compute, images=None) -> None:
         acc = np.empty((n_ph * c_out, rows) if first else (rows, n_ph * c_out), dtype=compute)
         for b, r0, r1 in some:
             one_block(b, r0, r1, slab, acc)
+
+    _over_jobs(jobs, work)
+
+
+def _accumulate(acc, y, ps, everyone, region, c_out: int, first: bool) -> None:
+    """acc's columns (channels-first: rows) of phases ps += y, the GEMM result of a shift those phases use;
+    acc: (rows, phases*c_out) or (phases*c_out, rows), a view whose phase axis can be split without a copy."""
+    rows = y.shape[-1] if first else y.shape[0]
+    if ps == everyone:
+        acc += y
+    elif region is not None:  # the phases using this shift are a box of the phase grid: one add
+        lens, box, sizes = region
+        view = acc.view()
+        view.shape = (*lens, c_out, rows) if first else (rows, *lens, c_out)  # splits an axis: never a copy
+        if first:
+            view[box] += y.reshape(*sizes, c_out, rows)
+        else:
+            view[(slice(None), *box)] += y.reshape(rows, *sizes, c_out)
+    else:
+        for k, p in enumerate(ps):
+            if first:
+                acc[p * c_out:(p + 1) * c_out] += y[k * c_out:(k + 1) * c_out]
+            else:
+                acc[:, p * c_out:(p + 1) * c_out] += y[:, k * c_out:(k + 1) * c_out]
+
+
+def _folded_inner(plan: Plan, axes):
+    """For "folded": the input shifts of the last axis that any phase uses (ascending), and per phase of that
+    axis the range [i0, i1) of them it uses; None unless each phase's shifts are consecutive in that list."""
+    used = sorted({m for ph in axes[-1] for m in ph.shifts})
+    ranges = []
+    for ph in axes[-1]:
+        i0 = used.index(ph.shifts[0])
+        if list(ph.shifts) != used[i0:i0 + len(ph.shifts)]:
+            return None
+        ranges.append((i0, i0 + len(ph.shifts)))
+    return used, ranges
+
+
+def _folded_ok(plan: Plan) -> bool:
+    layout = _offset_layout(plan)
+    return layout is not None and _folded_inner(plan, layout[0]) is not None
+
+
+def _folded_sizes(plan: Plan, same_dtype: bool):
+    """(direct, width, block, buffers) of "folded": whether the GEMMs write straight into the output (one
+    phase that is the whole output, no junk rows: at most 2-D; and the output in the compute dtype), the
+    widest GEMM result's columns, the rows of the first axis per block, and each thread's buffers in elements."""
+    axes, _, nq, big, tp, _, _ = _offset_layout(plan)
+    n, c_in, c_out = plan.spec.n, plan.in_channels, plan.out_channels
+    used = _folded_inner(plan, axes)[0]
+    n_out, n_in = math.prod(len(a) for a in axes[:-1]), len(axes[-1])
+    direct = same_dtype and n <= 2 and n_out * n_in == 1 and all(
+        ph.o0 == 0 and ph.q1 - ph.q0 == size for (ph,), size in zip(axes, plan.output_spatial))
+    outer_shifts = [{m for ph in a for m in ph.shifts} for a in axes[:-1]]
+    width = max(sum(all(m in ph.shifts for m, ph in zip(ms, combo)) for combo in itertools.product(*axes[:-1]))
+                for ms in itertools.product(*outer_shifts)) * c_out
+    row = math.prod(nq[-1:] if n > 1 else [1]) * math.prod(tp[1:-1])  # A's positions per row of the first axis
+    per = len(used) * c_in + (0 if direct else n_in * n_out * c_out) + width  # A, accumulator, GEMM result
+    block = _balanced(nq[0], max(1, max(ROW_MIN, BLOCK_BYTES // (4 * per)) // row))
+    buffers = ((block + big[0] + 1) * row * len(used) * c_in if n > 1 else block * len(used) * c_in) + \
+        block * row * (width + (0 if direct else n_in * n_out * c_out))
+    return direct, width, block, buffers
+
+
+def _transpose_folded(plan: Plan, x, w, out, compute) -> None:
+    # "offsets" with the last axis folded into the contraction: a block's padded rows are copied once, the
+    # last axis' input shifts side by side (A), so that each phase of the last axis sums all its taps there in
+    # one GEMM whose contraction is its shifts times c_in. The other axes' shifts are contiguous slices of A as
+    # in "offsets". Fewer accumulations, and no junk positions on the last axis: A holds only the nq used.
+    layout = _offset_layout(plan)
+    if layout is None:
+        return
+    axes, qa, nq, big, tp, _, _ = layout
+    first, n = plan.spec.channels_first, plan.spec.n
+    c_in, c_out, spatial = plan.in_channels, plan.out_channels, plan.input_spatial
+    used, ranges = _folded_inner(plan, axes)
+    grid = [*tp[:-1], nq[-1]]  # A's positions: padded on the outer axes, exactly nq on the last
+    gst = [math.prod(grid[j + 1:]) for j in range(n)]  # and their strides, flattened
+    outer, inner = axes[:-1], axes[-1]
+    n_out, n_in = math.prod(len(a) for a in outer), len(inner)
+    everyone = list(range(n_out))
+    users: dict[tuple, list] = {}  # outer shifts -> the outer phases using them, with their taps
+    for po, combo in enumerate(itertools.product(*outer)):
+        for picks in itertools.product(*[tuple(zip(ph.shifts, ph.taps)) for ph in combo]):
+            users.setdefault(tuple(m for m, _ in picks), []).append((po, tuple(t for _, t in picks)))
+    units = []  # per phase of the last axis: its columns of A; per outer shift, (offset, weights, phases, box)
+    for ph2, (i0, i1) in zip(inner, ranges):
+        mine = []
+        for ms, uses in users.items():
+            wmat = np.concatenate([np.concatenate([w[(*taps, t2)] for t2 in ph2.taps], axis=1) for _, taps in uses])
+            wmat = np.ascontiguousarray(wmat if first else wmat.T)  # (P_u*c_out, K) or (K, P_u*c_out)
+            offset = sum((m_max - m) * g for m_max, m, g in zip(big, ms, gst))
+            mine.append((offset, wmat, [po for po, _ in uses], _region(outer, ms)))
+        mine.sort(key=lambda unit: unit[2] != everyone)  # one that every outer phase uses first: no zeroing
+        units.append((slice(i0 * c_in, i1 * c_in), mine))
+    phases = list(itertools.product(*axes))
+    direct, width, block, _ = _folded_sizes(plan, compute == out.dtype)
+
+    def one_block(b, r0, r1, a, acc, ybuf):
+        nb = r1 - r0
+        rows = nb * gst[0] if n > 1 else nb
+        reach = nq[-1] if n > 1 else nb  # one image's last axis, or (1-D) this block's part of it
+        for i, m in enumerate(used):  # A[.., v, i, c] = x[b, .., qa + v - used[i], c], zero outside x
+            slot = a[i, ..., :reach] if first else a[..., :reach, i, :]
+            lo_t = [r0] + [0] * (n - 2) + [big[-1] - m] if n > 1 else [r0 + big[0] - m]
+            _fill_padded(slot, x, b, first, lo_t, qa, big, spatial)
+        flat = a.reshape(len(used) * c_in, -1) if first else a.reshape(-1, len(used) * c_in)
+        for p2, (cols, mine) in enumerate(units):
+            if direct:
+                sub = out[b, :, r0:r1].view() if first else out[b, r0:r1].view()
+                sub.shape = (c_out, rows) if first else (rows, c_out)  # never a copy
+            else:
+                sub = acc[p2, :, :rows] if first else acc[:rows, p2]  # (P_out*c_out, rows) or (rows, P_out*c_out)
+            if mine[0][2] != everyone:
+                sub[...] = 0
+            for u, (offset, wmat, ps, region) in enumerate(mine):
+                src = flat[cols, offset:offset + rows] if first else flat[offset:offset + rows, cols]
+                if u == 0 and ps == everyone:
+                    if first:
+                        np.matmul(wmat, src, out=sub)
+                    else:
+                        np.matmul(src, wmat, out=sub)
+                    continue
+                cells = wmat.shape[0] if first else wmat.shape[1]
+                y = ybuf[:cells * rows].reshape((cells, rows) if first else (rows, cells))
+                if first:
+                    np.matmul(wmat, src, out=y)
+                else:
+                    np.matmul(src, wmat, out=y)
+                _accumulate(sub, y, ps, everyone, region, c_out, first)
+        if direct:
+            return
+        shape = (nb, *grid[1:])
+        view = acc.reshape(n_in, n_out, c_out, -1)[..., :rows].reshape(n_in, n_out, c_out, *shape) if first else \
+            acc.reshape(-1, n_in, n_out, c_out)[:rows].reshape(*shape, n_in, n_out, c_out)
+        if (r0, r1) not in stores:
+            stores[r0, r1] = _phase_stores(plan, phases, qa, r0, r1)
+        for p, dst, src in stores[r0, r1]:
+            po, p2 = divmod(p, n_in)
+            if first:
+                _store(plan.op, out[(b, slice(None), *dst)], view[(p2, po, slice(None), *src)])
+            else:
+                _store(plan.op, out[(b, *dst, slice(None))], view[(*src, p2, po, slice(None))])
+
+    stores: dict[tuple, list] = {}
+    jobs = [(b, r0, min(nq[0], r0 + block)) for b in range(x.shape[0]) for r0 in range(0, nq[0], block)]
+
+    def work(some):
+        a_shape = (block + big[0] + 1, *grid[1:]) if n > 1 else (block,)
+        a = np.empty((len(used), c_in, *a_shape) if first else (*a_shape, len(used), c_in), dtype=compute)
+        rows = block * gst[0] if n > 1 else block
+        acc = None if direct else \
+            np.empty((n_in, n_out * c_out, rows) if first else (rows, n_in, n_out * c_out), dtype=compute)
+        ybuf = np.empty(rows * width, dtype=compute)
+        for b, r0, r1 in some:
+            one_block(b, r0, r1, a, acc, ybuf)
 
     _over_jobs(jobs, work)
 
@@ -964,8 +1113,12 @@ def choose_strategy(plan: Plan) -> str:
       need (every residue has all its taps, as in a 1-D stride-8 kernel-16 layer), or with fewer than 32 input
       channels, where folding the shifts into the contraction is what keeps BLAS efficient: one GEMM and one
       contiguous store per block;
-    - "offsets" otherwise (dilated or odd-sized kernels with many channels): one GEMM per shift over the
-      input channels, read in place, so it copies nothing but the padded input;
+    - "folded" for channels-last 2-D and up with c_in >= 8, where each phase of the last axis uses
+      consecutive shifts: before "dense" for stride 1 (a 3x3 or a dilated layer), and instead of "offsets";
+      it copies the input once per shift of the last axis and then makes fewer, longer GEMMs, adds fewer
+      results and makes no junk positions on that axis;
+    - "offsets" otherwise (channels-first, dilated or odd-sized kernels with many channels): one GEMM per
+      shift over the input channels, read in place, so it copies nothing but the padded input;
     - "phases" when the padded rows of either would be mostly junk (an inner axis far shorter than the
       kernel's reach). "taps" is never the best by much; it stays as the plainest strategy, tested like the
       others.
@@ -978,9 +1131,15 @@ def choose_strategy(plan: Plan) -> str:
         return "phases"
     if plan.in_channels >= 16 and _winograd_ok(plan) and _winograd_saving(plan, axes) >= 0.4:
         return "winograd"
+    folded = not plan.spec.channels_first and plan.spec.n >= 2 and plan.in_channels >= 8 and \
+        _folded_inner(plan, axes) is not None
+    if folded and math.prod(plan.spec.strides) == 1:
+        return "folded"
     direct = sum(math.prod(len(ph.taps) for ph in combo) for combo in itertools.product(*axes))
     dense = math.prod(b + 1 for b in layout[3]) * math.prod(plan.spec.strides)  # products "dense" makes
-    return "offsets" if plan.in_channels >= 32 and dense > 1.15 * direct else "dense"
+    if plan.in_channels < 32 or dense <= 1.15 * direct:
+        return "dense"
+    return "folded" if folded else "offsets"
 
 
 def _winograd_saving(plan: Plan, axes) -> float:

@@ -112,7 +112,7 @@ def test_conv_transpose_matches_loop_reference(seed, strategy):
 
 
 @pytest.mark.parametrize("seed", range(160, 220))
-@pytest.mark.parametrize("strategy", ["offsets", "dense", "winograd"])
+@pytest.mark.parametrize("strategy", ["offsets", "folded", "dense", "winograd"])
 def test_offsets_in_blocks_of_one_row_match_loop_reference(monkeypatch, seed, strategy):
     # the loop-reference images are too small for "offsets" to cut them into blocks of rows by default
     monkeypatch.setattr(engine, "ROW_MIN", 1)
@@ -124,7 +124,7 @@ def test_offsets_in_blocks_of_one_row_match_loop_reference(monkeypatch, seed, st
     np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("strategy", ["offsets", "dense"])
+@pytest.mark.parametrize("strategy", ["offsets", "folded", "dense"])
 @pytest.mark.parametrize("first", [False, True])
 def test_shift_used_by_unevenly_spaced_phases(strategy, first):
     # stride 5, dilation 2, kernel 4: taps land on residues 0, 2, 4, 1 with shifts 0, 0, 0, 1, so shift 0 is
@@ -140,6 +140,26 @@ def test_shift_used_by_unevenly_spaced_phases(strategy, first):
     want = conv_transpose_loop(x, w, plan.output_spatial, strides=5, padding="VALID", dilations=2,
                                channels_first=first)
     np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16, np.int32])
+@pytest.mark.parametrize("first", [False, True])
+@pytest.mark.parametrize("dilation", [1, 2])
+def test_folded_into_the_output_or_through_its_accumulator(monkeypatch, dtype, first, dilation):
+    # stride 1 in 2-D: in float32 the GEMMs write straight into the output, block by block; float16 and int32
+    # (summed in float32 and int64) go through the accumulator and the stores
+    monkeypatch.setattr(engine, "ROW_MIN", 1)
+    monkeypatch.setattr(engine, "BLOCK_BYTES", 1)  # a block per row: every block is a window of the output
+    rng = np.random.default_rng(21)
+    x = rng.integers(-4, 5, (2, 5, 7, 6) if first else (2, 7, 6, 5)).astype(dtype)
+    w = rng.integers(-4, 5, (3, 3, 4, 5)).astype(dtype)
+    plan = plan_conv_transpose(x.shape, w.shape, None, 1, "SAME", "NCHW" if first else "NHWC", dilation)
+    assert engine._folded_ok(plan)
+    got = engine.run_conv_transpose(plan, x, w, strategy="folded")
+    want = conv_transpose_loop(x.astype(np.float64), w.astype(np.float64), plan.output_spatial, strides=1,
+                               padding="SAME", dilations=dilation, channels_first=first)
+    assert got.dtype == dtype
+    np.testing.assert_array_equal(got.astype(np.float64), want)  # small integers: every sum is exact
 
 
 @pytest.mark.parametrize("strategy", engine.STRATEGIES)
@@ -450,10 +470,13 @@ def test_no_thread_can_start_and_the_run_goes_on_in_this_one(monkeypatch):
 @pytest.mark.parametrize("x_shape,w_shape,strides,dilations,data_format", [
     ((3, 20, 20, 64), (4, 4, 32, 64), 2, 1, "NHWC"),  # winograd
     ((3, 64, 20, 20), (4, 4, 32, 64), 2, 1, "NCHW"),  # winograd, channels-first
-    ((2, 24, 24, 48), (3, 3, 40, 48), 1, 2, "NHWC"),  # offsets
+    ((2, 24, 24, 48), (3, 3, 40, 48), 1, 2, "NHWC"),  # folded, into the output
+    ((2, 48, 24, 24), (3, 3, 40, 48), 1, 2, "NCHW"),  # offsets
+    ((2, 24, 24, 48), (3, 3, 40, 48), 2, 1, "NHWC"),  # folded, with an accumulator
     ((4, 40, 40, 3), (3, 3, 3, 3), 2, 1, "NHWC"),  # dense
     ((2, 3000, 64), (16, 32, 64), 8, 1, "NWC"),  # dense, every residue with all its taps
-    ((2, 9, 9, 9, 32), (3, 3, 3, 16, 32), 2, 1, "NDHWC"),  # offsets, 3-D
+    ((2, 9, 9, 9, 32), (3, 3, 3, 16, 32), 2, 1, "NDHWC"),  # folded, 3-D
+    ((2, 32, 9, 9, 9), (3, 3, 3, 16, 32), 2, 1, "NCDHW"),  # offsets, 3-D
     ((2, 50, 3, 5), (7, 7, 4, 5), 1, 3, "NHWC"),  # phases: rows mostly junk
     ((1, 9, 3, 29), (5, 5, 256, 29), [3, 4], [3, 3], "NHWC"),  # dense, weights 10x the filters
     ((1, 23, 6, 4, 1), (3, 4, 2, 128, 23), [2, 2, 4], [3, 3, 3], "NCDHW"),  # dense, channels-first
