@@ -615,8 +615,12 @@ def _transpose_offsets(plan: Plan, x, w, out, compute, images=None) -> None:
     units = []
     everyone = list(range(len(phases)))
     for ms, uses in users.items():
-        wmat = np.concatenate([w[tap] for _, tap in uses], axis=0)  # (P_u*c_out, c_in)
-        wmat = np.ascontiguousarray(wmat if first else wmat.T)
+        wmat = np.empty((len(uses) * c_out, c_in) if first else (c_in, len(uses) * c_out), dtype=compute)
+        for j, (_, tap) in enumerate(uses):  # filled in place: no temporary the size of the filters
+            if first:
+                wmat[j * c_out:(j + 1) * c_out] = w[tap]
+            else:
+                wmat[:, j * c_out:(j + 1) * c_out] = w[tap].T
         offset = sum((m_max - m) * stride for m_max, m, stride in zip(big, ms, st))
         units.append((offset, wmat, [p for p, _ in uses], _region(axes, ms)))
     n_ph = len(phases)
@@ -752,8 +756,15 @@ def _transpose_folded(plan: Plan, x, w, out, compute) -> None:
     for ph2, (i0, i1) in zip(inner, ranges):
         mine = []
         for ms, uses in users.items():
-            wmat = np.concatenate([np.concatenate([w[(*taps, t2)] for t2 in ph2.taps], axis=1) for _, taps in uses])
-            wmat = np.ascontiguousarray(wmat if first else wmat.T)  # (P_u*c_out, K) or (K, P_u*c_out)
+            k = len(ph2.taps) * c_in  # the contraction: this phase's shifts of the last axis
+            wmat = np.empty((len(uses) * c_out, k) if first else (k, len(uses) * c_out), dtype=compute)
+            for j, (_, taps) in enumerate(uses):  # filled in place: no temporary the size of the filters
+                for i, t2 in enumerate(ph2.taps):
+                    rows, cols = slice(j * c_out, (j + 1) * c_out), slice(i * c_in, (i + 1) * c_in)
+                    if first:
+                        wmat[rows, cols] = w[(*taps, t2)]
+                    else:
+                        wmat[cols, rows] = w[(*taps, t2)].T
             offset = sum((m_max - m) * g for m_max, m, g in zip(big, ms, gst))
             mine.append((offset, wmat, [po for po, _ in uses], _region(outer, ms)))
         mine.sort(key=lambda unit: unit[2] != everyone)  # one that every outer phase uses first: no zeroing

@@ -482,11 +482,23 @@ def test_no_thread_can_start_and_the_run_goes_on_in_this_one(monkeypatch):
     ((1, 23, 6, 4, 1), (3, 4, 2, 128, 23), [2, 2, 4], [3, 3, 3], "NCDHW"),  # dense, channels-first
 ])
 def test_estimate_bytes_bounds_what_the_engine_allocates(x_shape, w_shape, strides, dilations, data_format):
+    _check_estimate(x_shape, w_shape, strides, dilations, data_format, np.float32)
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.int32])
+@pytest.mark.parametrize("strides", [1, 2])
+def test_estimate_bytes_bounds_the_prepared_filters_of_a_converted_dtype(dtype, strides):
+    # one 1x5 kernel's taps make one GEMM's filters: built in place, they take no third filter-sized array
+    # next to the converted filters (float16 and int32 are summed in float32 and int64)
+    _check_estimate((1, 1, 8, 512), (1, 5, 512, 512), strides, 1, "NHWC", dtype)
+
+
+def _check_estimate(x_shape, w_shape, strides, dilations, data_format, dtype):
     import tracemalloc
 
     rng = np.random.default_rng(0)
-    x = rng.standard_normal(x_shape).astype(np.float32)
-    w = rng.standard_normal(w_shape).astype(np.float32)
+    x = rng.standard_normal(x_shape).astype(dtype)
+    w = rng.standard_normal(w_shape).astype(dtype)
     padding = "VALID" if w.shape[-2] > 100 else "SAME"
     plan = plan_conv_transpose(x.shape, w.shape, None, strides, padding, data_format, dilations)
     conv_transpose(x[:1], w, strides=strides, padding=padding, data_format=data_format, dilations=dilations)
@@ -496,7 +508,7 @@ def test_estimate_bytes_bounds_what_the_engine_allocates(x_shape, w_shape, strid
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
-    assert peak <= engine.estimate_bytes(plan, np.float32), (engine.choose_strategy(plan), peak)
+    assert peak <= engine.estimate_bytes(plan, dtype), (engine.choose_strategy(plan), peak)
 
 
 def _convt_in_child(queue):
