@@ -111,21 +111,23 @@ def estimate_bytes(plan: Plan, dtype) -> int:
                           2 * rows * residues * plan.out_channels) * compute)
     if chosen == "folded":  # A (the last axis' shifts side by side), the accumulator, one GEMM result
         work = max(work, _folded_sizes(plan, np.dtype(COMPUTE_DTYPES[dtype.name]).type == dtype.type)[3] * compute)
-    if chosen == "winograd":  # 3**n transformed blocks of TILES_MIN tiles or more
-        points = 3 ** plan.spec.n
+    if chosen == "winograd":  # (m+1)**n transformed blocks of TILES_MIN tiles or more, F(m, 2)
+        wm = _winograd_m(plan)
+        points, outputs = (wm + 1) ** plan.spec.n, wm ** plan.spec.n
         width = math.prod(plan.spec.strides) * plan.out_channels
         least = TILES_MIN_FIRST if plan.spec.channels_first else TILES_MIN
         rows = max(least, BLOCK_BYTES // max(1, points * (plan.in_channels + 2 * width) * compute))
-        rows = min(rows, math.prod(-(-q // 2) + 1 for q in layout[2]))
-        work = max(work, (points * rows * (plan.in_channels + 3 * width) + 2 ** plan.spec.n * rows *
+        rows = min(rows, math.prod(-(-q // wm) + 1 for q in layout[2]))
+        work = max(work, (points * rows * (plan.in_channels + 4 * width) + outputs * rows *
                           (plan.in_channels + width)) * compute)
     weights = 2 * math.prod(plan.filters_shape) * compute
     if chosen == "dense":  # the weights of every shift and residue, and their transpose channels-first
         _, _, _, big, _, _, _ = _offset_layout(plan, dense=True)
         weights += 2 * math.prod(b + 1 for b in big) * math.prod(plan.spec.strides) * plan.in_channels * \
             plan.out_channels * compute
-    if chosen == "winograd":  # the transformed taps: 3**n points for every residue combination
-        weights += 3 ** plan.spec.n * math.prod(plan.spec.strides) * plan.in_channels * plan.out_channels * compute
+    if chosen == "winograd":  # the transformed taps: (m+1)**n points for every residue combination
+        weights += (_winograd_m(plan) + 1) ** plan.spec.n * math.prod(plan.spec.strides) * plan.in_channels * \
+            plan.out_channels * compute
     return math.prod(plan.output_shape) * dtype.itemsize + at_once * work + weights
 
 
@@ -526,6 +528,10 @@ BLOCK_BYTES, ROW_MIN = 3 << 20, 256
 # tiles per block in "winograd" at least (or one image's): channels-last, they are the rows of its 3**n GEMMs;
 # channels-first, the columns, which OpenBLAS packs per call and wants wider
 TILES_MIN, TILES_MIN_FIRST = 128, 512
+# "winograd": F(m, 2) per axis, m outputs of a 2-tap correlation from m + 1 inputs with m + 1 products (see
+# _winograd_m); per point, the taps' coefficients ({e: coef}: sum_e coef * g_e)
+WINOGRAD_FILTER = {2: ({0: 1.0}, {0: 1.0, 1: 1.0}, {1: 1.0}),
+                   3: ({0: 1.0}, {0: 0.5, 1: 0.5}, {0: 0.5, 1: -0.5}, {1: 1.0})}
 
 
 def _offset_layout(plan: Plan, dense: bool = False):
@@ -853,14 +859,22 @@ def _winograd_ok(plan: Plan) -> bool:
     return _offset_layout(plan) is not None and max(_largest_shifts(plan)) == 1
 
 
+def _winograd_m(plan: Plan) -> int:
+    """Outputs per tile and axis: F(3, 2) channels-first, whose blocks are whole images of 512 tiles or more;
+    F(2, 2) channels-last, whose blocks are kept small for memory. F(3, 2) makes 16 products for 9 outputs in
+    2-D where F(2, 2) makes 9 for 4, 21% fewer, but its transforms take twice the NumPy passes: on blocks of
+    ~100 tiles (W1) that cancels out, on whole images (W7) it was 5-8% faster."""
+    return 3 if plan.spec.channels_first else 2
+
+
 def _winograd_filters(plan: Plan, axes, big, w, compute):
     """U: (points, c_in, P*c_out), or (points, P*c_out, c_in) channels-first, over every residue combination P:
-    each phase's taps transformed per axis to g0, g0 + g1, g1 (F(2, 2)), zeros for taps a phase lacks. Filled
-    point by point, so that nothing but U itself is allocated."""
+    each phase's taps transformed per axis by WINOGRAD_FILTER (F(3, 2): g0, (g0 + g1)/2, (g0 - g1)/2, g1), zeros
+    for taps a phase lacks. Filled point by point, so that nothing but U itself is allocated."""
     first, c_in, c_out = plan.spec.channels_first, plan.in_channels, plan.out_channels
     phases = list(itertools.product(*axes))
-    # per axis, point a of a phase sums its taps e in POINT_TAPS[a] (e: y[v] = sum_e d[v + e] g_e)
-    point_taps = [((0,), (0, 1), (1,)) if b else ((0,),) for b in big]
+    # per axis, point a of a phase is sum_e coef * g_e over {e: coef} (e: y[v] = sum_e d[v + e] g_e)
+    point_taps = [WINOGRAD_FILTER[_winograd_m(plan)] if b else ({0: 1.0},) for b in big]
     points = list(itertools.product(*point_taps))
     u = np.zeros((len(points), len(phases) * c_out, c_in) if first else (len(points), c_in, len(phases) * c_out),
                  dtype=compute)
@@ -869,13 +883,15 @@ def _winograd_filters(plan: Plan, axes, big, w, compute):
         for picks in itertools.product(*[tuple(zip(*ph)) for ph in combo]):
             by_e[tuple(b - m for b, (m, _) in zip(big, picks))] = tuple(t for _, t in picks)
         cols = slice(p * c_out, (p + 1) * c_out)
-        for a, sets in enumerate(points):
-            for e in itertools.product(*sets):
+        for a, coefs in enumerate(points):
+            for e in itertools.product(*coefs):
                 if e in by_e:
+                    c = math.prod(coef[k] for coef, k in zip(coefs, e))
+                    tap = w[by_e[e]] if c == 1 else c * w[by_e[e]]
                     if first:
-                        u[a, cols] += w[by_e[e]]
+                        u[a, cols] += tap
                     else:
-                        u[a, :, cols] += w[by_e[e]].T
+                        u[a, :, cols] += tap.T
     return u
 
 
@@ -970,19 +986,23 @@ def _transpose_dense(plan: Plan, x, w, out, compute, wild: set) -> None:
 
 
 def _transpose_winograd(plan: Plan, x, w, out, compute, wild: set) -> None:
-    # Winograd's minimal filtering F(2, 2) on each axis of the phase grid: every phase of every axis is a
-    # correlation y[v] = d[v] g0 + d[v + 1] g1 of the padded input d, and a tile of two outputs takes three
-    # products, (d0 - d1) g0, d1 (g0 + g1), (d2 - d1) g1, instead of four. In N-D the 3**n transformed inputs of a
-    # block of tiles are each one GEMM over the channels against the transformed taps of every phase, so a
-    # stride-2 kernel-4 layer needs 9/16 of the direct products in 2-D. The transforms only add and subtract.
-    # Output position o = s*(2t + i) + r + (qa*s - lo) for tile t, place i in the tile and residue r: a block's
+    # Winograd's minimal filtering F(m, 2) on each axis of the phase grid: every phase of every axis is a
+    # correlation y[v] = d[v] g0 + d[v + 1] g1 of the padded input d, and a tile of m outputs takes m + 1
+    # products instead of 2m. F(2, 2): (d0 - d1) g0, d1 (g0 + g1), (d2 - d1) g1. F(3, 2): (d0 - d2) g0,
+    # (d1 + d2) (g0 + g1)/2, (d2 - d1) (g0 - g1)/2, (d3 - d1) g1, and y0 = M0 + M1 + M2, y1 = M1 - M2,
+    # y2 = M1 + M2 + M3. In N-D the (m+1)**n transformed inputs of a block of tiles are each one GEMM over the
+    # channels against the transformed taps of every phase, so a stride-2 kernel-4 layer needs 9/16 (F(2, 2))
+    # or 7/16 (F(3, 2)) of the direct products in 2-D. The input and output transforms only add and subtract.
+    # Output position o = s*(m*t + i) + r + (qa*s - lo) for tile t, place i in the tile and residue r: a block's
     # outputs are one window of the output, written once.
     _, qa, nq, _, _, _, _ = _offset_layout(plan)
     axes = _full_axes(plan)
     first, n, strides = plan.spec.channels_first, plan.spec.n, plan.spec.strides
     c_in, c_out, spatial = plan.in_channels, plan.out_channels, plan.input_spatial
     big = _largest_shifts(plan)
-    m = [2 if b else 1 for b in big]  # outputs per tile
+    wm = _winograd_m(plan)
+    m = [wm if b else 1 for b in big]  # outputs per tile
+    k = wm + 1  # points per axis
     tiles = [-(-q // k) for q, k in zip(nq, m)]
     u = _winograd_filters(plan, axes, big, w, compute)
     points, width = u.shape[0], math.prod(strides) * c_out
@@ -1002,16 +1022,22 @@ def _transpose_winograd(plan: Plan, x, w, out, compute, wild: set) -> None:
                 continue
             axis = lead + j + 1 if first else lead + j
             head = (slice(None),) * axis
-            d_odd = d[(*head, slice(1, None, 2))]
-            t = d_odd.shape[axis]
-            v = np.empty((3, *d_odd.shape), dtype=compute)
-            np.subtract(d[(*head, slice(0, 2 * t, 2))], d_odd, out=v[0])
-            v[1] = d_odd
-            np.subtract(d[(*head, slice(2, 2 * t + 1, 2))], d_odd, out=v[2])
+            t = (d.shape[axis] - 1) // wm
+            ds = [d[(*head, slice(i, i + wm * t, wm))] for i in range(k)]  # d_i of every tile
+            v = np.empty((k, *ds[0].shape), dtype=compute)
+            if wm == 2:  # d0 - d1, d1, d2 - d1
+                np.subtract(ds[0], ds[1], out=v[0])
+                v[1] = ds[1]
+                np.subtract(ds[2], ds[1], out=v[2])
+            else:  # d0 - d2, d1 + d2, d2 - d1, d3 - d1
+                np.subtract(ds[0], ds[2], out=v[0])
+                np.add(ds[1], ds[2], out=v[1])
+                np.subtract(ds[2], ds[1], out=v[2])
+                np.subtract(ds[3], ds[1], out=v[3])
             d, lead = v, lead + 1
         return d
 
-    def one_block(b, t0, t1, slab, grid):
+    def one_block(b, t0, t1, slab, grid, spare):
         lo_t = [m[0] * t0] + [0] * (n - 1)
         hi_t = [m[0] * t1 + big[0]] + [m[j] * tiles[j] + big[j] for j in range(1, n)]
         d = slab[(slice(None), *[slice(0, h - lo) for h, lo in zip(hi_t, lo_t)])] if first else \
@@ -1025,10 +1051,10 @@ def _transpose_winograd(plan: Plan, x, w, out, compute, wild: set) -> None:
         rows = math.prod(nt)
         if first:
             y = np.matmul(u, v.reshape(points, c_in, rows))  # (points, P*c_out, rows)
-            y = y.reshape(*[3 if k else 1 for k in big], *strides, c_out, *nt)
+            y = y.reshape(*[k if b else 1 for b in big], *strides, c_out, *nt)
         else:
             y = np.matmul(v.reshape(points, rows, c_in), u)  # (points, rows, P*c_out)
-            y = y.reshape(*[3 if k else 1 for k in big], *nt, *strides, c_out)
+            y = y.reshape(*[k if b else 1 for b in big], *nt, *strides, c_out)
         # the block's outputs: grid (T, m, s) per axis (c first or last), viewed in y's order (m.., then y's)
         g = grid[(slice(None), slice(0, nt[0])) if first else (slice(0, nt[0]),)]
         if first:  # grid (c, T0, m0, s0, T1, ...): view as (m.., s.., c, T..)
@@ -1038,17 +1064,25 @@ def _transpose_winograd(plan: Plan, x, w, out, compute, wild: set) -> None:
             view = g.transpose(*[1 + 3 * j for j in range(n)], *[3 * j for j in range(n)],
                                *[2 + 3 * j for j in range(n)], 3 * n)
         last = max(j for j in range(n) if big[j])
-        for j in range(n):  # from 3 points back to the 2 outputs of each tile: y0 = M0 + M1, y1 = M1 + M2
-            if big[j]:
-                head = (slice(None),) * j
-                lo, mid, hi = y[(*head, 0)], y[(*head, 1)], y[(*head, 2)]
-                if j == last:  # straight into the block's grid
-                    np.add(lo, mid, out=view[(*head, 0)])
-                    np.add(mid, hi, out=view[(*head, 1)])
-                else:  # in place: points 0 and 2 become the tile's outputs 0 and 1
-                    lo += mid
-                    hi += mid
+        for j in range(n):  # from the points back to the outputs of each tile, straight into the block's grid
+            if not big[j]:  # for the last axis, in place in y before it
+                continue
+            head = (slice(None),) * j
+            ms = [y[(*head, i)] for i in range(k)]
+            ys = [view[(*head, i)] for i in range(wm)] if j == last else None
+            if wm == 2:  # y0 = M0 + M1, y1 = M1 + M2; in place: points 0 and 2 become outputs 0 and 1
+                np.add(ms[0], ms[1], out=ys[0] if ys else ms[0])
+                np.add(ms[1], ms[2], out=ys[1] if ys else ms[2])
+                if not ys:
                     y = y[(*head, slice(0, 3, 2))]
+            else:  # s = M1 + M2; y0 = M0 + s, y1 = M1 - M2, y2 = s + M3; in place: points 0, 1, 2 become them
+                tmp = spare[:ms[1].size].reshape(ms[1].shape)
+                np.add(ms[1], ms[2], out=tmp)
+                np.add(ms[0], tmp, out=ys[0] if ys else ms[0])
+                np.subtract(ms[1], ms[2], out=ys[1] if ys else ms[1])
+                np.add(tmp, ms[3], out=ys[2] if ys else ms[2])
+                if not ys:
+                    y = y[(*head, slice(0, 3))]
         window_store(b, t0, t1, g)
 
     def window_store(b, t0, t1, g):
@@ -1071,8 +1105,10 @@ def _transpose_winograd(plan: Plan, x, w, out, compute, wild: set) -> None:
         cells = [(block if j == 0 else tiles[j], m[j], strides[j]) for j in range(n)]
         cells = [c for cell in cells for c in cell]
         grid = np.empty((c_out, *cells) if first else (*cells, c_out), dtype=compute)
+        # F(3, 2)'s output transform keeps one point's share of the GEMM result aside
+        spare = np.empty(points // k * block * per_row * width if wm == 3 else 0, dtype=compute)
         for b, t0, t1 in some:
-            one_block(b, t0, t1, slab, grid)
+            one_block(b, t0, t1, slab, grid, spare)
 
     _over_jobs(jobs, work)
 
@@ -1156,7 +1192,9 @@ def choose_strategy(plan: Plan) -> str:
 def _winograd_saving(plan: Plan, axes) -> float:
     """1 - Winograd's products / the direct products, per position of the phase grid."""
     direct = sum(math.prod(len(ph.taps) for ph in combo) for combo in itertools.product(*axes))
-    winograd = math.prod((3 / 2 if b else 1) * s for b, s in zip(_largest_shifts(plan), plan.spec.strides))
+    wm = _winograd_m(plan)
+    winograd = math.prod(((wm + 1) / wm if b else 1) * s
+                         for b, s in zip(_largest_shifts(plan), plan.spec.strides))
     return 1 - winograd / direct
 
 

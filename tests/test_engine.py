@@ -577,6 +577,28 @@ def test_winograd_does_not_overflow_where_the_direct_sum_does_not():
         plan_conv_transpose(x.shape, w.shape, None, 2), x, w, strategy="taps"), rtol=1e-5, atol=1e30)
 
 
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_winograd_channels_first_spreads_inf_and_nan_and_does_not_overflow(dtype):
+    # channels-first takes F(3, 2), whose transforms add inputs (d1 + d2) and sum three products per axis
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((4, 16, 9, 9)).astype(dtype)
+    w = rng.standard_normal((4, 4, 8, 16)).astype(dtype)
+    x[1, 0, 4, 4] = np.inf
+    x[2, 1, 2, 5] = np.nan
+    x[3, 0, 3, 3:5] = [6e4, 6e4] if dtype == np.float16 else [3e38, 3e38]  # d1 + d2 would be inf
+    plan = plan_conv_transpose(x.shape, w.shape, None, 2, "SAME", "NCHW")
+    assert engine.choose_strategy(plan) == "winograd" and engine._winograd_m(plan) == 3
+    got = engine.run_conv_transpose(plan, x, w)
+    with np.errstate(invalid="ignore", over="ignore"):
+        want = engine.run_conv_transpose(plan, x, w, strategy="taps")
+    for image in (1, 2, 3):
+        assert np.array_equal(np.isnan(got[image]), np.isnan(want[image]))
+        assert np.array_equal(np.isposinf(got[image]), np.isposinf(want[image]))
+        assert np.array_equal(np.isneginf(got[image]), np.isneginf(want[image]))
+    np.testing.assert_allclose(got[0].astype(np.float64), want[0].astype(np.float64), rtol=2e-3, atol=2e-3)
+
+
 def test_no_channels_at_all():
     plan = plan_conv_transpose((2, 8, 0), (1, 0, 0), None, 3)
     assert engine.choose_strategy(plan) in engine.STRATEGIES
