@@ -111,6 +111,29 @@ def test_conv_transpose_matches_loop_reference(seed, strategy):
     np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
 
 
+def _winograd_seeds(count):
+    seeds = []
+    for seed in range(1000):
+        x, w, out_sizes, first, flags = _random_config(seed)
+        plan = plan_conv_transpose(x.shape, w.shape, out_sizes, data_format="channels_first" if first else None,
+                                   **flags)
+        if engine._winograd_ok(plan):
+            seeds.append(seed)
+    return seeds[:count]
+
+
+@pytest.mark.parametrize("m", [2, 3])
+@pytest.mark.parametrize("seed", _winograd_seeds(80))
+def test_winograd_tiles_of_two_and_three_match_loop_reference(monkeypatch, seed, m):
+    # which tile size a shape gets depends on its memory (_winograd_m): here both, on every layout
+    monkeypatch.setattr(engine, "_winograd_m", lambda plan: m)
+    x, w, out_sizes, first, flags = _random_config(seed)
+    plan = plan_conv_transpose(x.shape, w.shape, out_sizes, data_format="channels_first" if first else None, **flags)
+    got = engine.run_conv_transpose(plan, x, w, strategy="winograd")
+    want = conv_transpose_loop(x, w, out_sizes, channels_first=first, **flags)
+    np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.parametrize("seed", range(160, 220))
 @pytest.mark.parametrize("strategy", ["offsets", "folded", "dense", "winograd"])
 def test_offsets_in_blocks_of_one_row_match_loop_reference(monkeypatch, seed, strategy):
