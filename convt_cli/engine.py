@@ -525,7 +525,7 @@ def _transpose_taps(plan: Plan, x, w, out, compute) -> None:
 # rows per block in the "offsets" and "dense" strategies (a block of one image, set by the shapes only): about
 # BLOCK_BYTES of padded input, accumulator and GEMM result, so that they stay in a cache, and at least ROW_MIN
 BLOCK_BYTES, ROW_MIN = 3 << 20, 256
-# tiles per block in "winograd" at least (or one image's): channels-last, they are the rows of its 3**n GEMMs;
+# tiles per block in "winograd" at least (or one image's): channels-last, they are the rows of its GEMMs;
 # channels-first, the columns, which OpenBLAS packs per call and wants wider
 TILES_MIN, TILES_MIN_FIRST = 128, 512
 # "winograd": F(m, 2) per axis, m outputs of a 2-tap correlation from m + 1 inputs with m + 1 products (see
@@ -698,7 +698,7 @@ def _accumulate(acc, y, ps, everyone, region, c_out: int, first: bool) -> None:
                 acc[:, p * c_out:(p + 1) * c_out] += y[:, k * c_out:(k + 1) * c_out]
 
 
-def _folded_inner(plan: Plan, axes):
+def _folded_inner(axes):
     """For "folded": the input shifts of the last axis that any phase uses (ascending), and per phase of that
     axis the range [i0, i1) of them it uses; None unless each phase's shifts are consecutive in that list."""
     used = sorted({m for ph in axes[-1] for m in ph.shifts})
@@ -712,8 +712,9 @@ def _folded_inner(plan: Plan, axes):
 
 
 def _folded_ok(plan: Plan) -> bool:
+    """Whether "folded" applies (see _folded_inner); where it does not, "offsets" runs instead."""
     layout = _offset_layout(plan)
-    return layout is not None and _folded_inner(plan, layout[0]) is not None
+    return layout is not None and _folded_inner(layout[0]) is not None
 
 
 def _folded_sizes(plan: Plan, same_dtype: bool):
@@ -722,7 +723,7 @@ def _folded_sizes(plan: Plan, same_dtype: bool):
     widest GEMM result's columns, the rows of the first axis per block, and each thread's buffers in elements."""
     axes, _, nq, big, tp, _, _ = _offset_layout(plan)
     n, c_in, c_out = plan.spec.n, plan.in_channels, plan.out_channels
-    used = _folded_inner(plan, axes)[0]
+    used = _folded_inner(axes)[0]
     n_out, n_in = math.prod(len(a) for a in axes[:-1]), len(axes[-1])
     direct = same_dtype and n <= 2 and n_out * n_in == 1 and all(
         ph.o0 == 0 and ph.q1 - ph.q0 == size for (ph,), size in zip(axes, plan.output_spatial))
@@ -738,17 +739,18 @@ def _folded_sizes(plan: Plan, same_dtype: bool):
 
 
 def _transpose_folded(plan: Plan, x, w, out, compute) -> None:
-    # "offsets" with the last axis folded into the contraction: a block's padded rows are copied once, the
-    # last axis' input shifts side by side (A), so that each phase of the last axis sums all its taps there in
-    # one GEMM whose contraction is its shifts times c_in. The other axes' shifts are contiguous slices of A as
-    # in "offsets". Fewer accumulations, and no junk positions on the last axis: A holds only the nq used.
+    # "offsets" with the last axis folded into the contraction: a block of rows of the input is copied, padded,
+    # once per input shift of the last axis, side by side (A), so that each phase of the last axis sums all its
+    # taps there in one GEMM whose contraction is its shifts times c_in. The other axes' shifts are contiguous
+    # slices of A as in "offsets". Fewer accumulations, and no junk positions on the last axis: A holds only
+    # the nq used.
     layout = _offset_layout(plan)
     if layout is None:
         return
     axes, qa, nq, big, tp, _, _ = layout
     first, n = plan.spec.channels_first, plan.spec.n
     c_in, c_out, spatial = plan.in_channels, plan.out_channels, plan.input_spatial
-    used, ranges = _folded_inner(plan, axes)
+    used, ranges = _folded_inner(axes)
     grid = [*tp[:-1], nq[-1]]  # A's positions: padded on the outer axes, exactly nq on the last
     gst = [math.prod(grid[j + 1:]) for j in range(n)]  # and their strides, flattened
     outer, inner = axes[:-1], axes[-1]
@@ -1179,7 +1181,7 @@ def choose_strategy(plan: Plan) -> str:
     if plan.in_channels >= 16 and _winograd_ok(plan) and _winograd_saving(plan, axes) >= 0.4:
         return "winograd"
     folded = not plan.spec.channels_first and plan.spec.n >= 2 and plan.in_channels >= 8 and \
-        _folded_inner(plan, axes) is not None
+        _folded_inner(axes) is not None
     if folded and math.prod(plan.spec.strides) == 1:
         return "folded"
     direct = sum(math.prod(len(ph.taps) for ph in combo) for combo in itertools.product(*axes))
