@@ -181,6 +181,10 @@ def run_conv_transpose(plan: Plan, x: np.ndarray, w: np.ndarray, strategy: str |
         raise ValueError(f"unknown strategy {strategy!r}")
     if (strategy == "winograd" and not _winograd_ok(plan)) or (strategy == "folded" and not _folded_ok(plan)):
         strategy = "offsets"  # where it does not apply
+    if compute.kind in "fc" and not np.isfinite(wc).all():
+        # an inf or NaN tap: every other strategy multiplies padding zeros by the taps, which makes NaN where
+        # TF's direct sum, over the input only, makes inf or nothing; "taps" sums over the input only
+        strategy = "taps"
     if strategy in ("dense", "winograd") and not _tame(wc, _tame_limit(compute, strategy)):
         strategy = "offsets"  # filters that "dense" or "winograd" would not sum as a direct sum does
     if strategy == "phases":

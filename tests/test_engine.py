@@ -590,6 +590,28 @@ def test_inf_and_nan_spread_as_in_a_direct_sum(strategy, dtype, shape, w_shape, 
     assert np.isfinite(got[[0, 3]]).all()
 
 
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # inf - inf and inf * 0 are the point
+@pytest.mark.parametrize("strategy", [None, *engine.STRATEGIES])
+@pytest.mark.parametrize("value", [np.inf, -np.inf, np.nan])
+@pytest.mark.parametrize("strides,first", [(1, False), (1, True), (2, False), ([1, 3], True)])
+def test_a_nonfinite_tap_spreads_as_in_a_direct_sum_over_the_input(strategy, value, strides, first):
+    # TF sums over the input only: where an inf tap falls on the padding it adds nothing, where a strategy that
+    # pads multiplies it by zero and makes NaN (TF 2.21 gives inf there, like the loop reference)
+    rng = np.random.default_rng(6)
+    x = rng.standard_normal((2, 3, 6, 5) if first else (2, 6, 5, 3))
+    w = rng.standard_normal((3, 3, 2, 3))
+    w[0, 0, 1, 2] = value
+    w[2, 1, 0, 0] = value
+    plan = plan_conv_transpose(x.shape, w.shape, None, strides, "SAME", "NCHW" if first else "NHWC")
+    got = engine.run_conv_transpose(plan, x, w, strategy=strategy)
+    want = conv_transpose_loop(x, w, plan.output_spatial, strides=strides, channels_first=first)
+    assert np.array_equal(np.isnan(got), np.isnan(want))
+    assert np.array_equal(np.isposinf(got), np.isposinf(want))
+    assert np.array_equal(np.isneginf(got), np.isneginf(want))
+    finite = np.isfinite(want)
+    np.testing.assert_allclose(got[finite], want[finite], rtol=1e-12, atol=1e-12)
+
+
 def test_winograd_does_not_overflow_where_the_direct_sum_does_not():
     x = np.zeros((1, 8, 8, 16), np.float32)
     x[0, 3, 3:5, 0] = [3e38, -3e38]  # d0 - d1 would be -inf
