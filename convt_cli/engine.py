@@ -866,10 +866,10 @@ def _winograd_ok(plan: Plan) -> bool:
 
 
 def _winograd_m(plan: Plan) -> int:
-    """Outputs per tile and axis: F(3, 2) channels-first, whose blocks are whole images of 512 tiles or more;
+    """Outputs per tile and axis: F(3, 2) channels-first, whose blocks are 512 tiles or a whole image;
     F(2, 2) channels-last, whose blocks are kept small for memory. F(3, 2) makes 16 products for 9 outputs in
     2-D where F(2, 2) makes 9 for 4, 21% fewer, but its transforms take twice the NumPy passes: on blocks of
-    ~100 tiles (W1) that cancels out, on whole images (W7) it was 5-8% faster."""
+    ~100 tiles (W1) that cancels out, on W7's whole images it was 5-8% faster."""
     return 3 if plan.spec.channels_first else 2
 
 
