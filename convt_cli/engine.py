@@ -112,7 +112,7 @@ def estimate_bytes(plan: Plan, dtype) -> int:
     if chosen == "folded":  # A (the last axis' shifts side by side), the accumulator, one GEMM result
         work = max(work, _folded_sizes(plan, np.dtype(COMPUTE_DTYPES[dtype.name]).type == dtype.type)[3] * compute)
     if chosen == "winograd":  # (m+1)**n transformed blocks of TILES_MIN tiles or more, F(m, 2)
-        wm = _winograd_m(plan)
+        wm = _winograd_m(plan, compute)
         points, outputs = (wm + 1) ** plan.spec.n, wm ** plan.spec.n
         width = math.prod(plan.spec.strides) * plan.out_channels
         least = TILES_MIN_FIRST if plan.spec.channels_first else TILES_MIN
@@ -126,7 +126,7 @@ def estimate_bytes(plan: Plan, dtype) -> int:
         weights += 2 * math.prod(b + 1 for b in big) * math.prod(plan.spec.strides) * plan.in_channels * \
             plan.out_channels * compute
     if chosen == "winograd":  # the transformed taps: (m+1)**n points for every residue combination
-        weights += (_winograd_m(plan) + 1) ** plan.spec.n * math.prod(plan.spec.strides) * plan.in_channels * \
+        weights += (_winograd_m(plan, compute) + 1) ** plan.spec.n * math.prod(plan.spec.strides) * plan.in_channels * \
             plan.out_channels * compute
     return math.prod(plan.output_shape) * dtype.itemsize + at_once * work + weights
 
@@ -865,12 +865,18 @@ def _winograd_ok(plan: Plan) -> bool:
     return _offset_layout(plan) is not None and max(_largest_shifts(plan)) == 1
 
 
-def _winograd_m(plan: Plan) -> int:
-    """Outputs per tile and axis: F(3, 2) channels-first, whose blocks are 512 tiles or a whole image;
-    F(2, 2) channels-last, whose blocks are kept small for memory. F(3, 2) makes 16 products for 9 outputs in
-    2-D where F(2, 2) makes 9 for 4, 21% fewer, but its transforms take twice the NumPy passes: on blocks of
-    ~100 tiles (W1) that cancels out, on W7's whole images it was 5-8% faster."""
-    return 3 if plan.spec.channels_first else 2
+def _winograd_m(plan: Plan, itemsize: int) -> int:
+    """Outputs per tile and axis, 2 or 3. F(3, 2) makes 16 products for 9 outputs in 2-D where F(2, 2) makes 9
+    for 4, 21% fewer, but its transforms take twice the NumPy passes, and it pays only on large blocks: on whole
+    images it measured 6-12% faster (W7, W8 in float32 and bfloat16, 40-60 paired runs), on W1's blocks of ~100
+    tiles no faster, and W6's whole images in float64 7% slower. So F(3, 2) channels-first, whose blocks are
+    512 tiles or a whole image, and channels-last where a whole image's block of it fits in 2 * BLOCK_BYTES
+    (itemsize: the compute dtype's; W8 does, W1 and W6 do not); F(2, 2), on smaller blocks, otherwise."""
+    if plan.spec.channels_first:
+        return 3
+    tiles = math.prod(-(-(i + b) // 3) for i, b in zip(plan.input_spatial, _largest_shifts(plan)))  # nq ~ i + big
+    per_tile = 4 ** plan.spec.n * (plan.in_channels + 2 * math.prod(plan.spec.strides) * plan.out_channels)
+    return 3 if tiles * per_tile * itemsize <= 2 * BLOCK_BYTES else 2
 
 
 def _winograd_filters(plan: Plan, axes, big, w, compute):
@@ -880,7 +886,7 @@ def _winograd_filters(plan: Plan, axes, big, w, compute):
     first, c_in, c_out = plan.spec.channels_first, plan.in_channels, plan.out_channels
     phases = list(itertools.product(*axes))
     # per axis, point a of a phase is sum_e coef * g_e over {e: coef} (e: y[v] = sum_e d[v + e] g_e)
-    point_taps = [WINOGRAD_FILTER[_winograd_m(plan)] if b else ({0: 1.0},) for b in big]
+    point_taps = [WINOGRAD_FILTER[_winograd_m(plan, compute.itemsize)] if b else ({0: 1.0},) for b in big]
     points = list(itertools.product(*point_taps))
     u = np.zeros((len(points), len(phases) * c_out, c_in) if first else (len(points), c_in, len(phases) * c_out),
                  dtype=compute)
@@ -1006,7 +1012,7 @@ def _transpose_winograd(plan: Plan, x, w, out, compute, wild: set) -> None:
     first, n, strides = plan.spec.channels_first, plan.spec.n, plan.spec.strides
     c_in, c_out, spatial = plan.in_channels, plan.out_channels, plan.input_spatial
     big = _largest_shifts(plan)
-    wm = _winograd_m(plan)
+    wm = _winograd_m(plan, compute.itemsize)
     m = [wm if b else 1 for b in big]  # outputs per tile
     k = wm + 1  # points per axis
     tiles = [-(-q // k) for q, k in zip(nq, m)]
@@ -1196,11 +1202,10 @@ def choose_strategy(plan: Plan) -> str:
 
 
 def _winograd_saving(plan: Plan, axes) -> float:
-    """1 - Winograd's products / the direct products, per position of the phase grid."""
+    """1 - Winograd's products / the direct products, per position of the phase grid, for F(2, 2): the smaller
+    saving of the two tile sizes, and one that does not depend on the dtype (see _winograd_m)."""
     direct = sum(math.prod(len(ph.taps) for ph in combo) for combo in itertools.product(*axes))
-    wm = _winograd_m(plan)
-    winograd = math.prod(((wm + 1) / wm if b else 1) * s
-                         for b, s in zip(_largest_shifts(plan), plan.spec.strides))
+    winograd = math.prod((3 / 2 if b else 1) * s for b, s in zip(_largest_shifts(plan), plan.spec.strides))
     return 1 - winograd / direct
 
 

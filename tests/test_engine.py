@@ -126,7 +126,7 @@ def _winograd_seeds(count):
 @pytest.mark.parametrize("seed", _winograd_seeds(80))
 def test_winograd_tiles_of_two_and_three_match_loop_reference(monkeypatch, seed, m):
     # which tile size a shape gets depends on its memory (_winograd_m): here both, on every layout
-    monkeypatch.setattr(engine, "_winograd_m", lambda plan: m)
+    monkeypatch.setattr(engine, "_winograd_m", lambda plan, itemsize: m)
     x, w, out_sizes, first, flags = _random_config(seed)
     plan = plan_conv_transpose(x.shape, w.shape, out_sizes, data_format="channels_first" if first else None, **flags)
     got = engine.run_conv_transpose(plan, x, w, strategy="winograd")
@@ -637,7 +637,7 @@ def test_winograd_channels_first_reroutes_inf_and_nan_and_sums_large_values(dtyp
     if dtype == np.float32:
         x[4, :, 3:5, 3:5] = 2.0**46  # under the 2**47 limit: through F(3, 2), products near 2**48
     plan = plan_conv_transpose(x.shape, w.shape, None, 2, "SAME", "NCHW")
-    assert engine.choose_strategy(plan) == "winograd" and engine._winograd_m(plan) == 3
+    assert engine.choose_strategy(plan) == "winograd" and engine._winograd_m(plan, 4) == 3
     got = engine.run_conv_transpose(plan, x, w)
     with np.errstate(invalid="ignore", over="ignore"):
         want = engine.run_conv_transpose(plan, x, w, strategy="taps")
