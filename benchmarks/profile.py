@@ -40,7 +40,10 @@ def profile(name, repeat):
     _, _, s, d, fmt, _ = bench.WORKLOADS[name]
     x, w = bench.make_arrays(name)
     plan = plan_conv_transpose(x.shape, w.shape, None, s, "SAME", fmt, d)
-    run = lambda: engine.run_conv_transpose(plan, x, w)  # noqa: E731
+
+    def run():
+        return engine.run_conv_transpose(plan, x, w)
+
     threads = engine.THREADS
     engine.THREADS = 1
     np.matmul = _timed_matmul
