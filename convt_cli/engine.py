@@ -618,10 +618,7 @@ def _transpose_offsets(plan: Plan, x, w, out, compute, images=None) -> None:
     first, n = plan.spec.channels_first, plan.spec.n
     c_in, c_out, spatial = plan.in_channels, plan.out_channels, plan.input_spatial
     phases = list(itertools.product(*axes))
-    users: dict[tuple, list] = {}
-    for p, combo in enumerate(phases):
-        for picks in itertools.product(*[tuple(zip(ph.shifts, ph.taps)) for ph in combo]):
-            users.setdefault(tuple(m for m, _ in picks), []).append((p, tuple(t for _, t in picks)))
+    users = _shift_users(axes)
     units = []
     everyone = list(range(len(phases)))
     for ms, uses in users.items():
@@ -680,6 +677,16 @@ def _transpose_offsets(plan: Plan, x, w, out, compute, images=None) -> None:
     _over_jobs(jobs, work)
 
 
+def _shift_users(axes) -> dict:
+    """Input shift combination (one shift per axis) -> [(phase index, taps)] of the phases that use it, phases
+    numbered as itertools.product(*axes) lists them."""
+    users: dict[tuple, list] = {}
+    for p, combo in enumerate(itertools.product(*axes)):
+        for picks in itertools.product(*[tuple(zip(ph.shifts, ph.taps)) for ph in combo]):
+            users.setdefault(tuple(m for m, _ in picks), []).append((p, tuple(t for _, t in picks)))
+    return users
+
+
 def _accumulate(acc, y, ps, everyone, region, c_out: int, first: bool) -> None:
     """acc's columns (channels-first: rows) of phases ps += y, the GEMM result of a shift those phases use;
     acc: (rows, phases*c_out) or (phases*c_out, rows), a view whose phase axis can be split without a copy."""
@@ -731,9 +738,7 @@ def _folded_sizes(plan: Plan, same_dtype: bool):
     n_out, n_in = math.prod(len(a) for a in axes[:-1]), len(axes[-1])
     direct = same_dtype and n <= 2 and n_out * n_in == 1 and all(
         ph.o0 == 0 and ph.q1 - ph.q0 == size for (ph,), size in zip(axes, plan.output_spatial))
-    outer_shifts = [{m for ph in a for m in ph.shifts} for a in axes[:-1]]
-    width = max(sum(all(m in ph.shifts for m, ph in zip(ms, combo)) for combo in itertools.product(*axes[:-1]))
-                for ms in itertools.product(*outer_shifts)) * c_out
+    width = max(len(uses) for uses in _shift_users(axes[:-1]).values()) * c_out
     row = math.prod(nq[-1:] if n > 1 else [1]) * math.prod(tp[1:-1])  # A's positions per row of the first axis
     per = len(used) * c_in + (0 if direct else n_in * n_out * c_out) + width  # A, accumulator, GEMM result
     block = _balanced(nq[0], max(1, max(ROW_MIN, BLOCK_BYTES // (4 * per)) // row))
@@ -760,10 +765,7 @@ def _transpose_folded(plan: Plan, x, w, out, compute) -> None:
     outer, inner = axes[:-1], axes[-1]
     n_out, n_in = math.prod(len(a) for a in outer), len(inner)
     everyone = list(range(n_out))
-    users: dict[tuple, list] = {}  # outer shifts -> the outer phases using them, with their taps
-    for po, combo in enumerate(itertools.product(*outer)):
-        for picks in itertools.product(*[tuple(zip(ph.shifts, ph.taps)) for ph in combo]):
-            users.setdefault(tuple(m for m, _ in picks), []).append((po, tuple(t for _, t in picks)))
+    users = _shift_users(outer)
     units = []  # per phase of the last axis: its columns of A; per outer shift, (offset, weights, phases, box)
     for ph2, (i0, i1) in zip(inner, ranges):
         mine = []
