@@ -1,0 +1,72 @@
+"""Array formats, one class each behind the interface in `base.Format`, and the one table that registers them.
+
+A new format is a module with its `Format` subclass (magic bytes, output suffixes, header, load, reader, listing,
+writer) plus one entry in FORMATS; tests/test_formats.py runs every registered format through the same contract.
+io.py is the facade the rest of convt calls; it asks this table, never a format by name.
+"""
+
+from __future__ import annotations
+
+import os
+
+from .base import Format, Reader, WholeReader, Writer, one_of
+from .h5 import H5, HDF5_MAGIC
+from .npy import NPY_MAGIC, Npy
+from .npz import ZIP_MAGIC, Npz
+from .std import Std
+
+FORMATS: dict[str, Format] = {f.name: f for f in (Npy(), Npz(), H5())}  # sniffed in this order
+STDIO: Format = Std()  # the reference `-`, whatever its bytes or suffix
+
+__all__ = ["FORMATS", "STDIO", "Format", "Reader", "WholeReader", "Writer", "NPY_MAGIC", "ZIP_MAGIC", "HDF5_MAGIC",
+           "input_format", "output_format", "container_suffixes", "suffix_formats"]
+
+
+def titles() -> str:
+    """'.npy, .npz or HDF5': the formats, as messages list them."""
+    return one_of(f.title for f in FORMATS.values())
+
+
+def container_suffixes() -> tuple[str, ...]:
+    """Suffixes after which a reference may go on with ':NAME'."""
+    return tuple(s for f in FORMATS.values() if f.named for s in f.suffixes)
+
+
+def suffix_formats() -> dict[str, Format]:
+    return {s: f for f in FORMATS.values() for s in f.suffixes}
+
+
+def input_format(ref) -> Format:
+    """The format of an existing input, from its magic bytes (never its suffix)."""
+    if ref.is_std:
+        return STDIO
+    if os.path.isdir(ref.path):
+        ref.fail(f"is a folder, expected a {titles()} file")
+    if os.path.exists(ref.path) and not os.path.isfile(ref.path):
+        # a pipe or device would be consumed by the sniff and could not be read again
+        ref.fail("is not a regular file (a pipe or a device): give a file, or - to read a .npy stream from stdin")
+    try:
+        with open(ref.path, "rb") as f:
+            head = f.read(max([8] + [len(fmt.magic) for fmt in FORMATS.values()]))
+    except FileNotFoundError:
+        ref.fail("no such file")
+    except OSError as e:
+        ref.fail(f"cannot be read: {e.strerror}")
+    for fmt in FORMATS.values():
+        if fmt.sniff(head):
+            return fmt
+    if not head:
+        ref.fail(f"is empty, expected a {titles()} file")
+    ref.fail(f"is not a {titles()} file (it starts with {head[:8]!r})")
+
+
+def output_format(ref) -> Format:
+    """The format of an output, from its suffix (it has no bytes yet)."""
+    if ref.is_std:
+        return STDIO
+    suffix = os.path.splitext(ref.path)[1].lower()
+    found = suffix_formats().get(suffix)
+    if found is None:
+        expected = one_of(list(suffix_formats()))
+        ref.fail(f"unknown output format '{suffix or '(no suffix)'}': expected {expected}, or - for stdout")
+    return found

@@ -1,0 +1,210 @@
+"""The interface every array format implements, and the helpers the formats share.
+
+A format is a stateless `Format` object registered in `formats.FORMATS`; what it opens holds the state: a
+`Reader` (an input read whole or a batch slice at a time) and a `Writer` (an output written a batch chunk at a
+time, in order). The atomic commit around a writer (a temporary file beside the target, synced and renamed into
+place) is `io.Sink`'s, the same for every format; a format that writes inside an existing file, or to stdout,
+makes its output visible itself (`Format.direct_writer`).
+
+References are `io.ArrayRef`s: `.path` (None for stdin/stdout), `.name` (a member, or None), `.fail(message)`.
+"""
+
+from __future__ import annotations
+
+import errno
+import re
+import shutil
+
+import numpy as np
+
+from ..errors import ConvtError
+
+
+class Format:
+    """One array format. Subclasses set the class attributes and override what their files can do."""
+
+    name = ""  # what io.sniff and io.output_format return, e.g. 'npy'
+    title = ""  # how messages listing the formats name it, e.g. '.npy' or 'HDF5'
+    magic = b""  # how its files start; io.sniff tells formats by these bytes, never by the suffix
+    suffixes: tuple[str, ...] = ()  # lower-case output suffixes that choose it (an output has no bytes yet)
+    named = False  # a reference may name one array inside a file (PATH:NAME)
+    groups = False  # a NAME may be a group holding many arrays (each converted, see io.expand_items)
+    shares_file = False  # an output may go into an existing file beside other arrays (an input there is read whole)
+
+    def sniff(self, head: bytes) -> bool:
+        """Whether a file starting with `head` (its first bytes) is of this format."""
+        return bool(self.magic) and head.startswith(self.magic)
+
+    # Reading
+
+    def header(self, ref) -> tuple[tuple[int, ...], np.dtype]:
+        """(shape, dtype) without reading the data; every refusal a load would make from the header, made now."""
+        raise NotImplementedError
+
+    def load(self, ref) -> np.ndarray:
+        """The whole array; pickles refused, bfloat16 stored as 2-byte void returned as bfloat16."""
+        raise NotImplementedError
+
+    def reader(self, ref) -> Reader:
+        """A reader of batch slices; formats that cannot read a slice alone read it all (`Reader.whole`)."""
+        return WholeReader(self.load(ref))
+
+    def listing(self, ref) -> list[dict]:
+        """Every array in the file, for `convt info`: name (None where a file holds one array), shape, dtype."""
+        shape, dtype = self.header(ref)
+        return [dict(name=None, shape=list(shape), dtype=dtype.name)]
+
+    def members_under(self, ref) -> list[str] | None:
+        """The arrays below the group `ref` names, relative to it; None when it names one array."""
+        return None
+
+    # Writing
+
+    def check_name(self, ref) -> None:
+        """Refuse an output NAME this format cannot write to (io.check_output, after the folder checks)."""
+
+    def replaces(self, ref, other) -> bool:
+        """Whether writing `ref` replaces what the input `other`, in the same file, reads."""
+        return True
+
+    def check_existing(self, ref, force: bool) -> None:
+        """Refuse writing `ref` into or over the existing file it names."""
+        if not force:
+            ref.fail("exists: pass --force to replace it")
+
+    def direct_writer(self, ref, shape, dtype, provenance: dict, force: bool) -> Writer | None:
+        """A writer that makes `ref` visible itself on finish() and undoes itself on abort() (stdout, a dataset in
+        an existing file); None: write a new file, which io.Sink then renames into place."""
+        return None
+
+    def file_writer(self, ref, path: str, shape, dtype, provenance: dict) -> Writer:
+        """A writer of the whole output into the new, empty file `path`."""
+        raise NotImplementedError
+
+
+class Reader:
+    """An input opened for reading: `shape` and `dtype` known, the data read by batch slices."""
+
+    shape: tuple[int, ...]
+    dtype: np.dtype
+
+    @property
+    def whole(self) -> bool:
+        """True when the array is held in memory, whatever is read of it."""
+        return False
+
+    def read(self, b0: int, b1: int) -> np.ndarray:
+        """Batch elements [b0, b1)."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+
+class WholeReader(Reader):
+    """An array already in memory (stdin, .npz members, or any input read whole on purpose)."""
+
+    def __init__(self, array: np.ndarray):
+        self._array = array
+        self.shape, self.dtype = array.shape, array.dtype
+
+    @property
+    def whole(self) -> bool:
+        return self._array is not None
+
+    def read(self, b0: int, b1: int) -> np.ndarray:
+        return self._array[b0:b1]
+
+    def close(self) -> None:
+        self._array = None
+
+
+class Writer:
+    """An output being written. Subclasses acquire what they write to in _open(); a failure there undoes it."""
+
+    def __init__(self):
+        try:
+            self._open()
+        except BaseException:
+            self.abort()
+            raise
+
+    def _open(self) -> None:
+        pass
+
+    def put(self, chunk: np.ndarray, start: int) -> None:
+        """Batch elements [start, start + len(chunk)) of a C-contiguous chunk of the output's dtype, in order."""
+        raise NotImplementedError
+
+    def finish(self) -> None:
+        """Complete the output: a file writer's file is then whole (still under its temporary name), a direct
+        writer's output visible under its own name."""
+        raise NotImplementedError
+
+    def abort(self) -> None:
+        """Release everything, quietly where a close fails, and undo what a direct writer did; the temporary
+        file of a file writer is io.Sink's to remove."""
+        raise NotImplementedError
+
+
+def one_of(words) -> str:
+    """'a, b or c', as messages list formats and suffixes."""
+    words = list(words)
+    return words[0] if len(words) == 1 else ", ".join(words[:-1]) + " or " + words[-1]
+
+
+def is_bfloat16_void(dtype: np.dtype) -> bool:
+    # convt's convention for bfloat16, which has no .npy or HDF5 type: a plain 2-byte void
+    return dtype.kind == "V" and dtype.itemsize == 2 and dtype.names is None
+
+
+def fix_dtype(a: np.ndarray) -> np.ndarray:
+    if is_bfloat16_void(a.dtype):
+        import ml_dtypes
+
+        return a.view(ml_dtypes.bfloat16)
+    return a
+
+
+def fix_header_dtype(dtype: np.dtype) -> np.dtype:
+    if is_bfloat16_void(dtype):
+        import ml_dtypes
+
+        return np.dtype(ml_dtypes.bfloat16)
+    return dtype
+
+
+def check_plain(ref, dtype: np.dtype) -> None:
+    if dtype.hasobject:
+        ref.fail("holds Python objects (a pickle); convt never unpickles: save a numeric array instead")
+
+
+def np_guard(ref, read):
+    """read() as an array, with whatever a damaged file makes numpy, h5py or zipfile raise as one ConvtError."""
+    try:
+        return np.asarray(read())
+    except ConvtError:
+        raise
+    except MemoryError:
+        ref.fail("does not fit in memory")
+    except Exception as e:  # numpy/h5py/zipfile raise many kinds for a damaged file
+        ref.fail(f"cannot be read ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})")
+
+
+def reason(e: OSError, folder: str | None = None, nbytes: int = 0) -> str:
+    """The cause of an OSError in a few words; h5py and numpy wrap it in long texts or none."""
+    text = str(e)
+    if e.errno == errno.ENOSPC or "errno = 28," in text or "No space left on device" in text:
+        return "No space left on device"
+    if folder is not None and "requested and" in text and "written" in text:  # numpy's short-write message
+        try:
+            if shutil.disk_usage(folder).free < nbytes:
+                return "No space left on device"
+        except OSError:
+            pass
+    found = re.search(r"error message = '([^']+)'", text)  # HDF5's report of the system error
+    if found:
+        return found.group(1)
+    if e.strerror:
+        return e.strerror
+    return text.splitlines()[0] if text else type(e).__name__
