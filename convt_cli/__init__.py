@@ -3,7 +3,7 @@
 from .errors import ConvtError
 
 __version__ = "0.1.0"
-__all__ = ["conv_transpose", "conv", "ConvtError", "__version__"]
+__all__ = ["conv_transpose", "conv", "run_files", "ConvtError", "__version__"]
 
 
 def __getattr__(name):
@@ -12,4 +12,8 @@ def __getattr__(name):
         from . import engine
 
         return getattr(engine, name)
+    if name == "run_files":
+        from .stream import run_files
+
+        return run_files
     raise AttributeError(f"module 'convt_cli' has no attribute {name!r}")

@@ -1,0 +1,592 @@
+"""File to file: what `convt run`, `convt verify` and `convt shape` do with arrays in files, as library functions.
+
+`run_files` plans from the headers alone, checks the memory budget and the free space, prepares the filters once,
+then reads the input a piece of the batch at a time, computes the piece and appends it to an atomic io.Sink, which
+makes the output visible only when it is whole; `run_many` does that for many (input, output) pairs, reporting
+each pair's mistake and going on with the next; `verify_files` feeds the adjoint check piece by piece the same
+way; `plan_files` is the plan alone. Pieces never change a bit of the result: the engine's blocks are fixed by the
+shapes, and verify's probes are drawn per batch element.
+
+Nothing here prints. A user's mistake raises ConvtError (a ValueError), whose message names the parameter; the
+memory, dtype and overwrite messages use the CLI's spelling of the keyword arguments (--max-memory, --dtype,
+--force), which the CLI passes through unchanged. KeyboardInterrupt and MemoryError propagate after the Sink has
+removed what it wrote.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import math
+import numbers
+import os
+import re
+import sys
+import time
+from fractions import Fraction
+
+import numpy as np
+
+from . import __version__, engine, io
+from .dtype_names import DTYPES
+from .errors import ConvtError
+from .interrupts import stop_if_signalled
+from .shapes import plan_conv_transpose
+
+PIECE_BYTES = 8 << 20  # input + output of one piece of a run: enough per piece to keep every thread busy
+
+_SIZE_UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40, "P": 2**50}
+_PROVENANCE = ("output_shape", "strides", "padding", "data_format", "dilations", "dtype", "pads")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The public entry points
+
+
+def run_files(input_ref, filters_ref, output_ref, *, output_shape=None, strides=1, padding="SAME", data_format=None,
+              dilations=None, dtype=None, force=False, max_memory=None, threads=None, progress=None,
+              available_memory=None) -> dict:
+    """Compute conv_transpose of two arrays in files and write it to a file, as `convt run` does.
+
+    The input is read, computed and written a piece of the batch at a time (about PIECE_BYTES of input and
+    output, fewer batch elements when the memory budget asks for it), so the output is never held whole; the
+    result is bitwise the same as the whole array's. The output appears only when complete (a temporary file
+    renamed into place, or a hidden .h5 dataset moved into place); .h5 outputs carry provenance attributes.
+
+    Args:
+        input_ref: "x.npy", "x.npz[:NAME]", "x.h5[:/group/dataset]" or "-" (stdin, read whole); the array is
+            (batch, *spatial, in_channels), or (batch, in_channels, *spatial) channels-first.
+        filters_ref: a reference as above to (*kernel, out_channels, in_channels), whatever the data_format.
+        output_ref: where to write: .npy, .npz[:NAME], .h5[:/group/dataset], or "-" for stdout.
+        output_shape, strides, padding, data_format, dilations: as for conv_transpose (Python values: strides=2
+            or [1, 2, 2, 1], padding="VALID" or [(0, 1), (1, 1)]).
+        dtype: None (input and filters must share a dtype), or a name of dtype_names.DTYPES (any case) or a
+            NumPy dtype to cast both to before computing.
+        force: replace an existing output file or dataset.
+        max_memory: the memory budget: bytes (an int) or a size like "512M", "2G", "1.5GiB" (powers of 1024);
+            None: what available_memory reports.
+        threads: threads to compute on; None: CONVT_NUM_THREADS, else every usable core.
+        progress: None, a callable progress(done, total) called after each piece with the batch elements done
+            and the batch size, or an object with update(n) (a tqdm or Click bar) given each piece's size.
+        available_memory: a function returning the bytes that can be allocated without swapping, or None where
+            that is unknown (no limit); None: MemAvailable of /proc/meminfo. For a caller that knows better (a
+            container's limit, which MemAvailable does not show).
+
+    Returns:
+        The summary `convt run --json` prints: input, filters, output, input_shape, filters_shape, output_shape,
+        dtype, strides, dilations, padding, data_format, pads, legal_output_sizes, flops, output_bytes, seconds
+        (computing only), gflop_per_s and batch_per_chunk.
+
+    Raises:
+        ConvtError: a bad argument, file, shape or dtype, an existing output without force, too little memory
+            for one batch element, too little disk. Nothing is left behind, as after KeyboardInterrupt.
+
+    >>> import os, tempfile
+    >>> with tempfile.TemporaryDirectory() as folder:
+    ...     x, w, y = (os.path.join(folder, name) for name in ("x.npy", "w.npy", "y.npy"))
+    ...     np.save(x, np.ones((2, 5, 5, 3), np.float32)); np.save(w, np.ones((3, 3, 4, 3), np.float32))
+    ...     run_files(x, w, y, strides=2, max_memory="64M")["output_shape"]
+    [2, 10, 10, 4]
+    """
+    cast, max_memory, threads = _dtype_name(dtype), _memory_limit(max_memory), _thread_count(threads)
+    report = _reporter(progress)
+    x_ref, w_ref = _refs(input_ref, filters_ref)
+    out_ref = io.parse_ref("OUTPUT", _ref_text("OUTPUT", output_ref), must_exist=False)
+    io.check_output(out_ref, [x_ref, w_ref], bool(force))
+    x_src = io.Source(x_ref, whole=io.same_h5_file(out_ref, x_ref))
+    try:
+        w_shape, w_dtype, w_load = _open(w_ref)
+        plan = plan_conv_transpose(x_src.shape, w_shape, output_shape, strides, padding, data_format, dilations)
+        out_dtype = checked_dtype(cast, (x_ref, x_src.dtype), (w_ref, w_dtype))  # every check before any data
+        whole = ("input",) if x_src.whole else ()
+        needs = run_needs(plan, x_src.dtype, w_dtype, out_dtype, whole=whole, threads=threads)
+        chunk = check_memory("run", needs, plan.batch, max_memory, available_memory)
+        # pieces of about PIECE_BYTES even when all would fit: the output need never be held whole
+        per_image = (math.prod(plan.input_shape[1:]) * x_src.dtype.itemsize
+                     + math.prod(plan.output_shape[1:]) * out_dtype.itemsize)
+        chunk = min(chunk, max(1, PIECE_BYTES // max(1, per_image)))
+        check_space(out_ref, math.prod(plan.output_shape) * out_dtype.itemsize)
+        info = _summary(plan, out_dtype, (x_ref, w_ref, out_ref))
+        compute = _conv_transpose_of(plan, cast_to(w_ref, w_load(), out_dtype), threads)
+        provenance = {"convt_version": __version__, "convt_op": "conv_transpose", "convt_input": str(x_ref),
+                      "convt_filters": str(w_ref), "convt_parameters": {k: info[k] for k in _PROVENANCE}}
+        sink = io.Sink(out_ref, plan.output_shape, out_dtype, provenance, bool(force))
+        seconds = 0.0
+        try:
+            for b0 in range(0, plan.batch, chunk):
+                b1 = min(plan.batch, b0 + chunk)
+                x = cast_to(x_ref, x_src.read(b0, b1), out_dtype, b0, chunk < plan.batch)
+                start = time.perf_counter()
+                with quiet_arithmetic():
+                    y = compute(x)
+                seconds += time.perf_counter() - start
+                del x
+                sink.write(y)
+                del y
+                report(b1 - b0, b1, plan.batch)
+                stop_if_signalled()
+            stop_if_signalled()
+            sink.commit()
+        except BaseException:
+            sink.abort()
+            raise
+    finally:
+        x_src.close()
+    info.update(seconds=round(seconds, 6), gflop_per_s=round(plan.flops / seconds / 1e9, 3) if seconds > 0 else None,
+                batch_per_chunk=min(chunk, plan.batch))
+    return info
+
+
+def run_many(items, filters_ref, **options):
+    """run_files for each (input_ref, output_ref) pair, with the same filters and options; a pair's mistake is
+    reported and the others still run (stop iterating to stop).
+
+    Args:
+        items: (input_ref, output_ref) pairs, such as io.expand_items(input, output) makes of an HDF5 group
+            ("data.h5:/inputs/" to "out.h5:/outputs/") or a glob with an output template ("in/*.npy" to
+            "out/{stem}.npy").
+        filters_ref: as for run_files.
+        **options: run_files' keyword arguments, for every pair.
+
+    Yields:
+        Per pair, in order: run_files' summary, or {"input", "output", "error"} for a ConvtError, whose message
+        starts with the reference it is about ("INPUT 'in/b.npy': ..."). Other exceptions propagate.
+
+    >>> list(run_many([], "w.npy"))
+    []
+    """
+    for item_in, item_out in items:
+        try:
+            info = run_files(item_in, filters_ref, item_out, **options)
+        except ConvtError as e:
+            message = " ".join(str(e).split())
+            if not message.startswith(("INPUT ", "OUTPUT ", "FILTERS ")):
+                message = f"INPUT '{item_in}': {message}"  # which of the many it was
+            info = {"input": item_in, "output": item_out, "error": message}
+        yield info
+
+
+def verify_files(input_ref, filters_ref, output_ref=None, *, output_shape=None, strides=1, padding="SAME",
+                 data_format=None, dilations=None, dtype=None, probes=None, seed=0, rtol=None, max_memory=None,
+                 threads=None, progress=None, available_memory=None):
+    """The adjoint check of verify.py on arrays in files, as `convt verify` does, a piece of the batch at a time.
+
+    Args:
+        input_ref, filters_ref: as for run_files.
+        output_ref: the claimed conv_transpose(INPUT, FILTERS) to check, or None to compute it here (on the
+            engine, piece by piece) and check that. Its shape is the output_shape unless one is given.
+        output_shape, strides, padding, data_format, dilations, dtype, max_memory, threads, progress,
+            available_memory: as for run_files (the budget also counts verify's own arrays).
+        probes, seed, rtol: as for verify.verify_conv_transpose.
+
+    Returns:
+        A verify.VerifyReport (passed, per-probe a, b and residual, tolerance, seed); it prints nothing.
+
+    Raises:
+        ConvtError: as run_files, and an OUTPUT whose shape or dtype does not fit the flags.
+
+    >>> import os, tempfile
+    >>> with tempfile.TemporaryDirectory() as folder:
+    ...     x, w = os.path.join(folder, "x.npy"), os.path.join(folder, "w.npy")
+    ...     np.save(x, np.ones((2, 5, 5, 3), np.float32)); np.save(w, np.ones((3, 3, 4, 3), np.float32))
+    ...     verify_files(x, w, strides=2).output_shape
+    (2, 10, 10, 4)
+    """
+    from .verify import AdjointCheck
+
+    cast, max_memory, threads = _dtype_name(dtype), _memory_limit(max_memory), _thread_count(threads)
+    report = _reporter(progress)
+    x_ref, w_ref = _refs(input_ref, filters_ref)
+    y_ref = None if output_ref is None else io.parse_ref("OUTPUT", _ref_text("OUTPUT", output_ref))
+    if y_ref is not None and y_ref.is_std and (x_ref.is_std or w_ref.is_std):
+        raise ConvtError("OUTPUT '-': stdin is already used; give OUTPUT as a file")
+    sources = [io.Source(x_ref)]
+    try:
+        x_src = sources[0]
+        w_shape, w_dtype, w_load = _open(w_ref)
+        y_src = None if y_ref is None else io.Source(y_ref)
+        if y_src is not None:
+            sources.append(y_src)
+            if output_shape is None:
+                output_shape = list(y_src.shape)
+        plan = plan_conv_transpose(x_src.shape, w_shape, output_shape, strides, padding, data_format, dilations)
+        if y_src is not None and tuple(y_src.shape) != plan.output_shape:
+            y_ref.fail(f"has shape {tuple(y_src.shape)} but --output-shape asks for {plan.output_shape}")
+        out_dtype = checked_dtype(cast, (x_ref, x_src.dtype), (w_ref, w_dtype))
+        if y_src is not None and y_src.dtype.name != out_dtype.name:
+            y_ref.fail(f"has dtype {y_src.dtype.name} but INPUT and FILTERS compute in {out_dtype.name}")
+        whole = tuple(name for name, src in (("input", x_src), ("output", y_src)) if src is not None and src.whole)
+        needs = run_needs(plan, x_src.dtype, w_dtype, out_dtype, None if y_src is None else (y_src.shape, y_src.dtype),
+                          whole=whole, threads=threads)
+        chunk = check_memory("verify", with_verify_work(needs, plan, out_dtype, probes), plan.batch, max_memory,
+                             available_memory)
+        w = cast_to(w_ref, w_load(), out_dtype)
+        check = AdjointCheck(plan, w, out_dtype.name, probes=probes, seed=seed, rtol=rtol)
+        compute = _conv_transpose_of(plan, w, threads) if y_src is None else None
+        with quiet_arithmetic():
+            for b0 in range(0, plan.batch, chunk):
+                b1 = min(plan.batch, b0 + chunk)
+                x = cast_to(x_ref, x_src.read(b0, b1), out_dtype, b0, chunk < plan.batch)
+                y = compute(x) if y_src is None else y_src.read(b0, b1)
+                check.add(x, y, batch_offset=b0)
+                del x, y
+                report(b1 - b0, b1, plan.batch)
+                stop_if_signalled()
+            return check.report()
+    finally:
+        for src in sources:
+            src.close()
+
+
+def plan_files(input_ref, filters_ref, *, output_shape=None, strides=1, padding="SAME", data_format=None,
+               dilations=None, dtype=None) -> dict:
+    """The plan of run_files from the headers alone (no data is read), as `convt shape --json` prints it.
+
+    Args:
+        input_ref, filters_ref, output_shape, strides, padding, data_format, dilations, dtype: as for run_files.
+
+    Returns:
+        input, filters, input_shape, filters_shape, output_shape, dtype, strides, dilations, padding,
+        data_format, pads, legal_output_sizes, flops and output_bytes.
+
+    >>> import os, tempfile
+    >>> with tempfile.TemporaryDirectory() as folder:
+    ...     x, w = os.path.join(folder, "x.npy"), os.path.join(folder, "w.npy")
+    ...     np.save(x, np.ones((2, 5, 5, 3), np.float32)); np.save(w, np.ones((3, 3, 4, 3), np.float32))
+    ...     plan_files(x, w, strides=2, padding="VALID")["output_shape"]
+    [2, 11, 11, 4]
+    """
+    cast = _dtype_name(dtype)
+    x_ref, w_ref = _refs(input_ref, filters_ref)
+    (x_shape, x_dtype, _), (w_shape, w_dtype, _) = _open(x_ref), _open(w_ref)
+    plan = plan_conv_transpose(x_shape, w_shape, output_shape, strides, padding, data_format, dilations)
+    return _summary(plan, checked_dtype(cast, (x_ref, x_dtype), (w_ref, w_dtype)), (x_ref, w_ref))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The memory budget and the disk
+
+
+SIZE_EXPECTED = "a size like 512M, 2G, 1.5GiB or a number of bytes"
+
+
+def size_bytes(text: str) -> int | None:
+    """Bytes from 512M, 2G, 1.5GiB, 100 (units are powers of 1024, with or without B / iB, any case); None for
+    text that is not a size.
+
+    >>> size_bytes("1.5K"), size_bytes("lots")
+    (1536, None)
+    """
+    found = re.fullmatch(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*(?:([KMGTP])(?:I?B)?|B)?\s*", text, flags=re.IGNORECASE)
+    if not found:
+        return None
+    return int(Fraction(found[1]) * _SIZE_UNITS[(found[2] or "").upper()])
+
+
+def parse_size(param: str, text: str | None) -> int | None:
+    """size_bytes(text), None for None, a ConvtError naming `param` for text that is not a size."""
+    if text is None:
+        return None
+    size = size_bytes(text)
+    if size is None:
+        raise ConvtError(f"{param}: expected {SIZE_EXPECTED}, got '{text}'")
+    return size
+
+
+def bytes_text(n: int) -> str:
+    for unit in ("PiB", "TiB", "GiB", "MiB", "KiB"):
+        scale = _SIZE_UNITS[unit[0]]
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n} B"
+
+
+def mem_available() -> int | None:
+    """MemAvailable of /proc/meminfo: what can be allocated without swapping; None where it is not known."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def check_memory(op: str, needs, batch: int, max_memory: int | None, available_memory=None) -> int:
+    """The number of batch elements to hold at once: the whole batch when it fits, else the most that fit (the
+    run then streams over the batch axis). Refuses, before anything is read or allocated, only when a single
+    batch element does not fit.
+
+    needs(b) -> {part: bytes} for b batch elements at once (growing with b); the limit is max_memory, else
+    what available_memory() (default mem_available) reports.
+
+    >>> check_memory("run", lambda b: {"input": 100 * b}, 8, max_memory=350)
+    3
+    """
+    parts = needs(batch)
+    total = sum(parts.values())
+    available = (available_memory or mem_available)()
+    limit = max_memory if max_memory is not None else available
+    if total <= sys.maxsize and (limit is None or total <= limit):
+        return max(1, batch)
+    if limit is None or limit > sys.maxsize:
+        limit, why = sys.maxsize, "more than this machine can address"
+    elif max_memory is not None:
+        seen = f" (available: {bytes_text(available)})" if available is not None else ""
+        why = f"--max-memory is {bytes_text(max_memory)}{seen}"
+    else:
+        why = f"only {bytes_text(available)} is available"
+    fits, too_many = 0, batch + 1  # the largest batch that fits, by bisection: needs() may not be linear
+    while too_many - fits > 1:
+        mid = (fits + too_many) // 2
+        fits, too_many = (mid, too_many) if sum(needs(mid).values()) <= limit else (fits, mid)
+    if fits >= 1:
+        return fits
+    more = "a larger --max-memory" if max_memory is not None else "--max-memory SIZE if more can be had (swap)"
+    one = needs(1)
+    listed = ", ".join(f"{name} {bytes_text(n)}" for name, n in one.items())
+    raise ConvtError(
+        f"{op} needs about {bytes_text(sum(one.values()))} for even one batch element ({listed}) but {why}: "
+        f"use a lower-precision --dtype, smaller arrays, or {more}"
+    )
+
+
+def run_needs(plan, x_dtype, w_dtype, dtype, output=None, whole=(), threads=None):
+    """needs(b) for check_memory: b batch elements of the arrays as read, their casts to dtype, and the output
+    with the engine's work (or, given output=(shape, dtype), the output as read). `whole` names the arrays that
+    are held whole whatever b ("input", "output": stdin and .npz members are read at once)."""
+    estimate = engine.estimate_bytes
+    extra = {"threads": threads} if threads is not None and _takes(estimate, "threads") else {}
+
+    def needs(batch):
+        p = dataclasses.replace(plan, batch=batch)
+        x_n, w_n = math.prod(p.input_shape), math.prod(p.filters_shape)
+        held = {"input": math.prod(plan.input_shape) * x_dtype.itemsize if "input" in whole else 0,
+                "output": math.prod(plan.output_shape) * output[1].itemsize if output and "output" in whole else 0}
+        cast = (x_n if x_dtype != dtype else 0) + (w_n if w_dtype != dtype else 0)
+        if output is None:
+            work = estimate(p, dtype, **extra)
+        else:
+            work = math.prod((batch, *output[0][1:])) * output[1].itemsize
+        return {"input": max(x_n * x_dtype.itemsize, held["input"]), "filters": w_n * w_dtype.itemsize,
+                "output and work": work + cast * dtype.itemsize + held["output"]}
+
+    return needs
+
+
+def with_verify_work(needs, plan, dtype, probes):
+    """needs plus verify's own arrays, roughly: in float64 (complex128 for complex data) about five arrays the
+    size of a group of batch elements (about 2**20 values, at least one element of OUTPUT, INPUT or the probe
+    field), two of about 2**20 values, and the filters contracted with the probes."""
+    from .verify import DEFAULT_PROBES
+
+    k = probes or DEFAULT_PROBES
+    item = 16 if dtype.kind == "c" else 8
+    per_element = max(1, math.prod(plan.output_shape[1:]), math.prod(plan.input_shape[1:]),
+                      k * math.prod(plan.output_spatial))
+    taps_by_c_in = math.prod(plan.kernel) * plan.in_channels
+
+    def with_work(batch):
+        parts = needs(batch)
+        group = min(batch, max(1, 2**20 // per_element)) * per_element
+        parts["verify's work"] = item * (5 * group + 2 * 2**20 + 3 * math.prod(plan.filters_shape)
+                                         + 2 * k * taps_by_c_in) if batch else 0
+        return parts
+
+    return with_work
+
+
+def check_space(ref, nbytes: int) -> None:
+    """Refuse before computing an output the disk cannot hold (a full disk during the write is handled too)."""
+    free = io.free_space(ref)
+    if free is not None and free < nbytes:
+        ref.fail(f"needs about {bytes_text(nbytes)} but only {bytes_text(free)} is free where it goes: free "
+                 f"some space or write it elsewhere")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# dtypes of files
+
+
+def _dtype_text(dtype) -> str:
+    # numpy's names for these (void64, str672, bytes168) say nothing about what the file holds
+    if dtype.names:
+        return f"{dtype} (structured)"
+    kinds = {"U": "text", "S": "bytes", "V": "raw bytes", "O": "Python objects or variable-length data"}
+    return f"{dtype.str} ({kinds[dtype.kind]})" if dtype.kind in kinds else dtype.name
+
+
+def checked_dtype(cast, *refs_and_dtypes):
+    """The dtype the run computes in: `cast` (a name of DTYPES), else the shared dtype of INPUT and FILTERS."""
+    for ref, dtype in refs_and_dtypes:
+        castable = dtype.kind in "biufc" or dtype.name == "bfloat16"
+        if dtype.name not in DTYPES and not (cast and castable):
+            hint = "; pass --dtype float32 (or another) to cast it" if castable else ""
+            ref.fail(f"dtype {_dtype_text(dtype)} is not supported: expected one of {', '.join(DTYPES)}{hint}")
+    if cast:
+        if cast.lower() == "bfloat16":
+            import ml_dtypes
+
+            target = np.dtype(ml_dtypes.bfloat16)
+        else:
+            target = np.dtype(cast.lower())
+        for ref, dtype in refs_and_dtypes:
+            if dtype.kind == "c" and target.kind != "c":
+                raise ConvtError(
+                    f"--dtype {target.name}: {ref.label} is {dtype.name} and casting it to a real dtype would drop "
+                    f"the imaginary part: use --dtype complex64 or complex128"
+                )
+        return target
+    (x_ref, x_dtype), (w_ref, w_dtype) = refs_and_dtypes
+    if x_dtype.name != w_dtype.name:
+        raise ConvtError(
+            f"INPUT is {x_dtype.name} but FILTERS is {w_dtype.name}: they must share a dtype; "
+            f"pass --dtype {x_dtype.name} (or another) to cast both"
+        )
+    return x_dtype.newbyteorder("=")  # big-endian in, native out
+
+
+def cast_to(ref, a, dtype, b0: int = 0, piece: bool = False):
+    """a as dtype. numpy turns nan, inf and out-of-range values into arbitrary int32s without a word: refused.
+    `a` is batch elements b0.. of the array; `piece` says that it is not all of them (the count is the piece's)."""
+    if a.dtype == dtype:
+        return a
+    if dtype.kind == "i" and a.dtype.kind != "b":
+        info = np.iinfo(dtype)
+        with np.errstate(invalid="ignore"):
+            bad = ~((a >= info.min) & (a <= info.max))  # nan compares false
+        count = int(np.count_nonzero(bad))
+        if count:
+            where = [int(i) for i in np.argwhere(bad)[0]]
+            value = a[tuple(where)]
+            where[0] += b0
+            within = f" in batch elements {b0}..{b0 + len(a) - 1}" if piece else ""
+            raise ConvtError(
+                f"--dtype {dtype.name}: {ref.label} holds {count} value{'s' if count > 1 else ''}{within} that "
+                f"{'are' if count > 1 else 'is'} not finite or outside {dtype.name} ({value} at {where}): "
+                f"{dtype.name} cannot represent {'them' if count > 1 else 'it'}"
+            )
+    with np.errstate(all="ignore"):  # float16 overflow gives inf, as TF's cast does; not a warning line
+        return a.astype(dtype)
+
+
+def quiet_arithmetic():
+    """nan and inf propagate as in TF, and verify reports them; numpy's RuntimeWarnings about them would be
+    stray lines on stderr."""
+    return np.errstate(all="ignore")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Arguments and the engine
+
+
+def _ref_text(label: str, value) -> str:
+    if isinstance(value, os.PathLike):
+        value = os.fspath(value)
+    if not isinstance(value, str):
+        raise ConvtError(f"{label}: expected a file reference like x.npy, x.npz:name or x.h5:/group/data, got "
+                         f"{value!r}")
+    return value
+
+
+def _refs(input_ref, filters_ref):
+    x_ref = io.parse_ref("INPUT", _ref_text("INPUT", input_ref))
+    w_ref = io.parse_ref("FILTERS", _ref_text("FILTERS", filters_ref))
+    if x_ref.is_std and w_ref.is_std:
+        raise ConvtError("FILTERS '-': stdin is already the INPUT; give FILTERS as a file")
+    return x_ref, w_ref
+
+
+def _open(ref):
+    """(shape, dtype, load): the header now, the data on demand; stdin can only be read whole, at once."""
+    if ref.is_std:
+        a = io.load(ref)
+        return a.shape, a.dtype, lambda: a
+    shape, dtype = io.read_header(ref)
+    return shape, dtype, lambda: io.load(ref)
+
+
+def _dtype_name(value) -> str | None:
+    if value is None:
+        return None
+    if isinstance(value, str):
+        name = value.strip().lower()
+    else:
+        try:
+            name = np.dtype(value).name
+        except TypeError:
+            name = None
+    if name not in DTYPES:
+        raise ConvtError(f"dtype: expected None or one of {', '.join(DTYPES)}, got {value!r}")
+    return name
+
+
+def _memory_limit(value) -> int | None:
+    if value is None or isinstance(value, str):
+        return parse_size("max_memory", value)
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= 0:
+        return int(value)
+    raise ConvtError(f"max_memory: expected None, a number of bytes >= 0 or a size like 512M, 2G, 1.5GiB, got "
+                     f"{value!r}")
+
+
+def _thread_count(value) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= 1:
+        return int(value)
+    raise ConvtError(f"threads: expected None (CONVT_NUM_THREADS, else every usable core) or an integer >= 1, got "
+                     f"{value!r}")
+
+
+def _reporter(progress):
+    """report(n, done, total) after each piece of n batch elements, in whichever form `progress` takes."""
+    if progress is None:
+        return lambda n, done, total: None
+    if callable(getattr(progress, "update", None)):
+        return lambda n, done, total: progress.update(n)
+    if callable(progress):
+        return lambda n, done, total: progress(done, total)
+    raise ConvtError(f"progress: expected None, a callable progress(done, total) or an object with update(n), got "
+                     f"{progress!r}")
+
+
+def _takes(function, name: str) -> bool:
+    try:
+        return name in inspect.signature(function).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def _conv_transpose_of(plan, w, threads):
+    """x -> conv_transpose(x, w) under plan, for every piece: the filters (Winograd's transform of them included)
+    prepared once per run where the engine can, not once per piece. Looked up on the engine at each run, so
+    that a stand-in for the engine's entry point takes effect."""
+    kwargs = {} if threads is None else {"threads": threads}
+    prepare = getattr(engine, "prepare", None)
+    if prepare is not None:
+        prepared = prepare(plan, w)
+        return lambda x: prepared.run(x, **kwargs)
+    run = engine.run_conv_transpose
+    if kwargs and not _takes(run, "threads"):
+        raise ConvtError(f"threads={threads}: this engine sets its threads itself; pass threads=None")
+    return lambda x: run(plan, x, w, **kwargs)
+
+
+def _summary(plan, dtype, refs) -> dict:
+    info = {
+        "input": str(refs[0]), "filters": str(refs[1]),
+        "input_shape": list(plan.input_shape), "filters_shape": list(plan.filters_shape),
+        "output_shape": list(plan.output_shape), "dtype": dtype.name,
+        "strides": list(plan.spec.strides), "dilations": list(plan.spec.dilations),
+        "padding": plan.spec.padding if isinstance(plan.spec.padding, str) else [list(p) for p in plan.spec.padding],
+        "data_format": plan.spec.data_format,
+        "pads": [list(p) for p in plan.pads],
+        "legal_output_sizes": [list(r) for r in plan.legal_ranges],
+        "flops": plan.flops,
+        "output_bytes": int(dtype.itemsize) * math.prod(int(v) for v in plan.output_shape),
+    }
+    if len(refs) > 2:
+        info["output"] = str(refs[2])
+    return info
