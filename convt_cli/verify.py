@@ -64,7 +64,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .engine import as_arrays
+from .engine.dtypes import as_arrays
 from .errors import ConvtError
 from .shapes import Plan, plan_conv_transpose
 

@@ -1,0 +1,166 @@
+"""conv_transpose: the strategy dispatch, filters prepared once and run on any number of batches, and the
+memory estimate that budgets a run."""
+
+from __future__ import annotations
+
+import math
+import threading
+
+import numpy as np
+
+from ..errors import ConvtError
+from ..shapes import Plan, plan_conv_transpose
+from . import runtime
+from .choose import choose_strategy
+from .dtypes import as_arrays, check_dtypes, check_int32_bound, compute_dtype, largest_magnitude
+from .strategies import OFFSETS, REGISTRY, STRATEGIES, TAPS
+from .strategies.base import Strategy
+
+_WARM_POSITIONS = 4096  # runs over fewer input positions than this are too small to start worker threads for
+
+
+def conv_transpose(input, filters, output_shape=None, strides=1, padding="SAME", data_format=None, dilations=None,
+                   *, threads=None) -> np.ndarray:
+    """Transposed convolution, the same numbers as TensorFlow's tf.nn.conv_transpose.
+
+    Args:
+        input: (batch, *spatial, in_channels), or (batch, in_channels, *spatial) when data_format is
+            channels-first ("NCW", "NCHW", "NCDHW", "channels_first"). Any N >= 1 spatial dims.
+        filters: (*kernel, out_channels, in_channels) whatever the data_format; filters[..., -1] pairs with
+            the input's channels. Not flipped.
+        output_shape: None (I*s for SAME, (I-1)*s + (K-1)*d + 1 for VALID), the N spatial sizes, or the
+            full N+2 shape in data_format order, as TF takes it.
+        strides, dilations: an int, or a list of length 1, N or N+2 (data_format order, batch and channel
+            entries 1).
+        padding: "SAME", "VALID" (any case), or N (lo, hi) pairs (or N+2 with zero batch/channel pairs).
+        data_format: None (channels-last), TF's strings for N <= 3, "channels_last" or "channels_first".
+        threads: how many threads (None: CONVT_NUM_THREADS, else every usable core); never changes a bit.
+
+    Returns:
+        An array of output_shape in data_format order, with the input's dtype.
+
+    Raises:
+        ConvtError: any invalid argument, with the parameter, what was expected and what was got.
+
+    >>> conv_transpose(np.ones((2, 5, 5, 3), np.float32), np.ones((3, 3, 4, 3), np.float32), strides=2).shape
+    (2, 10, 10, 4)
+    """
+    x, w = as_arrays("conv_transpose", input, filters)
+    plan = plan_conv_transpose(x.shape, w.shape, output_shape, strides, padding, data_format, dilations)
+    return run_conv_transpose(plan, x, w, threads=threads)
+
+
+def run_conv_transpose(plan: Plan, x: np.ndarray, w: np.ndarray, strategy: str | None = None,
+                       threads=None) -> np.ndarray:
+    """Execute a plan on arrays whose shapes match it (any batch size: batch elements are independent).
+
+    `strategy` (one of STRATEGIES) overrides the choice by shape; the tests run each.
+
+    >>> plan = plan_conv_transpose((2, 5, 3), (3, 4, 3), None, 2)
+    >>> run_conv_transpose(plan, np.ones((2, 5, 3)), np.ones((3, 4, 3)), strategy="taps").shape
+    (2, 10, 4)
+    """
+    return prepare(plan, w, strategy).run(x, threads)
+
+
+def prepare(plan: Plan, w: np.ndarray, strategy: str | None = None) -> Prepared:
+    """The filters converted, checked and rearranged for the strategy that will run them, once: then
+    `.run(x)` on any number of batches (pieces of one batch give the same bits as the whole).
+
+    >>> p = prepare(plan_conv_transpose((1, 8, 8, 16), (4, 4, 8, 16), None, 2), np.ones((4, 4, 8, 16), np.float32))
+    >>> p.strategy, p.run(np.ones((3, 8, 8, 16), np.float32)).shape
+    ('winograd', (3, 16, 16, 8))
+    """
+    w = w if isinstance(w, np.ndarray) else np.asarray(w)
+    check_dtypes(plan.op, w.dtype, w.dtype)
+    if strategy is not None and strategy not in STRATEGIES:
+        raise ValueError(f"unknown strategy {strategy!r}: expected one of {', '.join(STRATEGIES)}")
+    return Prepared(plan, w, strategy or choose_strategy(plan))
+
+
+def dispatch(plan: Plan, name: str, wc: np.ndarray, compute: np.dtype) -> Strategy:
+    """The strategy that runs: `name` where it applies and takes these filters, else "offsets" where that takes
+    them, else "taps" (which takes any)."""
+    chosen = REGISTRY[name]
+    if not chosen.applies(plan):
+        chosen = OFFSETS
+    if not chosen.accepts(wc, compute):
+        # an inf or NaN tap: every strategy but "taps" multiplies padding zeros by the taps, which makes NaN where
+        # TF's direct sum, over the input only, makes inf or nothing; filters "dense" or "winograd" would not
+        # sum as a direct sum does: "offsets"
+        chosen = OFFSETS if OFFSETS.accepts(wc, compute) else TAPS
+    return chosen
+
+
+class Prepared:
+    """Filters ready for one plan: `.strategy` names what runs them, `.run(x, threads=None)` runs them."""
+
+    def __init__(self, plan: Plan, w: np.ndarray, name: str):
+        self.plan, self.dtype = plan, w.dtype
+        self._compute = compute_dtype(w.dtype)
+        self._w_max = largest_magnitude(w) if w.dtype.name == "int32" else 0
+        self._empty = w.size == 0 or math.prod(plan.output_shape[1:]) == 0 or math.prod(plan.input_shape[1:]) == 0
+        self._lock = threading.Lock()
+        self._redo = None  # "offsets"' filters, made when an image first needs them (see run)
+        if self._empty:
+            self._wc, self._strategy, self._weights = None, REGISTRY[name], None
+            self.strategy = name
+            return
+        wc = np.ascontiguousarray(w, dtype=self._compute)
+        self._strategy = dispatch(plan, name, wc, self._compute)
+        self.strategy = self._strategy.name
+        self._weights = self._strategy.prepare(plan, wc, self._compute)
+        self._wc = wc if self._strategy.redoes_wild else None  # kept for "offsets" to redo images
+
+    def run(self, x: np.ndarray, threads=None) -> np.ndarray:
+        """conv_transpose of x, (any batch, *the plan's input_shape[1:]), in x's dtype (native byte order)."""
+        plan = self.plan
+        x = x if isinstance(x, np.ndarray) else np.asarray(x)
+        check_dtypes(plan.op, x.dtype, self.dtype)
+        if x.ndim != len(plan.input_shape) or x.shape[1:] != plan.input_shape[1:]:
+            raise ConvtError(f"{plan.op}: input shape {x.shape} does not match the plan's "
+                             f"(batch, {', '.join(map(str, plan.input_shape[1:]))})")
+        threads = runtime.resolve_threads(threads)
+        batch = x.shape[0]
+        if x.dtype.name == "int32" and x.size:
+            check_int32_bound(plan.op, x.dtype, largest_magnitude(x), self._w_max,
+                              plan.in_channels * math.prod(plan.kernel))
+        if batch * math.prod(plan.input_spatial) > _WARM_POSITIONS:
+            runtime.warm(threads)  # the worker threads' BLAS buffers before the output: see runtime
+        out = np.zeros((batch, *plan.output_shape[1:]), dtype=x.dtype.newbyteorder("="))
+        if out.size == 0 or x.size == 0 or self._empty:
+            return out
+        wild = self._strategy.run(plan, self._weights, x, out, self._compute, threads)
+        if wild:  # images with a number "dense" or "winograd" would not sum as a direct sum: again by "offsets"
+            images = sorted(wild)
+            out[images] = 0
+            OFFSETS.run(plan, self._offsets_weights(), x, out, self._compute, threads, images=images)
+        return out
+
+    def _offsets_weights(self):
+        with self._lock:
+            if self._redo is None:
+                self._redo = OFFSETS.prepare(self.plan, self._wc, self._compute)
+            return self._redo
+
+    def __repr__(self) -> str:
+        return f"<Prepared {self.plan.op} {self.dtype.name} by {self.strategy!r}>"
+
+
+def estimate_bytes(plan: Plan, dtype, threads=None) -> int:
+    """Peak bytes run_conv_transpose allocates for this plan beyond its input and filters (an upper bound): the
+    output; the workspace of the strategy chosen or of either fallback ("offsets", "taps"), each thread's at once;
+    the filters converted to the compute dtype; and what the strategies that may run prepare from them. Not
+    counted: the 2.25 MiB per thread that the worker threads' first GEMMs take once per process (see runtime).
+
+    >>> estimate_bytes(plan_conv_transpose((1, 8, 8, 16), (4, 4, 8, 16), None, 2), np.float32, threads=1) > 0
+    True
+    """
+    dtype = np.dtype(dtype)
+    threads = runtime.resolve_threads(threads)
+    chosen = REGISTRY[choose_strategy(plan)]
+    work = max(s.workspace_bytes(plan, dtype, threads) for s in (chosen, OFFSETS, TAPS))
+    copy = math.prod(plan.filters_shape) * compute_dtype(dtype).itemsize
+    weights = chosen.weights_bytes(plan, dtype) + (OFFSETS.weights_bytes(plan, dtype) if chosen.redoes_wild else 0)
+    weights = max(weights, OFFSETS.weights_bytes(plan, dtype), TAPS.weights_bytes(plan, dtype))
+    return math.prod(plan.output_shape) * dtype.itemsize + work + copy + weights
