@@ -405,7 +405,8 @@ class Sink:
                 _sync_folder(_folder(self.ref))
             self._writer = None
         except (OSError, RuntimeError) as e:  # h5py reports a failed flush as RuntimeError
-            reason = _reason(e, _folder(self.ref)) if isinstance(e, OSError) else _reason(OSError(str(e)))
+            folder = None if self.ref.is_std else _folder(self.ref)  # stdout has no folder: a closed pipe
+            reason = _reason(e, folder) if isinstance(e, OSError) else _reason(OSError(str(e)))
             self.abort()
             self.ref.fail(f"could not be written: {reason}")
         except BaseException:

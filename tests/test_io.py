@@ -3,10 +3,11 @@
 Matrix: parse_ref over plain/.npz/.h5 references and paths holding colons; sniffing by magic bytes against
 misleading suffixes; header reads (truncated, pickled, bfloat16); atomic writes under a failure in the middle
 (npy, npz, new .h5, dataset inside an existing .h5) and under KeyboardInterrupt: no temporary file, target
-unchanged.
+unchanged; stdout closed by its reader at commit: one ConvtError.
 """
 
 import os
+import sys
 
 import h5py
 import ml_dtypes
@@ -197,3 +198,19 @@ def test_outputs_get_the_permissions_of_any_new_file():
             assert os.stat(target.split(":")[0]).st_mode & 0o777 == 0o644, target
     finally:
         os.umask(old)
+
+
+def test_stdout_going_away_at_commit_is_one_error(monkeypatch):
+    class Closed:
+        class buffer:
+            @staticmethod
+            def write(data):
+                raise BrokenPipeError(32, "Broken pipe")
+
+            flush = write
+
+    monkeypatch.setattr(sys, "stdout", Closed)  # a reader that went away, as `convt run ... -o - | head -c1`
+    sink = io.Sink(io.parse_ref("OUTPUT", "-"), (2,), "f8")
+    sink.write(np.ones(2))
+    with pytest.raises(ConvtError, match=r"^OUTPUT '-': could not be written: Broken pipe$"):
+        sink.commit()
