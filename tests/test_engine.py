@@ -7,6 +7,8 @@ Matrix:
 - adjoint identity <conv_transpose(y, W), x> = <y, conv(x, W)>: hypothesis over rank 1-3 and every flag.
 - dtypes: float16, bfloat16, float32, float64, int32 (exact, overflow refused), complex64, complex128.
 - array layouts: non-contiguous, Fortran order, big-endian, lists; inputs never modified; zero sizes.
+- every strategy forced, in blocks of one row, and prepared once then run on pieces of the batch: bitwise the
+  same as one run; estimate_bytes against tracemalloc's peak for the chosen and for each forced strategy.
 """
 
 import glob
@@ -20,6 +22,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from convt_cli import ConvtError, conv, conv_transpose, engine
+from convt_cli.engine import grid, runtime
+from convt_cli.engine.strategies import dense, folded, offsets, phases, taps, winograd
 from convt_cli.shapes import plan_conv_transpose
 from loop_reference import conv_loop, conv_transpose_loop
 
@@ -117,7 +121,7 @@ def _winograd_seeds(count):
         x, w, out_sizes, first, flags = _random_config(seed)
         plan = plan_conv_transpose(x.shape, w.shape, out_sizes, data_format="channels_first" if first else None,
                                    **flags)
-        if engine._winograd_ok(plan):
+        if winograd.winograd_ok(plan):
             seeds.append(seed)
     return seeds[:count]
 
@@ -126,7 +130,7 @@ def _winograd_seeds(count):
 @pytest.mark.parametrize("seed", _winograd_seeds(80))
 def test_winograd_tiles_of_two_and_three_match_loop_reference(monkeypatch, seed, m):
     # which tile size a shape gets depends on its memory (_winograd_m): here both, on every layout
-    monkeypatch.setattr(engine, "_winograd_m", lambda plan, itemsize: m)
+    monkeypatch.setattr(winograd, "winograd_m", lambda plan, itemsize: m)
     x, w, out_sizes, first, flags = _random_config(seed)
     plan = plan_conv_transpose(x.shape, w.shape, out_sizes, data_format="channels_first" if first else None, **flags)
     got = engine.run_conv_transpose(plan, x, w, strategy="winograd")
@@ -138,8 +142,8 @@ def test_winograd_tiles_of_two_and_three_match_loop_reference(monkeypatch, seed,
 @pytest.mark.parametrize("strategy", ["offsets", "folded", "dense", "winograd"])
 def test_offsets_in_blocks_of_one_row_match_loop_reference(monkeypatch, seed, strategy):
     # the loop-reference images are too small for "offsets" to cut them into blocks of rows by default
-    monkeypatch.setattr(engine, "ROW_MIN", 1)
-    monkeypatch.setattr(engine, "BLOCK_BYTES", 1)
+    monkeypatch.setattr(grid, "ROW_MIN", 1)
+    monkeypatch.setattr(grid, "BLOCK_BYTES", 1)
     x, w, out_sizes, first, flags = _random_config(seed)
     plan = plan_conv_transpose(x.shape, w.shape, out_sizes, data_format="channels_first" if first else None, **flags)
     got = engine.run_conv_transpose(plan, x, w, strategy=strategy)
@@ -154,8 +158,8 @@ def test_shift_used_by_unevenly_spaced_phases(strategy, first):
     # used by phases 0, 2, 3 of 4 and cannot be added as one box
     plan = plan_conv_transpose((2, 4, 3) if first else (2, 3, 4), (4, 3, 4), None, 5, "VALID",
                                "channels_first" if first else None, 2)
-    axes = engine._offset_layout(plan)[0]
-    assert engine._region(axes, (0,)) is None
+    axes = grid.grid(plan).axes
+    assert grid.region(axes, (0,)) is None
     rng = np.random.default_rng(5)
     x = rng.standard_normal(plan.input_shape)
     w = rng.standard_normal(plan.filters_shape)
@@ -171,13 +175,13 @@ def test_shift_used_by_unevenly_spaced_phases(strategy, first):
 def test_folded_into_the_output_or_through_its_accumulator(monkeypatch, dtype, first, dilation):
     # stride 1 in 2-D: in float32 the GEMMs write straight into the output, block by block; float16 and int32
     # (summed in float32 and int64) go through the accumulator and the stores
-    monkeypatch.setattr(engine, "ROW_MIN", 1)
-    monkeypatch.setattr(engine, "BLOCK_BYTES", 1)  # a block per row: every block is a window of the output
+    monkeypatch.setattr(grid, "ROW_MIN", 1)
+    monkeypatch.setattr(grid, "BLOCK_BYTES", 1)  # a block per row: every block is a window of the output
     rng = np.random.default_rng(21)
     x = rng.integers(-4, 5, (2, 5, 7, 6) if first else (2, 7, 6, 5)).astype(dtype)
     w = rng.integers(-4, 5, (3, 3, 4, 5)).astype(dtype)
     plan = plan_conv_transpose(x.shape, w.shape, None, 1, "SAME", "NCHW" if first else "NHWC", dilation)
-    assert engine._folded_ok(plan)
+    assert folded.folded_ok(plan)
     got = engine.run_conv_transpose(plan, x, w, strategy="folded")
     want = conv_transpose_loop(x.astype(np.float64), w.astype(np.float64), plan.output_spatial, strides=1,
                                padding="SAME", dilations=dilation, channels_first=first)
@@ -194,7 +198,7 @@ def test_batch_chunking_is_bitwise_invisible(monkeypatch, strategy, dtype, first
     w = rng.standard_normal((3, 4, 5, 9)).astype(dtype)
     plan = plan_conv_transpose(x.shape, w.shape, None, [2, 3], "SAME", "NCHW" if first else "NHWC")
     whole = engine.run_conv_transpose(plan, x, w, strategy=strategy)
-    monkeypatch.setattr(engine, "WORK_BYTES", 1)  # one batch element per chunk
+    monkeypatch.setattr(runtime, "WORK_BYTES", 1)  # one batch element per chunk
     chunked = engine.run_conv_transpose(plan, x, w, strategy=strategy)
     sliced = np.concatenate([engine.run_conv_transpose(plan, x[i:i + 2], w, strategy=strategy) for i in (0, 2, 4)])
     assert whole.tobytes() == chunked.tobytes() == sliced.tobytes()
@@ -462,32 +466,19 @@ def test_bitwise_identical_whatever_the_slicing_chunking_or_threads(monkeypatch,
     for name, pieces in (("one by one", [(i, i + 1) for i in range(b)]), ("2 + rest", [(0, 2), (2, b)])):
         if not np.array_equal(whole, np.concatenate([conv_transpose(x[i:j], w, **flags) for i, j in pieces])):
             failures.append(f"batch sliced {name}")
-    for setting, value in (("WORK_BYTES", 1), ("WORK_BYTES", 1 << 40), ("THREADS", 1), ("THREADS", 3)):
+    for value in (1, 1 << 40):
         with monkeypatch.context() as m:
-            m.setattr(engine, setting, value)
+            m.setattr(runtime, "WORK_BYTES", value)
             if not np.array_equal(whole, conv_transpose(x, w, **flags)):
-                failures.append(f"{setting}={value}")
+                failures.append(f"WORK_BYTES={value}")
+    for threads in (1, 3):
+        if not np.array_equal(whole, conv_transpose(x, w, **flags, threads=threads)):
+            failures.append(f"threads={threads}")
     for threads in (1, 2):  # whatever BLAS was set to outside
         with threadpool_limits(threads):
             if not np.array_equal(whole, conv_transpose(x, w, **flags)):
                 failures.append(f"{threads} BLAS thread(s) outside")
     assert failures == []
-
-
-def test_no_thread_can_start_and_the_run_goes_on_in_this_one(monkeypatch):
-    import concurrent.futures
-
-    rng = np.random.default_rng(4)
-    x = rng.standard_normal((6, 7, 8, 5)).astype(np.float32)
-    w = rng.standard_normal((3, 3, 4, 5)).astype(np.float32)
-    want = conv_transpose(x, w, strides=2)
-
-    def refuse(self, *args, **kwargs):
-        raise RuntimeError("can't start new thread")
-
-    monkeypatch.setattr(concurrent.futures.ThreadPoolExecutor, "submit", refuse)
-    monkeypatch.setattr(engine, "WORK_BYTES", 1)
-    assert conv_transpose(x, w, strides=2).tobytes() == want.tobytes()
 
 
 @pytest.mark.parametrize("x_shape,w_shape,strides,dilations,data_format", [
@@ -580,7 +571,7 @@ def test_inf_and_nan_spread_as_in_a_direct_sum(strategy, dtype, shape, w_shape, 
     plan = plan_conv_transpose(x.shape, w.shape, None, strides)
     got = engine.run_conv_transpose(plan, x, w, strategy=strategy)
     with np.errstate(invalid="ignore"):
-        want = engine.run_conv_transpose(plan, x, w, strategy="taps")
+        want = conv_transpose_loop(x.astype(np.float64), w.astype(np.float64), plan.output_spatial, strides=strides)
     for image in (1, 2):
         assert np.array_equal(np.isnan(got[image]), np.isnan(want[image]))
         assert np.array_equal(np.isposinf(got[image]), np.isposinf(want[image]))
@@ -618,14 +609,14 @@ def test_winograd_does_not_overflow_where_the_direct_sum_does_not():
     w = np.full((4, 4, 2, 16), 1e-3, np.float32)
     got = conv_transpose(x, w, strides=2)
     assert np.isfinite(got).all()
-    np.testing.assert_allclose(got, engine.run_conv_transpose(
-        plan_conv_transpose(x.shape, w.shape, None, 2), x, w, strategy="taps"), rtol=1e-5, atol=1e30)
+    want = conv_transpose_loop(x.astype(np.float64), w.astype(np.float64), got.shape[1:-1], strides=2)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e30)
 
 
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")  # inf - inf, and the direct sum overflowing: the point
 @pytest.mark.parametrize("dtype", [np.float32, np.float16])
 def test_winograd_channels_first_reroutes_inf_and_nan_and_sums_large_values(dtype):
-    # channels-first takes F(3, 2). Images with an inf, a NaN or a magnitude past _tame_limit are done again by
+    # channels-first takes F(3, 2). Images with an inf, a NaN or a magnitude past tame_limit are done again by
     # "offsets" (1, 2 and, in float32, 3); the others go through F(3, 2)'s transforms, which add inputs
     # (d1 + d2) and sum three products per axis: image 4 with values just under the limit must not overflow
     rng = np.random.default_rng(4)
@@ -637,14 +628,20 @@ def test_winograd_channels_first_reroutes_inf_and_nan_and_sums_large_values(dtyp
     if dtype == np.float32:
         x[4, :, 3:5, 3:5] = 2.0**46  # under the 2**47 limit: through F(3, 2), products near 2**48
     plan = plan_conv_transpose(x.shape, w.shape, None, 2, "SAME", "NCHW")
-    assert engine.choose_strategy(plan) == "winograd" and engine._winograd_m(plan, 4) == 3
+    assert engine.choose_strategy(plan) == "winograd" and winograd.winograd_m(plan, 4) == 3
     got = engine.run_conv_transpose(plan, x, w)
     with np.errstate(invalid="ignore", over="ignore"):
-        want = engine.run_conv_transpose(plan, x, w, strategy="taps")
-    for image in (1, 2, 3):
+        want = conv_transpose_loop(x.astype(np.float64), w.astype(np.float64), plan.output_spatial, strides=2,
+                                   channels_first=True)
+    for image in (1, 2):
         assert np.array_equal(np.isnan(got[image]), np.isnan(want[image]))
         assert np.array_equal(np.isposinf(got[image]), np.isposinf(want[image]))
         assert np.array_equal(np.isneginf(got[image]), np.isneginf(want[image]))
+    if dtype == np.float32:  # past the limit, image 3 is summed directly, as "offsets" sums it alone
+        alone = engine.run_conv_transpose(plan, x[3:4], w, strategy="offsets")
+        assert got[3:4].tobytes() == alone.tobytes()
+    else:  # through F(3, 2) in float32, overflowing float16 where the direct sum does
+        assert np.array_equal(np.isinf(got[3]), np.isinf(want[3].astype(np.float16)))
     for image in (0, 4) if dtype == np.float32 else (0,):  # float16's image 3 overflows the output, as in TF
         assert np.isfinite(got[image]).all()
         scale = float(np.abs(want[image].astype(np.float64)).max())
@@ -654,8 +651,7 @@ def test_winograd_channels_first_reroutes_inf_and_nan_and_sums_large_values(dtyp
 
 def test_no_channels_at_all():
     plan = plan_conv_transpose((2, 8, 0), (1, 0, 0), None, 3)
-    assert engine.choose_strategy(plan) in engine.STRATEGIES
-    assert engine.estimate_bytes(plan, np.float32) >= 0
+    assert engine.estimate_bytes(plan, np.float32, threads=1) < 1 << 10  # an empty output, no workspace to speak of
     assert conv_transpose(np.zeros((2, 8, 0), np.float32), np.zeros((1, 0, 0), np.float32), strides=3).shape == \
         (2, 24, 0)
 
@@ -666,8 +662,9 @@ def test_an_error_in_one_job_stops_the_others(monkeypatch):
     x[0] = 2**20
     w = np.full((3, 3, 8, 40), 2**9, np.int32)
     stores = []
-    real = engine._store
-    monkeypatch.setattr(engine, "_store", lambda op, dst, src: (stores.append(1), real(op, dst, src)))
+    for module in (phases, taps, offsets, folded, dense, winograd):  # store, where each strategy reads it
+        real = module.store
+        monkeypatch.setattr(module, "store", lambda op, dst, src, real=real: (stores.append(1), real(op, dst, src)))
     with pytest.raises(ConvtError, match="overflows"):
         conv_transpose(x, w, strides=1)
     assert len(stores) < 20  # blocks of a few images at most, not 60 images' worth
@@ -694,3 +691,72 @@ def test_calls_from_several_threads_leave_blas_threads_as_they_were():
     with ThreadPoolExecutor(3) as pool:
         list(pool.map(lambda _: conv_transpose(x, w, strides=2), range(30)))
     assert blas_threads() == before
+
+
+@pytest.mark.parametrize("strategy", engine.STRATEGIES)
+@pytest.mark.parametrize("x_shape,w_shape,strides,data_format", [
+    ((1, 40, 40, 32), (4, 4, 16, 32), 2, "NHWC"),  # one image, several blocks: every thread has one
+    ((2, 32, 24, 24), (4, 4, 16, 32), 2, "NCHW"),
+    ((2, 9, 9, 9, 8), (3, 3, 3, 8, 8), 2, "NDHWC"),
+])
+def test_estimate_bytes_bounds_each_strategy_forced(strategy, x_shape, w_shape, strides, data_format):
+    import tracemalloc
+
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal(x_shape).astype(np.float32)
+    w = rng.standard_normal(w_shape).astype(np.float32)
+    plan = plan_conv_transpose(x.shape, w.shape, None, strides, "SAME", data_format)
+    engine.run_conv_transpose(plan, x, w, strategy=strategy, threads=2)  # the worker threads' first GEMMs
+    tracemalloc.start()
+    try:
+        engine.run_conv_transpose(plan, x, w, strategy=strategy, threads=2)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak <= engine.estimate_bytes(plan, np.float32, threads=2, strategy=strategy)
+
+
+@pytest.mark.parametrize("strategy", [None, *engine.STRATEGIES])
+@pytest.mark.parametrize("dtype", [np.float32, np.float16, np.int32])
+@pytest.mark.parametrize("first", [False, True])
+def test_prepared_once_and_run_on_pieces_gives_the_bits_of_one_run(strategy, dtype, first):
+    rng = np.random.default_rng(9)
+    x = rng.integers(-3, 4, (5, 20, 11, 6) if not first else (5, 6, 20, 11)).astype(dtype)
+    w = rng.standard_normal((4, 3, 7, 6)).astype(dtype) if dtype != np.int32 else \
+        rng.integers(-3, 4, (4, 3, 7, 6)).astype(dtype)
+    plan = plan_conv_transpose(x.shape, w.shape, None, [2, 1], "SAME", "NCHW" if first else "NHWC")
+    whole = engine.run_conv_transpose(plan, x, w, strategy=strategy)
+    prepared = engine.prepare(plan, w, strategy)
+    pieces = np.concatenate([prepared.run(x[b0:b1], threads=t) for (b0, b1), t in (((0, 2), 1), ((2, 3), 2),
+                                                                                   ((3, 5), 3))])
+    assert prepared.strategy in engine.STRATEGIES and (strategy is None or prepared.strategy == strategy or
+                                                       strategy in ("winograd", "folded"))
+    assert pieces.tobytes() == whole.tobytes()
+    want = conv_transpose_loop(x.astype(np.float64), w.astype(np.float64), plan.output_spatial, strides=[2, 1],
+                               channels_first=first)
+    np.testing.assert_allclose(whole.astype(np.float64), want, rtol=2e-3, atol=2e-3 * np.abs(want).max())
+
+
+def test_a_prepared_run_refuses_an_input_of_another_shape_or_dtype():
+    plan = plan_conv_transpose((2, 5, 3), (3, 4, 3), None, 2)
+    prepared = engine.prepare(plan, np.ones((3, 4, 3)))
+    assert prepared.run(np.ones((7, 5, 3))).shape == (7, 10, 4)
+    with pytest.raises(ConvtError, match=r"input shape \(2, 5, 4\) does not match the plan's \(batch, 5, 3\)"):
+        prepared.run(np.ones((2, 5, 4)))
+    with pytest.raises(ConvtError, match="input and filters must share a dtype, got input float32"):
+        prepared.run(np.ones((2, 5, 3), np.float32))
+
+
+@pytest.mark.parametrize("first", [False, True])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_conv_is_bitwise_the_same_whatever_the_batch_split_or_threads(monkeypatch, first, dtype):
+    rng = np.random.default_rng(12)
+    x = rng.standard_normal((7, 9, 31, 23) if first else (7, 31, 23, 9)).astype(dtype)
+    w = rng.standard_normal((3, 3, 9, 5)).astype(dtype)
+    flags = dict(strides=2, data_format="NCHW" if first else "NHWC", dilations=[1, 2])
+    whole = conv(x, w, **flags, threads=1)
+    assert conv(x, w, **flags, threads=3).tobytes() == whole.tobytes()
+    pieces = np.concatenate([conv(x[i:i + 3], w, **flags, threads=2) for i in range(0, 7, 3)])
+    assert pieces.tobytes() == whole.tobytes()
+    monkeypatch.setattr(runtime, "WORK_BYTES", 1)  # a chunk per image
+    assert conv(x, w, **flags).tobytes() == whole.tobytes()

@@ -147,9 +147,10 @@ class Prepared:
         return f"<Prepared {self.plan.op} {self.dtype.name} by {self.strategy!r}>"
 
 
-def estimate_bytes(plan: Plan, dtype, threads=None) -> int:
+def estimate_bytes(plan: Plan, dtype, threads=None, strategy: str | None = None) -> int:
     """Peak bytes run_conv_transpose allocates for this plan beyond its input and filters (an upper bound): the
-    output; the workspace of the strategy chosen or of either fallback ("offsets", "taps"), each thread's at once;
+    output; the workspace of the strategy chosen (or `strategy`, when forced) or of either fallback ("offsets",
+    "taps"), each thread's at once;
     the filters converted to the compute dtype; and what the strategies that may run prepare from them. Not
     counted: the 2.25 MiB per thread that the worker threads' first GEMMs take once per process (see runtime).
 
@@ -158,7 +159,7 @@ def estimate_bytes(plan: Plan, dtype, threads=None) -> int:
     """
     dtype = np.dtype(dtype)
     threads = runtime.resolve_threads(threads)
-    chosen = REGISTRY[choose_strategy(plan)]
+    chosen = REGISTRY[strategy or choose_strategy(plan)]
     work = max(s.workspace_bytes(plan, dtype, threads) for s in (chosen, OFFSETS, TAPS))
     copy = math.prod(plan.filters_shape) * compute_dtype(dtype).itemsize
     weights = chosen.weights_bytes(plan, dtype) + (OFFSETS.weights_bytes(plan, dtype) if chosen.redoes_wild else 0)
