@@ -16,7 +16,6 @@ removed what it wrote.
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import math
 import numbers
 import os
@@ -356,9 +355,6 @@ def run_needs(plan, x_dtype, w_dtype, dtype, output=None, whole=(), threads=None
     """needs(b) for check_memory: b batch elements of the arrays as read, their casts to dtype, and the output
     with the engine's work (or, given output=(shape, dtype), the output as read). `whole` names the arrays that
     are held whole whatever b ("input", "output": stdin and .npz members are read at once)."""
-    estimate = engine.estimate_bytes
-    extra = {"threads": threads} if threads is not None and _takes(estimate, "threads") else {}
-
     def needs(batch):
         p = dataclasses.replace(plan, batch=batch)
         x_n, w_n = math.prod(p.input_shape), math.prod(p.filters_shape)
@@ -366,7 +362,7 @@ def run_needs(plan, x_dtype, w_dtype, dtype, output=None, whole=(), threads=None
                 "output": math.prod(plan.output_shape) * output[1].itemsize if output and "output" in whole else 0}
         cast = (x_n if x_dtype != dtype else 0) + (w_n if w_dtype != dtype else 0)
         if output is None:
-            work = estimate(p, dtype, **extra)
+            work = engine.estimate_bytes(p, dtype, threads=threads)
         else:
             work = math.prod((batch, *output[0][1:])) * output[1].itemsize
         return {"input": max(x_n * x_dtype.itemsize, held["input"]), "filters": w_n * w_dtype.itemsize,
@@ -552,26 +548,11 @@ def _reporter(progress):
                      f"{progress!r}")
 
 
-def _takes(function, name: str) -> bool:
-    try:
-        return name in inspect.signature(function).parameters
-    except (TypeError, ValueError):
-        return False
-
-
 def _conv_transpose_of(plan, w, threads):
     """x -> conv_transpose(x, w) under plan, for every piece: the filters (Winograd's transform of them included)
-    prepared once per run where the engine can, not once per piece. Looked up on the engine at each run, so
-    that a stand-in for the engine's entry point takes effect."""
-    kwargs = {} if threads is None else {"threads": threads}
-    prepare = getattr(engine, "prepare", None)
-    if prepare is not None:
-        prepared = prepare(plan, w)
-        return lambda x: prepared.run(x, **kwargs)
-    run = engine.run_conv_transpose
-    if kwargs and not _takes(run, "threads"):
-        raise ConvtError(f"threads={threads}: this engine sets its threads itself; pass threads=None")
-    return lambda x: run(plan, x, w, **kwargs)
+    prepared once per run, not once per piece."""
+    prepared = engine.prepare(plan, w)
+    return lambda x: prepared.run(x, threads=threads)
 
 
 def _summary(plan, dtype, refs) -> dict:

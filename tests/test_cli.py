@@ -474,10 +474,11 @@ def test_memory_check_without_a_known_limit_lets_the_run_go(work, monkeypatch):
 def test_running_out_of_memory_anyway_is_one_error_line(work, monkeypatch):
     import convt_cli.engine
 
-    def no_memory(plan, x, w):
+    def no_memory(self, x, threads=None):
         raise MemoryError
 
-    monkeypatch.setattr(convt_cli.engine, "run_conv_transpose", no_memory)
+    # every way into the engine runs prepared filters: run_conv_transpose, and a streamed run's pieces
+    monkeypatch.setattr(convt_cli.engine.Prepared, "run", no_memory)
     r = invoke("run", "x.npy", "w.npy", "-o", "y.npy")
     assert error_line(r) == ("Error: out of memory; no output was written: pass a smaller --max-memory to work in "
                              "smaller pieces, or use a lower-precision --dtype")
