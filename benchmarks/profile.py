@@ -2,7 +2,7 @@
 
     python benchmarks/profile.py [--only W4,W5] [--repeat 7] [--json profile.json]
 
-Per workload, on one thread (engine.THREADS = 1, so that times add up): the best total time of the chosen
+Per workload, on one thread (threads=1, so that times add up): the best total time of the chosen
 strategy, the time inside its np.matmul calls and their rate (GFLOP/s of the products they make, padding
 included), and the rest. Then the best time on all threads, and the GEMM floor there: the GEMMs' one-thread
 time divided by the threads, the least any reordering of the same GEMMs could take. Also the same-run float32
@@ -21,6 +21,7 @@ import bench  # noqa: E402  (re-executes without OPENBLAS_CORETYPE if set, like 
 import numpy as np  # noqa: E402
 
 from convt_cli import engine  # noqa: E402
+from convt_cli.engine import runtime  # noqa: E402
 from convt_cli.shapes import plan_conv_transpose  # noqa: E402
 
 _real_matmul = np.matmul
@@ -41,25 +42,23 @@ def profile(name, repeat):
     x, w = bench.make_arrays(name)
     plan = plan_conv_transpose(x.shape, w.shape, None, s, "SAME", fmt, d)
 
-    def run():
-        return engine.run_conv_transpose(plan, x, w)
+    def run(threads=None):
+        return engine.run_conv_transpose(plan, x, w, threads=threads)
 
-    threads = engine.THREADS
-    engine.THREADS = 1
+    threads = runtime.resolve_threads(None)
     np.matmul = _timed_matmul
     try:
-        run()
+        run(1)
         best = None
         for _ in range(repeat):
             _gemm.update(seconds=0.0, flops=0)
             start = time.perf_counter()
-            run()
+            run(1)
             total = time.perf_counter() - start
             if best is None or total < best[0]:
                 best = (total, _gemm["seconds"], _gemm["flops"])
     finally:
         np.matmul = _real_matmul
-        engine.THREADS = threads
     run()
     wall = bench.best_of(run, repeat)
     total, in_gemm, flops = best
