@@ -1,3 +1,4 @@
 from .cli import main
 
-main()
+if __name__ == "__main__":  # also imported by pytest --doctest-modules, which must not run the CLI
+    main()

@@ -30,21 +30,14 @@ from click.testing import CliRunner
 
 from convt_cli import cli as cli_module
 from convt_cli import conv_transpose
-from convt_cli.cli import cli
+from conftest import convt_command, invoke
 from loop_reference import conv_transpose_loop
 
 
 @pytest.fixture
-def work(tmp_path, monkeypatch):
-    rng = np.random.default_rng(0)
-    np.save(tmp_path / "x.npy", rng.standard_normal((2, 5, 6, 3)).astype(np.float32))
-    np.save(tmp_path / "w.npy", rng.standard_normal((3, 3, 4, 3)).astype(np.float32))
-    monkeypatch.chdir(tmp_path)
+def work(work, tmp_path):
+    """conftest's folder with x.npy and w.npy, as its path: these tests look at the files in it."""
     return tmp_path
-
-
-def invoke(*args, input=None):
-    return CliRunner().invoke(cli, [str(a) for a in args], input=input)
 
 
 def snapshot(folder):
@@ -536,11 +529,6 @@ def test_a_really_full_disk_leaves_nothing_behind(work, small_disk, monkeypatch,
 # Ctrl-C in the middle of a real run
 
 
-def _convt():
-    exe = shutil.which("convt")
-    return [exe] if exe else [sys.executable, "-m", "convt_cli"]
-
-
 def _cpu_seconds(pid) -> float | None:
     """User + system CPU time of a process (all its threads), or None without /proc."""
     try:
@@ -559,7 +547,7 @@ def test_ctrl_c_during_the_computation_leaves_nothing_behind(work, signum):
     x = npy_bytes(rng.standard_normal((12, 64, 64, 128), dtype=np.float32))
     np.save("w7.npy", rng.standard_normal((7, 7, 128, 128), dtype=np.float32))
     before = snapshot(work)
-    p = subprocess.Popen(_convt() + ["run", "-", "w7.npy", "--strides", "2", "-o", "y.npy"], stdin=subprocess.PIPE,
+    p = subprocess.Popen(convt_command() + ["run", "-", "w7.npy", "--strides", "2", "-o", "y.npy"], stdin=subprocess.PIPE,
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         p.stdin.write(x)  # returns when convt, inside `run`, has read nearly all of it

@@ -20,25 +20,10 @@ import pytest
 from click.testing import CliRunner
 
 from convt_cli import ConvtError
-from convt_cli.cli import cli
+from conftest import convt_command, invoke
 from loop_reference import conv_transpose_loop
 
 SAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "samples")
-
-
-@pytest.fixture
-def work(tmp_path, monkeypatch):
-    rng = np.random.default_rng(0)
-    x = rng.standard_normal((2, 5, 6, 3)).astype(np.float32)
-    w = rng.standard_normal((3, 3, 4, 3)).astype(np.float32)
-    np.save(tmp_path / "x.npy", x)
-    np.save(tmp_path / "w.npy", w)
-    monkeypatch.chdir(tmp_path)
-    return x, w
-
-
-def invoke(*args, input=None):
-    return CliRunner().invoke(cli, [str(a) for a in args], input=input)
 
 
 def error_line(r):
@@ -332,13 +317,8 @@ def test_version():
     assert r.exit_code == 0 and r.stdout.startswith("convt, version ")
 
 
-def _convt():
-    exe = shutil.which("convt")
-    return [exe] if exe else [sys.executable, "-m", "convt_cli"]
-
-
 def test_real_pipe_through_the_installed_command(tmp_path):
-    cmd = " ".join(_convt())
+    cmd = " ".join(convt_command())
     shutil.copy(os.path.join(SAMPLES, "input.npy"), tmp_path)
     shutil.copy(os.path.join(SAMPLES, "filters.npy"), tmp_path)
     p = subprocess.run(f"{cmd} run - filters.npy --strides 2 -o - < input.npy | {cmd} run - filters.npy -o "
@@ -354,12 +334,12 @@ def test_real_pipe_through_the_installed_command(tmp_path):
 
 def test_real_h5_in_and_out_and_error_exit_code(tmp_path):
     shutil.copy(os.path.join(SAMPLES, "batch.h5"), tmp_path)
-    p = subprocess.run(_convt() + ["run", "batch.h5:/inputs/b", "batch.h5:/filters/w", "--strides", "2", "-o",
+    p = subprocess.run(convt_command() + ["run", "batch.h5:/inputs/b", "batch.h5:/filters/w", "--strides", "2", "-o",
                                    "out.h5:/b"], cwd=tmp_path, capture_output=True, text=True)
     assert p.returncode == 0 and p.stdout == "" and p.stderr == ""
     with h5py.File(tmp_path / "out.h5") as f:
         assert f["b"].shape == (1, 16, 16, 8)
-    p = subprocess.run(_convt() + ["run", "batch.h5:/inputs", "batch.h5:/filters/w", "-o", "o.npy"], cwd=tmp_path,
+    p = subprocess.run(convt_command() + ["run", "batch.h5:/inputs", "batch.h5:/filters/w", "-o", "o.npy"], cwd=tmp_path,
                        capture_output=True, text=True)
     assert p.returncode == 2
     assert p.stderr == ("Error: INPUT 'batch.h5:/inputs': '/inputs' is a group, not a dataset: name a dataset "

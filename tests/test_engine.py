@@ -25,6 +25,7 @@ from convt_cli import ConvtError, conv, conv_transpose, engine
 from convt_cli.engine import grid, runtime
 from convt_cli.engine.strategies import dense, folded, offsets, phases, taps, winograd
 from convt_cli.shapes import plan_conv_transpose
+from conftest import legal_range, load_golden, random_arrays
 from loop_reference import conv_loop, conv_transpose_loop
 
 GOLDEN = sorted(glob.glob(os.path.join(os.path.dirname(__file__), "golden", "*.npz")))
@@ -33,27 +34,9 @@ TF_FORMATS = {1: ("NWC", "NCW"), 2: ("NHWC", "NCHW"), 3: ("NDHWC", "NCDHW")}
 GOLDEN_RTOL = {"float64": 1e-12, "float32": 2e-5, "float16": 2e-3, "bfloat16": 2e-2}
 
 
-def _legal_range(i, k, s, d, padding):
-    """The issue's rule, written out independently of convt_cli.shapes."""
-    eff = (k - 1) * d + 1
-    if padding == "SAME":
-        return (i - 1) * s + 1, i * s
-    p = 0 if padding == "VALID" else sum(padding)
-    return (i - 1) * s + eff - p, i * s + eff - 1 - p
-
-
-def _load_golden(path):
-    with np.load(path, allow_pickle=False) as z:
-        params = json.loads(str(z["params"]))
-        arrays = {key: z[key] for key in ("input", "filters", "output")}
-    if params["dtype"] == "bfloat16":
-        arrays = {key: a.astype(ml_dtypes.bfloat16) for key, a in arrays.items()}
-    return params, arrays
-
-
 @pytest.mark.parametrize("path", GOLDEN, ids=[os.path.basename(p)[:-4] for p in GOLDEN])
 def test_matches_tensorflow_golden(path):
-    params, a = _load_golden(path)
+    params, a = load_golden(path)
     padding = params["padding"]
     flags = dict(strides=params["strides"], padding=padding, data_format=params["data_format"],
                  dilations=params["dilations"])
@@ -78,37 +61,10 @@ def test_golden_suite_is_large_enough():
     assert ops.count("conv") >= 50
 
 
-def _random_config(seed):
-    rng = np.random.default_rng(seed)
-    n = int(rng.integers(1, 5))
-    channels_first = bool(rng.integers(2))
-    kind = ["SAME", "VALID", "explicit"][int(rng.integers(3))]
-    strides = [int(v) for v in rng.integers(1, 5, n)]
-    dilations = [int(v) for v in rng.integers(1, 4, n)] if rng.random() < 0.6 else [1] * n
-    kernel = [int(v) for v in rng.integers(1, 4 if n < 4 else 3, n)]
-    in_sizes = [int(v) for v in rng.integers(1, 5 if n < 4 else 3, n)]
-    padding = kind if kind != "explicit" else [tuple(int(p) for p in rng.integers(0, 3, 2)) for _ in range(n)]
-    out_sizes = []
-    for j in range(n):
-        lo, hi = _legal_range(in_sizes[j], kernel[j], strides[j], dilations[j],
-                              padding if kind != "explicit" else padding[j])
-        if hi < max(lo, 0):  # pads too large for this input: no output size is legal, drop them
-            padding[j] = (0, 0)
-            lo, hi = _legal_range(in_sizes[j], kernel[j], strides[j], dilations[j], padding[j])
-        lo = max(lo, 0)
-        out_sizes.append(lo if rng.random() < 0.5 else max(hi, lo))
-    batch, c_in, c_out = (int(v) for v in rng.integers(1, 4, 3))
-    x_shape = (batch, c_in, *in_sizes) if channels_first else (batch, *in_sizes, c_in)
-    x = rng.standard_normal(x_shape)
-    w = rng.standard_normal((*kernel, c_out, c_in))
-    flags = dict(strides=strides, padding=padding, dilations=dilations)
-    return x, w, out_sizes, channels_first, flags
-
-
 @pytest.mark.parametrize("strategy", engine.STRATEGIES)
 @pytest.mark.parametrize("seed", range(160))
 def test_conv_transpose_matches_loop_reference(seed, strategy):
-    x, w, out_sizes, first, flags = _random_config(seed)
+    x, w, out_sizes, first, flags = random_arrays(seed)
     plan = plan_conv_transpose(x.shape, w.shape, out_sizes, data_format="channels_first" if first else None, **flags)
     got = engine.run_conv_transpose(plan, x, w, strategy=strategy)
     want = conv_transpose_loop(x, w, out_sizes, channels_first=first, **flags)
@@ -118,7 +74,7 @@ def test_conv_transpose_matches_loop_reference(seed, strategy):
 def _winograd_seeds(count):
     seeds = []
     for seed in range(1000):
-        x, w, out_sizes, first, flags = _random_config(seed)
+        x, w, out_sizes, first, flags = random_arrays(seed)
         plan = plan_conv_transpose(x.shape, w.shape, out_sizes, data_format="channels_first" if first else None,
                                    **flags)
         if winograd.winograd_ok(plan):
@@ -131,7 +87,7 @@ def _winograd_seeds(count):
 def test_winograd_tiles_of_two_and_three_match_loop_reference(monkeypatch, seed, m):
     # which tile size a shape gets depends on its memory (_winograd_m): here both, on every layout
     monkeypatch.setattr(winograd, "winograd_m", lambda plan, itemsize: m)
-    x, w, out_sizes, first, flags = _random_config(seed)
+    x, w, out_sizes, first, flags = random_arrays(seed)
     plan = plan_conv_transpose(x.shape, w.shape, out_sizes, data_format="channels_first" if first else None, **flags)
     got = engine.run_conv_transpose(plan, x, w, strategy="winograd")
     want = conv_transpose_loop(x, w, out_sizes, channels_first=first, **flags)
@@ -144,7 +100,7 @@ def test_offsets_in_blocks_of_one_row_match_loop_reference(monkeypatch, seed, st
     # the loop-reference images are too small for "offsets" to cut them into blocks of rows by default
     monkeypatch.setattr(grid, "ROW_MIN", 1)
     monkeypatch.setattr(grid, "BLOCK_BYTES", 1)
-    x, w, out_sizes, first, flags = _random_config(seed)
+    x, w, out_sizes, first, flags = random_arrays(seed)
     plan = plan_conv_transpose(x.shape, w.shape, out_sizes, data_format="channels_first" if first else None, **flags)
     got = engine.run_conv_transpose(plan, x, w, strategy=strategy)
     want = conv_transpose_loop(x, w, out_sizes, channels_first=first, **flags)
@@ -207,7 +163,7 @@ def test_batch_chunking_is_bitwise_invisible(monkeypatch, strategy, dtype, first
 @pytest.mark.parametrize("seed", range(160))
 def test_conv_matches_loop_reference(seed):
     # conv's input is conv_transpose's output: the same configs, read the other way
-    y, w, out_sizes, first, flags = _random_config(seed)
+    y, w, out_sizes, first, flags = random_arrays(seed)
     batch, c_out = y.shape[0], w.shape[-2]
     rng = np.random.default_rng(seed + 10_000)
     x = rng.standard_normal((batch, c_out, *out_sizes) if first else (batch, *out_sizes, c_out))
@@ -231,14 +187,14 @@ def adjoint_cases(draw):
     out_sizes = []
     for j in range(n):
         pad = padding[j] if kind == "explicit" else kind
-        lo, hi = _legal_range(in_sizes[j], kernel[j], strides[j], dilations[j], pad)
+        lo, hi = legal_range(in_sizes[j], kernel[j], strides[j], dilations[j], pad)
         if in_sizes[j] == 0 or hi < max(lo, 0):
             in_sizes[j] = max(1, in_sizes[j])
             pads[j] = (0, 0)
             if kind == "explicit":
                 padding[j] = (0, 0)
                 pad = (0, 0)
-            lo, hi = _legal_range(in_sizes[j], kernel[j], strides[j], dilations[j], pad)
+            lo, hi = legal_range(in_sizes[j], kernel[j], strides[j], dilations[j], pad)
         out_sizes.append(draw(st.integers(max(lo, 0), hi)))
     batch, c_in, c_out = draw(st.integers(1, 3)), draw(st.integers(1, 4)), draw(st.integers(1, 4))
     seed = draw(st.integers(0, 2**32 - 1))

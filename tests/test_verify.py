@@ -31,9 +31,9 @@ import convt_cli.verify as verify_module
 from convt_cli import ConvtError, conv, conv_transpose
 from convt_cli.shapes import plan_conv_transpose
 from convt_cli.verify import VerifyReport, verify_conv_transpose
+from conftest import GOLDEN_DIR, load_golden, random_shapes
 from loop_reference import conv_transpose_loop
 
-GOLDEN_DIR = os.path.join(os.path.dirname(__file__), "golden")
 DTYPES = {"float16": np.float16, "bfloat16": ml_dtypes.bfloat16, "float32": np.float32, "float64": np.float64}
 
 
@@ -53,15 +53,6 @@ def _golden_sample(dtype, count=6):
 GOLDEN = [p for dtype in DTYPES for p in _golden_sample(dtype)]
 
 
-def _load_golden(path):
-    with np.load(path, allow_pickle=False) as z:
-        params = json.loads(str(z["params"]))
-        arrays = {key: z[key] for key in ("input", "filters", "output")}
-    if params["dtype"] == "bfloat16":  # stored as float32 holding bfloat16 values
-        arrays = {key: a.astype(ml_dtypes.bfloat16) for key, a in arrays.items()}
-    return params, arrays
-
-
 def _normal(rng, shape, dtype):
     if np.dtype(dtype).kind == "c":
         return (rng.standard_normal(shape) + 1j * rng.standard_normal(shape)).astype(dtype)
@@ -78,7 +69,7 @@ def _passes(x, w, y, seeds, **flags):
 
 @pytest.mark.parametrize("path", GOLDEN, ids=[os.path.basename(p)[:-4] for p in GOLDEN])
 def test_tensorflow_and_convt_outputs_pass_every_seed(path):
-    params, a = _load_golden(path)
+    params, a = load_golden(path)
     flags = dict(strides=params["strides"], padding=params["padding"], data_format=params["data_format"],
                  dilations=params["dilations"])
     ours = conv_transpose(a["input"], a["filters"], a["output"].shape, **flags)
@@ -91,33 +82,10 @@ def test_golden_sample_covers_every_dtype():
         assert len(_golden_sample(dtype)) >= 4, dtype
 
 
-def _random_config(seed):
-    rng = np.random.default_rng([7, seed])
-    n = int(rng.integers(1, 4))
-    first = bool(rng.integers(2))
-    kind = ("SAME", "VALID", "explicit")[int(rng.integers(3))]
-    strides = [int(v) for v in rng.integers(1, 4, n)]
-    dilations = [int(v) for v in rng.integers(1, 4, n)] if rng.random() < 0.5 else [1] * n
-    kernel = [int(v) for v in rng.integers(1, 4, n)]
-    in_sizes = [int(v) for v in rng.integers(1, 6, n)]
-    padding = kind if kind != "explicit" else [tuple(int(p) for p in rng.integers(0, 3, 2)) for _ in range(n)]
-    batch, c_in, c_out = (int(v) for v in rng.integers(1, 4, 3))
-    x_shape = (batch, c_in, *in_sizes) if first else (batch, *in_sizes, c_in)
-    flags = dict(strides=strides, padding=padding, dilations=dilations,
-                 data_format="channels_first" if first else "channels_last")
-    try:
-        plan = plan_conv_transpose(x_shape, (*kernel, c_out, c_in), None, **flags)
-    except ConvtError:  # explicit pads too large for this input: drop them
-        flags["padding"] = "VALID"
-        plan = plan_conv_transpose(x_shape, (*kernel, c_out, c_in), None, **flags)
-    out_sizes = [r[int(rng.integers(2))] for r in plan.legal_ranges]
-    return x_shape, (*kernel, c_out, c_in), out_sizes, flags
-
-
 @pytest.mark.parametrize("seed", range(40))
 @pytest.mark.parametrize("dtype", ["float64", "complex128"])
 def test_convt_outputs_pass_and_a_wrong_element_fails(seed, dtype):
-    x_shape, w_shape, out_sizes, flags = _random_config(seed)
+    x_shape, w_shape, out_sizes, flags = random_shapes(seed)
     rng = np.random.default_rng(seed)
     x, w = _normal(rng, x_shape, dtype), _normal(rng, w_shape, dtype)
     y = conv_transpose(x, w, out_sizes, **flags)
