@@ -69,7 +69,7 @@ def test_cgroup_quotas_are_read(tmp_path, files, quota):
 @pytest.mark.parametrize("quota, cores", [(0.5, 1), (1.2, 2), (None, None), (1000.0, None)])
 def test_a_cpu_quota_caps_the_cores(monkeypatch, quota, cores):
     affinity = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    monkeypatch.setattr(runtime, "_cgroup_quota", lambda: quota)
+    monkeypatch.setattr(runtime, "_quota", [quota])
     assert runtime.usable_cores() == (min(cores, affinity) if cores else affinity)
 
 

@@ -44,10 +44,15 @@ _WARM = 768  # the size of a new worker thread's first GEMM
 # How many threads
 
 
+_quota: list = []  # the cgroup's quota, read once per process (a read takes ~0.2 ms, every call would pay it)
+
+
 def usable_cores() -> int:
     """The cores this process may run on: its CPU affinity, capped by its cgroup's CPU quota (rounded up)."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    quota = _cgroup_quota()
+    if not _quota:
+        _quota.append(_cgroup_quota())
+    quota = _quota[0]
     if quota is not None:
         cores = min(cores, max(1, math.ceil(quota)))
     return max(1, cores)
@@ -313,6 +318,7 @@ _POOL = _Pool()
 def _after_fork_in_child() -> None:
     global _POOL
     _POOL = _Pool()  # the parent's worker threads do not exist here
+    _quota.clear()  # a child may be moved to another cgroup
     _BLAS.after_fork_in_child()
 
 
