@@ -1,12 +1,14 @@
 """Time convt against TensorFlow on the benchmark workloads, in one run, as ratios.
 
-    python benchmarks/bench.py [--json results.json] [--repeat 11] [--only W1,W3] [--no-rss]
+    python benchmarks/bench.py [--json results.json] [--repeat 11] [--only W1,W3] [--no-rss] [--before REV]
 
 Per workload: convt's best time over --repeat runs and, when `tensorflow` is importable, TF's best on the same
 arrays, the two alternating so that both see the same machine load; GFLOP/s; % of the same-run float32 matmul
 rate (the practical ceiling: a 4096^3 GEMM); the ratio convt/TF; and the peak RSS of `convt run` on the same
 arrays stored as .npy files (one subprocess per workload) above the interpreter's baseline (`convt shape` on the
-same files, which reads headers only), against the arrays' bytes. Then `convt --help` start-up against bare
+same files, which reads headers only), against the arrays' bytes. With --before REV, the convt of that git revision
+(its convt_cli package, imported under another name) is timed too, in the same alternation: "before ms" and
+now/before. Then `convt --help` start-up against bare
 `python -c "import numpy, click"`, and `convt verify` against `convt run` on W1 (in process).
 
 If OPENBLAS_CORETYPE is set (it slows current OpenBLAS on some CPUs), the script re-executes itself without it
@@ -71,6 +73,22 @@ def blas_info():
                 for i in threadpool_info() if i.get("user_api") == "blas"]
     except ImportError:
         return "threadpoolctl not installed; see numpy.show_config()"
+
+
+def load_before(rev):
+    """The convt_cli package of git revision `rev`, imported as convt_before (its imports are relative)."""
+    import importlib
+    import io
+    import tarfile
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    data = subprocess.run(["git", "-C", repo, "archive", rev, "convt_cli"], capture_output=True, check=True).stdout
+    folder = tempfile.mkdtemp(prefix="convt-before-")
+    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+        tar.extractall(folder, filter="data")
+    os.rename(os.path.join(folder, "convt_cli"), os.path.join(folder, "convt_before"))
+    sys.path.insert(0, folder)
+    return importlib.import_module("convt_before")
 
 
 def make_arrays(name):
@@ -158,7 +176,9 @@ def main():
     parser.add_argument("--repeat", type=int, default=11)  # the machine is shared: more runs, steadier minima
     parser.add_argument("--only", help="comma-separated workload names")
     parser.add_argument("--no-rss", action="store_true", help="skip the peak-RSS subprocesses")
+    parser.add_argument("--before", metavar="REV", help="also time the convt of this git revision")
     args = parser.parse_args()
+    before = load_before(args.before) if args.before else None
     names = args.only.split(",") if args.only else list(WORKLOADS)
 
     results = {"convt_version": convt_cli.__version__, "numpy": np.__version__, "blas": blas_info(),
@@ -167,6 +187,8 @@ def main():
     results["matmul_gflops"] = round(rate, 1)
     print(f"float32 matmul rate (4096^3, same run): {rate:.0f} GFLOP/s; BLAS: {results['blas']}")
     header = f"{'':6} {'convt ms':>9} {'GFLOP/s':>8} {'%mm':>5} {'TF ms':>8} {'convt/TF':>9} {'RSS/data':>9}"
+    if before:
+        header += f" {'before ms':>10} {'now/before':>11}"
     print(header)
     with tempfile.TemporaryDirectory() as folder:
         for name in names:
@@ -175,24 +197,32 @@ def main():
             plan = plan_conv_transpose(x.shape, w.shape, None, s, "SAME", fmt, d)
             ours = lambda x=x, w=w, s=s, fmt=fmt, d=d: convt_cli.conv_transpose(x, w, None, s, "SAME", fmt, d)  # noqa: E731
             tf_run = tf_function(name, x, w)
+            old = before and (lambda x=x, w=w, s=s, fmt=fmt, d=d: before.conv_transpose(x, w, None, s, "SAME", fmt, d))
             ours()
-            t_ours, t_tf = math.inf, math.inf
-            for _ in range(args.repeat):  # alternate, so that both see the same load
+            if old:
+                old()
+            t_ours, t_tf, t_old = math.inf, math.inf, math.inf
+            for _ in range(args.repeat):  # alternate, so that all see the same load
                 t_ours = min(t_ours, best_of(ours, 1))
                 if tf_run:
                     t_tf = min(t_tf, best_of(tf_run, 1))
+                if old:
+                    t_old = min(t_old, best_of(old, 1))
             row = {"input": list(xs), "filters": list(ws), "strides": s, "dilations": d, "data_format": fmt,
                    "dtype": dtype, "gflop": round(plan.flops / 1e9, 3), "convt_ms": round(t_ours * 1e3, 2),
                    "convt_gflops": round(plan.flops / t_ours / 1e9, 1),
                    "pct_matmul": round(100 * plan.flops / t_ours / 1e9 / rate, 1)}
             if tf_run:
                 row.update(tf_ms=round(t_tf * 1e3, 2), ratio=round(t_ours / t_tf, 3))
+            if old:
+                row.update(before_ms=round(t_old * 1e3, 2), over_before=round(t_ours / t_old, 3))
             if not args.no_rss:
                 row.update(rss_row(name, x, w, folder))
             results["workloads"][name] = row
             print(f"{name:6} {row['convt_ms']:9.1f} {row['convt_gflops']:8.1f} {row['pct_matmul']:5.0f} "
                   f"{row.get('tf_ms', float('nan')):8.1f} {row.get('ratio', float('nan')):9.2f} "
-                  f"{row.get('rss_above_baseline_over_data', float('nan')):9.2f}")
+                  f"{row.get('rss_above_baseline_over_data', float('nan')):9.2f}"
+                  + (f" {row['before_ms']:10.1f} {row['over_before']:11.2f}" if old else ""))
     ratios = [r["ratio"] for k, r in results["workloads"].items() if "ratio" in r and not k.endswith(("bf", "f32"))]
     if ratios:
         results["geomean_ratio"] = round(math.exp(sum(map(math.log, ratios)) / len(ratios)), 3)
