@@ -94,16 +94,21 @@ def random_shapes(seed):
     return x_shape, (*kernel, c_out, c_in), out_sizes, flags
 
 
+def save_pair(folder, batch=2, seed=0):
+    """x.npy (batch, 5, 6, 3) and w.npy (3, 3, 4, 3), float32 and seeded, saved in folder: (x, w)."""
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((batch, 5, 6, 3)).astype(np.float32)
+    w = rng.standard_normal((3, 3, 4, 3)).astype(np.float32)
+    np.save(os.path.join(folder, "x.npy"), x)
+    np.save(os.path.join(folder, "w.npy"), w)
+    return x, w
+
+
 @pytest.fixture
 def work(tmp_path, monkeypatch):
-    """A folder with x.npy (2, 5, 6, 3) and w.npy (3, 3, 4, 3), float32, as the current folder: (x, w)."""
-    rng = np.random.default_rng(0)
-    x = rng.standard_normal((2, 5, 6, 3)).astype(np.float32)
-    w = rng.standard_normal((3, 3, 4, 3)).astype(np.float32)
-    np.save(tmp_path / "x.npy", x)
-    np.save(tmp_path / "w.npy", w)
+    """A folder with save_pair's x.npy (2, 5, 6, 3) and w.npy, as the current folder: (x, w)."""
     monkeypatch.chdir(tmp_path)
-    return x, w
+    return save_pair(tmp_path)
 
 
 def invoke(*args, input=None):

@@ -27,17 +27,14 @@ from convt_cli.cli import cli
 from convt_cli.shapes import plan_conv_transpose
 from convt_cli.stream import run_many, verify_files
 from convt_cli.verify import verify_conv_transpose
+from conftest import save_pair
 
 
 @pytest.fixture
 def work(tmp_path, monkeypatch):
-    rng = np.random.default_rng(11)
-    x = rng.standard_normal((8, 5, 6, 3)).astype(np.float32)
-    w = rng.standard_normal((3, 3, 4, 3)).astype(np.float32)
-    np.save(tmp_path / "x.npy", x)
-    np.save(tmp_path / "w.npy", w)
+    """A batch of 8 (streams in pieces under a small budget), as the current folder: (x, w)."""
     monkeypatch.chdir(tmp_path)
-    return x, w
+    return save_pair(tmp_path, batch=8, seed=11)
 
 
 def _read(ref):

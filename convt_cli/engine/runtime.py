@@ -190,10 +190,11 @@ def _setters(lib):
     openblas_set_num_threads symbol (threadpoolctl's set_num_threads does nothing when called from a thread other
     than the first that used it); the controller's own for the others."""
     if lib.internal_api == "openblas":
+        dynlib = getattr(lib, "dynlib", None) or getattr(lib, "_dynlib", None)
         for prefix in ("", "scipy_"):
             for suffix in ("", "64_", "_64"):
-                set_ = getattr(lib.dynlib, f"{prefix}openblas_set_num_threads{suffix}", None)
-                get = getattr(lib.dynlib, f"{prefix}openblas_get_num_threads{suffix}", None)
+                set_ = getattr(dynlib, f"{prefix}openblas_set_num_threads{suffix}", None)
+                get = getattr(dynlib, f"{prefix}openblas_get_num_threads{suffix}", None)
                 if set_ is not None and get is not None:
                     return get, set_
         return None
