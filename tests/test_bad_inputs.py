@@ -15,7 +15,6 @@ import re
 import shutil
 import signal
 import subprocess
-import sys
 import time
 import warnings
 import zipfile
@@ -26,7 +25,6 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from click.testing import CliRunner
 
 from convt_cli import cli as cli_module
 from convt_cli import conv_transpose
@@ -547,7 +545,8 @@ def test_ctrl_c_during_the_computation_leaves_nothing_behind(work, signum):
     x = npy_bytes(rng.standard_normal((12, 64, 64, 128), dtype=np.float32))
     np.save("w7.npy", rng.standard_normal((7, 7, 128, 128), dtype=np.float32))
     before = snapshot(work)
-    p = subprocess.Popen(convt_command() + ["run", "-", "w7.npy", "--strides", "2", "-o", "y.npy"], stdin=subprocess.PIPE,
+    p = subprocess.Popen(convt_command() + ["run", "-", "w7.npy", "--strides", "2", "-o", "y.npy"],
+                         stdin=subprocess.PIPE,
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         p.stdin.write(x)  # returns when convt, inside `run`, has read nearly all of it

@@ -11,13 +11,11 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 
 import h5py
 import ml_dtypes
 import numpy as np
 import pytest
-from click.testing import CliRunner
 
 from convt_cli import ConvtError
 from conftest import convt_command, invoke
@@ -339,7 +337,8 @@ def test_real_h5_in_and_out_and_error_exit_code(tmp_path):
     assert p.returncode == 0 and p.stdout == "" and p.stderr == ""
     with h5py.File(tmp_path / "out.h5") as f:
         assert f["b"].shape == (1, 16, 16, 8)
-    p = subprocess.run(convt_command() + ["run", "batch.h5:/inputs", "batch.h5:/filters/w", "-o", "o.npy"], cwd=tmp_path,
+    p = subprocess.run(convt_command() + ["run", "batch.h5:/inputs", "batch.h5:/filters/w", "-o", "o.npy"],
+                       cwd=tmp_path,
                        capture_output=True, text=True)
     assert p.returncode == 2
     assert p.stderr == ("Error: INPUT 'batch.h5:/inputs': '/inputs' is a group, not a dataset: name a dataset "

@@ -29,7 +29,6 @@ import pytest
 
 import convt_cli.verify as verify_module
 from convt_cli import ConvtError, conv, conv_transpose
-from convt_cli.shapes import plan_conv_transpose
 from convt_cli.verify import VerifyReport, verify_conv_transpose
 from conftest import GOLDEN_DIR, load_golden, random_shapes
 from loop_reference import conv_transpose_loop

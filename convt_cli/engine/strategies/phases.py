@@ -94,7 +94,8 @@ def _shifted_inputs(xb, shifts, qa, nq, spatial, first, compute):
     a = np.empty((nb, *shaped(first, nq, len(shifts), c_in)), dtype=compute)
     lead = 2 if first else 1  # index of the first spatial axis in a block
     for u, ms in enumerate(shifts):
-        block = a[:, u] if first else a[(slice(None), *[slice(None)] * len(nq), u)]  # (nb, c_in, *nq) or (nb, *nq, c_in)
+        # (nb, c_in, *nq) or (nb, *nq, c_in)
+        block = a[:, u] if first else a[(slice(None), *[slice(None)] * len(nq), u)]
         dst, src = [], []
         for j, m in enumerate(ms):
             q_lo, q_hi = max(qa[j], m), min(qa[j] + nq[j], spatial[j] + m)
