@@ -309,5 +309,7 @@ def test_help_does_not_load_numpy(tmp_path):
 def test_the_dtype_choices_are_the_engines_dtypes():
     from convt_cli import engine
     from convt_cli.dtype_names import DTYPES
+    from convt_cli.verify import EPS
 
     assert tuple(DTYPES) == tuple(engine.DTYPES) == tuple(engine.COMPUTE_DTYPES)
+    assert tuple(EPS) == tuple(DTYPES)  # verify has a tolerance for each

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..dtype_names import DTYPES  # the supported names, in the order messages and help list them: one list
 from ..errors import ConvtError
 
 # dtype name -> the dtype the engine accumulates in; the result is cast back once at the end
@@ -16,7 +17,7 @@ COMPUTE_DTYPES = {
     "complex64": np.complex64,
     "complex128": np.complex128,
 }
-DTYPES = tuple(COMPUTE_DTYPES)  # the supported names, in the order messages and help list them
+assert tuple(COMPUTE_DTYPES) == DTYPES, "every supported dtype needs its compute dtype"
 _INT32_MIN, _INT32_MAX = -(2**31), 2**31 - 1
 
 
