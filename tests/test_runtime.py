@@ -210,3 +210,47 @@ def test_when_no_thread_can_start_the_call_goes_on_in_its_own(monkeypatch):
     assert np.array_equal(conv_transpose(x, w, threads=4, **flags), want)
     assert started and all(name.startswith("convt-worker") for name in started)
     assert runtime.worker_threads() == 0
+
+
+def test_a_worker_whose_first_gemm_fails_is_not_counted(monkeypatch):
+    x, w, flags = _case()
+    want = conv_transpose(x, w, threads=1, **flags)
+
+    def fail(a):
+        raise MemoryError
+
+    monkeypatch.setattr(runtime, "_POOL", runtime._Pool())
+    monkeypatch.setattr(runtime, "_first_gemm", fail)
+    assert np.array_equal(conv_transpose(x, w, threads=3, **flags), want)  # in this thread, not waiting forever
+    assert runtime._POOL.size == 0 and runtime._POOL.wanted == []
+    assert runtime._BLAS.users == 0
+
+
+def test_an_interrupt_while_the_workers_start_leaves_no_call_behind(monkeypatch):
+    def interrupted(self, count):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(runtime, "_POOL", runtime._Pool())
+    monkeypatch.setattr(runtime._Pool, "_grow", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        runtime.over_jobs(list(range(4)), lambda some: list(some), 2)
+    assert runtime._POOL.wanted == []
+    assert runtime._BLAS.users == 0
+
+
+def test_workers_beyond_what_calls_ask_for_end_when_idle(monkeypatch):
+    import time
+
+    monkeypatch.setattr(runtime, "_POOL", runtime._Pool())
+    monkeypatch.setattr(runtime, "IDLE_SECONDS", 0.02)
+    x, w, flags = _case()
+    conv_transpose(x, w, threads=4, **flags)
+    assert runtime.worker_threads() == 4
+    conv_transpose(x, w, threads=2, **flags)  # the latest call asks for two: the other two are not needed
+    for _ in range(500):
+        if runtime.worker_threads() == 2:
+            break
+        time.sleep(0.01)
+    assert runtime.worker_threads() == 2
+    time.sleep(0.1)  # and the two that are kept stay
+    assert runtime.worker_threads() == 2

@@ -7,10 +7,12 @@ cgroup's CPU quota), with no cap. A call with threads=1 runs in the calling thre
 The worker threads are one pool for the process, shared by every call from every Python thread: a call hands the
 pool at most `threads` tasks (each takes jobs from the call's own queue until none is left), so calls from many
 threads at once (a Dask threaded worker, a user's thread pool) never run more than the largest `threads` among
-them, and never wait on each other's tasks (no task waits for another: no deadlock). The pool grows when a call
-asks for more threads than it has, and gives back the extra threads when a call asks for fewer and no running call
-needs them; it is made under a lock. After a fork the child starts from nothing: no pool (its threads did not come
-along), no running call, locks anew, and the BLAS thread count the parent had before convt limited it.
+them. No task waits for another, so there is no deadlock; a call's tasks may queue behind those of calls that came
+before it. The pool is grown under a lock when a call asks for more threads than it has (a worker counts once its
+first GEMM is done; one that cannot start or whose first GEMM fails is left out, and the call goes on with fewer);
+a worker that neither a running call nor the latest one needs ends after IDLE_SECONDS idle. After a fork the child
+starts from nothing: no pool (its threads did not come along), no running call, locks anew, and the BLAS thread
+count the parent had before convt limited it.
 
 BLAS runs on one thread during convt's calls: every GEMM is one block's, on one BLAS thread, so results are bitwise
 the same for any number of convt threads and any batch split (OpenBLAS rounds a GEMM differently on one and two
@@ -18,8 +20,11 @@ threads), and the two levels of threads do not fight. OpenBLAS built with pthrea
 one thread count for the whole process: no library call limits it for one thread only. So convt sets it to 1 while
 any convt call runs (counted over concurrent calls), and puts back the value it found when the last one ends, unless
 someone else changed it in between. Other threads' matmuls in that time run on one BLAS thread too. It calls the
-library's own setter (found through threadpoolctl, whose own limit API ignores calls from any thread but the first
-that used it, with threadpoolctl >= 3.8 and OpenBLAS's pthreads layer).
+library's own setter (found through threadpoolctl): threadpoolctl's own limit (3.8, OpenBLAS's pthreads layer)
+lets one thread at a time set the count, and silently does nothing in any other thread while that one holds it.
+
+Each worker thread costs OpenBLAS a buffer of some tens of MB of address space: a very large `threads` under a
+memory cap (ulimit -v) can make OpenBLAS end the process at the first GEMM of the new threads.
 """
 
 from __future__ import annotations
@@ -221,30 +226,37 @@ def blas_one_thread():
 _in_worker = threading.local()  # set in convt's own worker threads: a call from one runs in place
 
 
+def _first_gemm(a) -> None:
+    a @ a
+
+
+IDLE_SECONDS = 5.0  # a worker beyond what the running (or the latest) call needs ends after this long idle
+
+
 class _Pool:
-    """Worker threads that take (fn, args, future) from one queue; None tells one of them to end."""
+    """Worker threads that take (fn, args, future) from one queue, started under a lock as calls need them."""
 
     def __init__(self):
         self.lock = threading.Lock()
-        self.changed = threading.Condition(self.lock)
         self.tasks: queue.SimpleQueue = queue.SimpleQueue()
-        self.size = 0  # workers started and not told to end
+        self.size = 0  # workers started, warmed and not ending
         self.alive = 0  # workers whose thread has not ended
         self.wanted: list[int] = []  # the threads of each running call
+        self.latest = 0  # the threads of the latest call: kept, so that a stream of such calls starts none again
         self.serial = 0
 
     def lease(self, threads: int) -> int:
-        """Make the pool `threads` workers large (or larger, while a running call needs more): the workers this call
-        may hand tasks to. 0 when no thread can be started."""
+        """The workers this call may hand tasks to: the pool grown to `threads` if smaller (0 where no thread can
+        be started). Every lease is released, whatever happens, by release()."""
         with self.lock:
             self.wanted.append(threads)
-            target = max(self.wanted)
-            if self.size > target:  # a smaller call and nobody needs the rest: they end once idle
-                for _ in range(self.size - target):
-                    self.tasks.put(None)
-                self.size = target
-            if self.size < target:
-                self._grow(target - self.size)
+            self.latest = threads
+            try:
+                if self.size < threads:
+                    self._grow(threads - self.size)
+            except BaseException:  # an interrupt while the workers start: this call is not running
+                self.wanted.remove(threads)
+                raise
             return min(threads, self.size)
 
     def release(self, threads: int) -> None:
@@ -260,57 +272,77 @@ class _Pool:
     def _grow(self, count: int) -> None:
         # Each new worker runs one small GEMM at its start, all of them at once, while memory is still to be had:
         # OpenBLAS allocates a buffer for each thread that calls it and exits the process if it cannot, whereas a
-        # NumPy allocation that fails later is a clean MemoryError.
-        barrier, ready = threading.Barrier(count), []
+        # NumPy allocation that fails later is a clean MemoryError. A worker counts once its GEMM is done.
+        barrier, started = threading.Barrier(count), []
         a = np.ones((_WARM, _WARM), dtype=np.float32)
         for _ in range(count):
             self.serial += 1
-            done = threading.Event()
-            thread = threading.Thread(target=self._work, args=(barrier, a, done), daemon=True,
+            # set when the first GEMM ended; whether it succeeded; whether the worker must count itself
+            warmed = [threading.Event(), False, False]
+            thread = threading.Thread(target=self._work, args=(barrier, a, warmed), daemon=True,
                                       name=f"convt-worker-{self.serial}")
             try:
                 thread.start()
             except RuntimeError:  # no thread can be started (a memory cap, a thread limit)
                 barrier.abort()
                 break
-            self.size += 1
             self.alive += 1
-            ready.append(done)
-        for done in ready:
-            done.wait(timeout=30)
+            started.append(warmed)
+        try:
+            for warmed in started:
+                warmed[0].wait()
+        finally:  # also after an interrupt: a worker still warming counts itself when done (see _work)
+            for warmed in started:
+                if warmed[0].is_set():
+                    self.size += warmed[1]
+                else:
+                    warmed[2] = True
 
-    def _work(self, barrier, a, done) -> None:
+    def _work(self, barrier, a, warmed) -> None:
         _in_worker.active = True
         try:
             try:
                 barrier.wait(timeout=10)
             except threading.BrokenBarrierError:
                 pass
-            with blas_one_thread():
-                a @ a
-            done.set()
-            while True:
-                item = self.tasks.get()
-                if item is None:
-                    return
-                fn, args, future = item
-                if future.set_running_or_notify_cancel():
-                    try:
-                        future.set_result(fn(*args))
-                    except BaseException as e:  # handed to the caller, which re-raises it
-                        future.set_exception(e)
-                del item, fn, args, future
+            try:
+                with blas_one_thread():
+                    _first_gemm(a)
+                warmed[1] = True
+            except Exception:  # (a MemoryError) this worker ends here, uncounted, and the call goes on without it
+                pass
+            finally:
+                warmed[0].set()
+            with self.lock:  # after _grow has decided who counts this worker
+                if warmed[1] and warmed[2]:
+                    self.size += 1
+            if warmed[1]:
+                self._serve()
         finally:
-            done.set()
-            with self.changed:
+            with self.lock:
                 self.alive -= 1
-                self.changed.notify_all()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                fn, args, future = self.tasks.get(timeout=IDLE_SECONDS)
+            except queue.Empty:
+                with self.lock:  # not needed by a running call, nor by the latest: end
+                    if self.size > max(self.wanted, default=self.latest):
+                        self.size -= 1
+                        return
+                continue
+            if future.set_running_or_notify_cancel():
+                try:
+                    future.set_result(fn(*args))
+                except BaseException as e:  # handed to the caller, which re-raises it
+                    future.set_exception(e)
+            del fn, args, future
 
     def submit(self, fn, *args) -> Future:
         future: Future = Future()
         self.tasks.put((fn, args, future))
         return future
-
 
 
 _POOL = _Pool()
@@ -319,12 +351,15 @@ _POOL = _Pool()
 def _after_fork_in_child() -> None:
     global _POOL
     _POOL = _Pool()  # the parent's worker threads do not exist here
+    _in_worker.active = False  # nor, if one of them forked, is this thread one of them
     _quota.clear()  # a child may be moved to another cgroup
     _BLAS.after_fork_in_child()
 
 
 if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_after_fork_in_child)
+    # the BLAS count is read and set under its lock: a fork in between would leave the child unsure of it
+    os.register_at_fork(before=lambda: _BLAS.lock.acquire(), after_in_parent=lambda: _BLAS.lock.release(),
+                        after_in_child=_after_fork_in_child)
 
 
 def worker_threads() -> int:
@@ -363,10 +398,12 @@ def run_tasks(tasks: list, threads: int, stop: threading.Event | None = None) ->
                 stop.set()
             raise
         finally:
-            for future in futures:
-                future.cancel()
-            wait(futures)
-            pool.release(threads)
+            try:
+                for future in futures:
+                    future.cancel()
+                wait(futures)
+            finally:
+                pool.release(threads)
 
 
 def over_jobs(jobs: list, work, threads: int) -> None:
