@@ -20,24 +20,6 @@ from .interrupts import terminate
 
 EXIT_MISMATCH, EXIT_TROUBLE = 1, 2
 
-# moved to stream.py with the loops they serve; still importable from here, without loading NumPy before use
-_MOVED = {"_cast": "cast_to", "_checked_dtype": "checked_dtype", "check_memory": "check_memory",
-          "_needs": "run_needs", "_with_verify_work": "with_verify_work", "_size": "parse_size",
-          "_check_space": "check_space", "_bytes_text": "bytes_text", "PIECE_BYTES": "PIECE_BYTES"}
-
-
-def __getattr__(name):
-    if name in _MOVED:
-        from . import stream
-
-        return getattr(stream, _MOVED[name])
-    if name == "_stop_if_signalled":
-        from .interrupts import stop_if_signalled
-
-        return stop_if_signalled
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
 def _available_memory():
     """The budget's default (MemAvailable), looked up here at each run so that it can be stood in for."""
     from .stream import mem_available

@@ -33,9 +33,6 @@ from .formats.base import WholeReader
 from .formats.base import reason as _reason
 from .formats.h5 import dataset_name
 
-# what the registry held when io was imported; the functions below ask the registry itself
-CONTAINER_SUFFIXES = formats.container_suffixes()
-SUFFIX_FORMATS = {suffix: fmt.name for suffix, fmt in formats.suffix_formats().items()}
 
 
 @dataclass(frozen=True)

@@ -27,6 +27,7 @@ from fractions import Fraction
 import numpy as np
 
 from . import __version__, engine, io
+from .engine import runtime
 from .dtype_names import DTYPES
 from .errors import ConvtError
 from .interrupts import stop_if_signalled
@@ -87,7 +88,7 @@ def run_files(input_ref, filters_ref, output_ref, *, output_shape=None, strides=
     ...     run_files(x, w, y, strides=2, max_memory="64M")["output_shape"]
     [2, 10, 10, 4]
     """
-    cast, max_memory, threads = _dtype_name(dtype), _memory_limit(max_memory), _thread_count(threads)
+    cast, max_memory, threads = _dtype_name(dtype), _memory_limit(max_memory), runtime.resolve_threads(threads)
     report = _reporter(progress)
     x_ref, w_ref = _refs(input_ref, filters_ref)
     out_ref = io.parse_ref("OUTPUT", _ref_text("OUTPUT", output_ref), must_exist=False)
@@ -193,7 +194,7 @@ def verify_files(input_ref, filters_ref, output_ref=None, *, output_shape=None, 
     """
     from .verify import AdjointCheck
 
-    cast, max_memory, threads = _dtype_name(dtype), _memory_limit(max_memory), _thread_count(threads)
+    cast, max_memory, threads = _dtype_name(dtype), _memory_limit(max_memory), runtime.resolve_threads(threads)
     report = _reporter(progress)
     x_ref, w_ref = _refs(input_ref, filters_ref)
     y_ref = None if output_ref is None else io.parse_ref("OUTPUT", _ref_text("OUTPUT", output_ref))
@@ -524,15 +525,6 @@ def _memory_limit(value) -> int | None:
     if isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= 0:
         return int(value)
     raise ConvtError(f"max_memory: expected None, a number of bytes >= 0 or a size like 512M, 2G, 1.5GiB, got "
-                     f"{value!r}")
-
-
-def _thread_count(value) -> int | None:
-    if value is None:
-        return None
-    if isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= 1:
-        return int(value)
-    raise ConvtError(f"threads: expected None (CONVT_NUM_THREADS, else every usable core) or an integer >= 1, got "
                      f"{value!r}")
 
 

@@ -397,27 +397,28 @@ def test_verify_mistakes(work, extra, message):
                                        ("2gb", 2 << 30), ("1.5GiB", 3 << 29), (" 0.5 t ", 1 << 39), (".5K", 512),
                                        ("1" * 30, int("1" * 30))])
 def test_max_memory_sizes(text, size):
-    from convt_cli.cli import _size
+    from convt_cli.stream import parse_size
 
-    assert _size("--max-memory", text) == size
+    assert parse_size("--max-memory", text) == size
 
 
 @pytest.mark.parametrize("text", ["", "lots", "-1G", "1e9", "1.2.3", "1X", "1 iB", "G", "nan", "inf"])
 def test_max_memory_refuses_other_text(text):
-    from convt_cli.cli import _size
+    from convt_cli.stream import parse_size
 
     with pytest.raises(ConvtError, match="^--max-memory: expected a size like 512M, 2G, 1.5GiB or a number of bytes"):
-        _size("--max-memory", text)
+        parse_size("--max-memory", text)
 
 
 def test_a_run_over_the_memory_budget_streams_and_writes_the_same_bytes(work, monkeypatch):
     from convt_cli import cli as cli_module
+    from convt_cli import stream
     from convt_cli.shapes import plan_conv_transpose
 
     x = np.random.default_rng(3).standard_normal((8, 5, 6, 3)).astype(np.float32)
     np.save("x8.npy", x)
     f32 = np.dtype(np.float32)
-    needs = cli_module._needs(plan_conv_transpose(x.shape, (3, 3, 4, 3), strides=2), f32, f32, f32)
+    needs = stream.run_needs(plan_conv_transpose(x.shape, (3, 3, 4, 3), strides=2), f32, f32, f32)
     limit = sum(needs(3).values())
     monkeypatch.setattr(cli_module, "_available_memory", lambda: 1 << 40)
     for target in ("whole.npy", "whole.h5:/y", "whole.npz:y"):
@@ -433,8 +434,8 @@ def test_a_run_over_the_memory_budget_streams_and_writes_the_same_bytes(work, mo
     with h5py.File("whole.h5") as a, h5py.File("pieces.h5") as b:
         assert a["y"][()].tobytes() == b["y"][()].tobytes()
     plan = plan_conv_transpose(x.shape, (3, 3, 4, 3), strides=2)
-    verify_needs = cli_module._with_verify_work(cli_module._needs(plan, f32, f32, f32, (plan.output_shape, f32)),
-                                                plan, f32, None)
+    verify_needs = stream.with_verify_work(stream.run_needs(plan, f32, f32, f32, (plan.output_shape, f32)),
+                                           plan, f32, None)
     r = invoke("verify", "x8.npy", "w.npy", "pieces.npy", "--strides", "2", "--max-memory",
                sum(verify_needs(3).values()), "--json")
     assert r.exit_code == 0, r.output

@@ -47,11 +47,6 @@ def compute_dtype(dtype) -> np.dtype:
     return np.dtype(COMPUTE_DTYPES[np.dtype(dtype).name])
 
 
-def compute_copy(a: np.ndarray) -> np.ndarray:
-    # native byte order, C order, accumulation dtype; a view when nothing needs to change, never a write
-    return np.ascontiguousarray(a, dtype=COMPUTE_DTYPES[a.dtype.name])
-
-
 def chunk_of(x: np.ndarray, b0: int, b1: int, compute: np.dtype) -> np.ndarray:
     return np.ascontiguousarray(x[b0:b1], dtype=compute)  # a view when x is already so
 

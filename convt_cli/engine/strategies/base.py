@@ -26,7 +26,6 @@ class Strategy:
 
     name = ""
     redoes_wild = False  # whether run may return images that "offsets" must do again
-    takes_images = False  # whether run can do a subset of the images
 
     def applies(self, plan: Plan) -> bool:
         return True

@@ -23,7 +23,6 @@ class Dense(Strategy):
     # residue r: the block's outputs are one window of the output, stored once.
     name = "dense"
     redoes_wild = True
-    takes_images = True
 
     def accepts(self, w, compute):
         return finite_taps(w) and tame(w, tame_limit(compute, self.name))

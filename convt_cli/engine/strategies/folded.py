@@ -22,7 +22,6 @@ class Folded(Strategy):
     # times c_in. The other axes' shifts are contiguous slices of A as in "offsets". Fewer accumulations, and no
     # junk positions on the last axis: A holds only the nq used.
     name = "folded"
-    takes_images = True
 
     def applies(self, plan: Plan) -> bool:
         return folded_ok(plan)

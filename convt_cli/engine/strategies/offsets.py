@@ -20,7 +20,6 @@ class Offsets(Strategy):
     # block, so one GEMM per shift (no im2col copy) gives that shift's contribution to every phase that uses it,
     # accumulated per phase, and each phase is stored once with strided slices.
     name = "offsets"
-    takes_images = True
 
     def workspace_bytes(self, plan, dtype, threads):
         g = grid(plan)

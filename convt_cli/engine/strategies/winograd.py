@@ -36,7 +36,6 @@ class Winograd(Strategy):
     # residue r: a block's outputs are one window of the output, written once.
     name = "winograd"
     redoes_wild = True
-    takes_images = True
 
     def applies(self, plan: Plan) -> bool:
         return winograd_ok(plan)
