@@ -29,7 +29,7 @@ import numpy as np
 from . import formats
 from .errors import ConvtError
 from .formats import HDF5_MAGIC, NPY_MAGIC, ZIP_MAGIC  # noqa: F401  (part of io's surface)
-from .formats.base import WholeReader
+from .formats.base import WholeReader, WriteOptions
 from .formats.base import reason as _reason
 from .formats.h5 import dataset_name
 
@@ -107,6 +107,11 @@ def list_arrays(path: str) -> list[dict]:
     return formats.input_format(ref).listing(ref)
 
 
+def attributes(ref: ArrayRef) -> dict:
+    """The attributes stored with an input array (HDF5 dataset attributes); {} for formats without them."""
+    return {} if ref.is_std else formats.input_format(ref).attributes(ref)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Writing
 
@@ -122,9 +127,11 @@ def _same_file(a: str, b: str) -> bool:
         return os.path.realpath(a) == os.path.realpath(b)
 
 
-def check_output(ref: ArrayRef, inputs: list[ArrayRef], force: bool) -> None:
-    """Refuse, before any work, an output that would replace an input, exist already, or land nowhere."""
+def check_output(ref: ArrayRef, inputs: list[ArrayRef], force: bool, options: WriteOptions = WriteOptions()) -> None:
+    """Refuse, before any work, an output that would replace an input, exist already, land nowhere, or be stored
+    in a way its format cannot."""
     fmt = formats.output_format(ref)
+    fmt.check_options(ref, options)
     if ref.is_std:
         return
     if ref.name is not None and not fmt.named:
@@ -348,9 +355,10 @@ class Sink:
     for every format, and are here.
     """
 
-    def __init__(self, ref: ArrayRef, shape, dtype, provenance: dict | None = None, force: bool = False):
+    def __init__(self, ref: ArrayRef, shape, dtype, provenance: dict | None = None, force: bool = False,
+                 options: WriteOptions = WriteOptions()):
         self.ref, self.shape, self.dtype = ref, tuple(int(v) for v in shape), np.dtype(dtype)
-        self.provenance, self.force = provenance or {}, force
+        self.provenance, self.force, self.options = provenance or {}, force, options
         self._format = formats.output_format(ref)
         self.kind = self._format.name
         self.done = 0  # batch elements written so far
@@ -367,10 +375,10 @@ class Sink:
 
     def _open(self) -> None:
         args = (self.ref, self.shape, self.dtype, self.provenance)
-        self._writer = self._format.direct_writer(*args, self.force)  # stdout, or into an existing file
+        self._writer = self._format.direct_writer(*args, self.force, self.options)  # stdout, or an existing file
         if self._writer is None:
             self.tmp = _temp_file(_folder(self.ref))
-            self._writer = self._format.file_writer(self.ref, self.tmp, self.shape, self.dtype, self.provenance)
+            self._writer = self._format.file_writer(self.ref, self.tmp, *args[1:], self.options)
 
     def write(self, chunk: np.ndarray) -> None:
         """The next batch elements, in order."""

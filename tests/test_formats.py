@@ -198,7 +198,7 @@ class Toy(Format):
             f.readline()
             return np.frombuffer(f.read(), dtype=dtype).reshape(shape)
 
-    def file_writer(self, ref, path, shape, dtype, provenance):
+    def file_writer(self, ref, path, shape, dtype, provenance, options):
         return ToyWriter(path, shape, dtype)
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 
-from .base import Format, Reader, WholeReader, Writer, one_of
+from .base import Format, Reader, WholeReader, WriteOptions, Writer, one_of
 from .h5 import H5, HDF5_MAGIC
 from .npy import NPY_MAGIC, Npy
 from .npz import ZIP_MAGIC, Npz
@@ -18,8 +18,8 @@ from .std import Std
 FORMATS: dict[str, Format] = {f.name: f for f in (Npy(), Npz(), H5())}  # sniffed in this order
 STDIO: Format = Std()  # the reference `-`, whatever its bytes or suffix
 
-__all__ = ["FORMATS", "STDIO", "Format", "Reader", "WholeReader", "Writer", "NPY_MAGIC", "ZIP_MAGIC", "HDF5_MAGIC",
-           "input_format", "output_format", "container_suffixes", "suffix_formats"]
+__all__ = ["FORMATS", "STDIO", "Format", "Reader", "WholeReader", "WriteOptions", "Writer", "NPY_MAGIC", "ZIP_MAGIC",
+           "HDF5_MAGIC", "input_format", "output_format", "container_suffixes", "suffix_formats"]
 
 
 def titles() -> str:

@@ -14,10 +14,23 @@ from __future__ import annotations
 import errno
 import re
 import shutil
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from ..errors import ConvtError
+
+
+@dataclass(frozen=True)
+class WriteOptions:
+    """How an output is stored, beyond its shape and dtype: what `convt run --compression/--copy-attrs` ask for.
+
+    A format that cannot honour an option refuses it in `Format.check_options`, before any work."""
+
+    compression: str | None = None  # None, or one of the format's `compressions` ('gzip', 'lzf')
+    level: int | None = None  # the compression level, where the compression has levels (gzip: 0-9)
+    chunk_batch: int | None = None  # batch elements per piece of the run: chunked formats chunk along them
+    attrs: dict = field(default_factory=dict)  # attributes copied from the input (formats with attributes)
 
 
 class Format:
@@ -30,6 +43,7 @@ class Format:
     named = False  # a reference may name one array inside a file (PATH:NAME)
     groups = False  # a NAME may be a group holding many arrays (each converted, see io.expand_items)
     shares_file = False  # an output may go into an existing file beside other arrays (an input there is read whole)
+    compressions: tuple[str, ...] = ()  # what WriteOptions.compression may be for its outputs
 
     def sniff(self, head: bytes) -> bool:
         """Whether a file starting with `head` (its first bytes) is of this format."""
@@ -54,11 +68,23 @@ class Format:
         shape, dtype = self.header(ref)
         return [dict(name=None, shape=list(shape), dtype=dtype.name)]
 
+    def attributes(self, ref) -> dict:
+        """The attributes stored with the array `ref` names (for copying them to the output); {} where the
+        format has none."""
+        return {}
+
     def members_under(self, ref) -> list[str] | None:
         """The arrays below the group `ref` names, relative to it; None when it names one array."""
         return None
 
     # Writing
+
+    def check_options(self, ref, options: WriteOptions) -> None:
+        """Refuse, before any work, what the format cannot store (io.check_output)."""
+        if options.compression is not None and options.compression not in self.compressions:
+            can = f"; {one_of(self.compressions)} can be" if self.compressions else ""
+            raise ConvtError(f"--compression: a {self.title} output cannot be compressed with "
+                             f"'{options.compression}'{can}; .h5 outputs take gzip or lzf")
 
     def check_name(self, ref) -> None:
         """Refuse an output NAME this format cannot write to (io.check_output, after the folder checks)."""
@@ -72,12 +98,14 @@ class Format:
         if not force:
             ref.fail("exists: pass --force to replace it")
 
-    def direct_writer(self, ref, shape, dtype, provenance: dict, force: bool) -> Writer | None:
+    def direct_writer(self, ref, shape, dtype, provenance: dict, force: bool,
+                      options: WriteOptions = WriteOptions()) -> Writer | None:
         """A writer that makes `ref` visible itself on finish() and undoes itself on abort() (stdout, a dataset in
         an existing file); None: write a new file, which io.Sink then renames into place."""
         return None
 
-    def file_writer(self, ref, path: str, shape, dtype, provenance: dict) -> Writer:
+    def file_writer(self, ref, path: str, shape, dtype, provenance: dict,
+                    options: WriteOptions = WriteOptions()) -> Writer:
         """A writer of the whole output into the new, empty file `path`."""
         raise NotImplementedError
 

@@ -9,7 +9,8 @@ from __future__ import annotations
 import json
 import os
 
-from .base import Format, Reader, Writer, check_plain, fix_dtype, fix_header_dtype, np_guard, reason
+from .base import (Format, Reader, WriteOptions, Writer, check_plain, fix_dtype, fix_header_dtype, np_guard,
+                   reason)
 
 HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
 
@@ -171,12 +172,12 @@ class H5(Format):
         except OSError as e:
             ref.fail(f"is not writable ({reason(e)})")
 
-    def direct_writer(self, ref, shape, dtype, provenance, force):
+    def direct_writer(self, ref, shape, dtype, provenance, force, options=WriteOptions()):
         if not os.path.exists(ref.path):
             return None
         return H5InPlaceWriter(ref, shape, dtype, provenance, force)
 
-    def file_writer(self, ref, path, shape, dtype, provenance):
+    def file_writer(self, ref, path, shape, dtype, provenance, options=WriteOptions()):
         return H5FileWriter(path, dataset_name(ref.name), shape, dtype, provenance)
 
 

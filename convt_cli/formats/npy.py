@@ -7,7 +7,7 @@ import os
 
 import numpy as np
 
-from .base import Format, Reader, Writer, check_plain, fix_dtype, fix_header_dtype, np_guard
+from .base import Format, Reader, WriteOptions, Writer, check_plain, fix_dtype, fix_header_dtype, np_guard
 
 NPY_MAGIC = b"\x93NUMPY"
 
@@ -74,7 +74,7 @@ class Npy(Format):
     def reader(self, ref):
         return NpyReader(ref)
 
-    def file_writer(self, ref, path, shape, dtype, provenance):
+    def file_writer(self, ref, path, shape, dtype, provenance, options=WriteOptions()):
         return NpyFileWriter(path, shape, dtype)
 
 

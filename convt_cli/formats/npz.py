@@ -7,7 +7,7 @@ import zipfile
 
 import numpy as np
 
-from .base import Format, fix_dtype, np_guard
+from .base import Format, WriteOptions, fix_dtype, np_guard
 from .npy import NpyStreamWriter, npy_header, write_npy_header
 
 ZIP_MAGIC = b"PK"
@@ -58,7 +58,7 @@ class Npz(Format):
                     out.append(dict(name=member[:-4], shape=list(shape), dtype=dtype.name))
         return out
 
-    def file_writer(self, ref, path, shape, dtype, provenance):
+    def file_writer(self, ref, path, shape, dtype, provenance, options=WriteOptions()):
         return NpzFileWriter(path, ref.name or "output", shape, dtype)
 
 

@@ -7,7 +7,7 @@ import shutil
 import sys
 import tempfile
 
-from .base import Format, fix_dtype
+from .base import Format, WriteOptions, fix_dtype
 from .npy import NPY_MAGIC, NpyStreamWriter, np_load, npy_header, write_npy_header
 
 
@@ -41,7 +41,7 @@ class Std(Format):
         a = self.load(ref)
         return [dict(name=None, shape=list(a.shape), dtype=a.dtype.name)]
 
-    def direct_writer(self, ref, shape, dtype, provenance, force):
+    def direct_writer(self, ref, shape, dtype, provenance, force, options=WriteOptions()):
         return SpoolWriter(shape, dtype)
 
 
