@@ -243,6 +243,14 @@ def test_gzip_is_a_deflated_member_that_numpy_reads(level):
         assert z.read("a.npy") == c.read("a.npy")  # what np.savez_compressed stores, byte for byte inside
 
 
+def test_info_names_the_compression_of_a_member(work):
+    np.savez_compressed("c.npz", a=np.zeros((2, 3)))
+    _sink_write("c.npz:b", np.ones((4,)))
+    r = invoke("info", "c.npz")
+    assert r.exit_code == 0, r.output
+    assert r.stdout.splitlines() == ["c.npz:a  (2, 3) float64  gzip", "c.npz:b  (4,) float64"]
+
+
 def test_each_member_keeps_its_own_compression():
     a, b = np.arange(50.0), np.zeros(60)
     np.savez_compressed("mixed.npz", a=a)
@@ -259,10 +267,8 @@ def test_each_member_keeps_its_own_compression():
 @pytest.mark.parametrize("options,message", [
     (WriteOptions(compression="lzf"),
      "--compression: a .npz output cannot be compressed with 'lzf'; gzip can be; .h5 outputs take gzip or lzf"),
-    (WriteOptions(compression="gzip", level=10), "--compression-level: gzip levels are 0 (fastest) to 9 (smallest), "
-                                                 "got 10"),
-    (WriteOptions(compression="gzip", level=-1), "--compression-level: gzip levels are 0 (fastest) to 9 (smallest), "
-                                                 "got -1"),
+    (WriteOptions(compression="gzip", level=10), "--compression-level: expected an integer 0..9, got 10"),
+    (WriteOptions(compression="gzip", level=-1), "--compression-level: expected an integer 0..9, got -1"),
 ])
 def test_what_an_npz_cannot_store_is_refused_before_any_work(options, message):
     with pytest.raises(ConvtError) as e:

@@ -4,7 +4,8 @@ An output member goes into the file as np.savez would name it (`NAME.npy`; a bar
 as for HDF5 the dataset `/output`). Into an existing .npz it is added beside the other entries, which are
 copied into the new file with their names, order, dates and compression (re-compressed, a block at a time);
 --force replaces that one member, at its old place. The new file is renamed over the old one (io.Sink), so an
-interrupted run leaves the old file exactly as it was.
+interrupted run leaves the old file exactly as it was; the price is that every member written copies the whole
+file (a zip appended in place is not whole until its central directory is written again).
 """
 
 from __future__ import annotations
@@ -77,7 +78,11 @@ class Npz(Format):
                 if member.endswith(".npy"):
                     with z.open(member) as f:
                         shape, dtype = npy_header(ref, io.BufferedReader(f), None)
-                    out.append(dict(name=member[:-4], shape=list(shape), dtype=dtype.name))
+                    entry = dict(name=member[:-4], shape=list(shape), dtype=dtype.name)
+                    kind = z.getinfo(member).compress_type
+                    if kind != zipfile.ZIP_STORED:  # deflate is what --compression gzip writes, as h5py names it
+                        entry["compression"] = "gzip" if kind == zipfile.ZIP_DEFLATED else _READABLE.get(kind, kind)
+                    out.append(entry)
         return out
 
     # Writing
@@ -85,7 +90,7 @@ class Npz(Format):
     def check_options(self, ref, options):
         super().check_options(ref, options)
         if options.compression is not None and options.level is not None and options.level not in GZIP_LEVELS:
-            raise ConvtError(f"--compression-level: gzip levels are 0 (fastest) to 9 (smallest), got {options.level}")
+            raise ConvtError(f"--compression-level: expected an integer 0..9, got {options.level}")
 
     def check_name(self, ref):
         name = ref.name
@@ -173,7 +178,7 @@ class NpzFileWriter(NpyStreamWriter):
     """One member, streamed into a new zip (ZIP64: a member may pass 4 GiB). With an existing file at the target:
     its entries before the member are copied first, those after it on finish(); the new file keeps its mode."""
 
-    _zip = _old = _old_file = None
+    _zip = _old = _old_file = _seen = None
 
     def __init__(self, ref, path: str, shape, dtype, options: WriteOptions = WriteOptions()):
         self.ref, self.path, self.shape, self.dtype, self.options = ref, path, shape, dtype, options
