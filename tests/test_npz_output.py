@@ -218,6 +218,18 @@ def test_a_file_another_program_replaced_meanwhile_is_not_overwritten():
     assert temporaries() == []
 
 
+def test_the_member_is_checked_again_when_the_write_starts():
+    np.savez("pair.npz", a=np.arange(3))
+    ref = io.parse_ref("OUTPUT", "pair.npz:b", must_exist=False)
+    io.check_output(ref, [], force=False)
+    np.savez("pair.npz", a=np.arange(3), b=np.zeros(2))  # another run wrote b meanwhile
+    before = open("pair.npz", "rb").read()
+    with pytest.raises(ConvtError, match=r"^OUTPUT 'pair.npz:b': member 'b' exists: pass --force to replace it$"):
+        io.write(ref, np.ones(2))
+    assert open("pair.npz", "rb").read() == before
+    assert temporaries() == []
+
+
 def _sink_write(text, a, options=WriteOptions(), force=False):
     ref = io.parse_ref("OUTPUT", text, must_exist=False)
     io.check_output(ref, [], force, options)

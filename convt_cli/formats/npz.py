@@ -147,6 +147,13 @@ class Npz(Format):
         except OSError as e:
             ref.fail(f"is not writable ({reason(e)})")
 
+    def direct_writer(self, ref, shape, dtype, provenance, force, options=WriteOptions()):
+        # not a writer of its own; but io.Sink asks it first, with force: the checks again, as they are now (the
+        # member may have been written since io.check_output, or io.write called without it)
+        if os.path.exists(ref.path):
+            self.check_existing(ref, force)
+        return None
+
     def file_writer(self, ref, path, shape, dtype, provenance, options=WriteOptions()):
         return NpzFileWriter(ref, path, shape, dtype, options)
 
