@@ -7,9 +7,10 @@ Matrix:
   complete_data_format over typed prefixes in any case.
 - bash_words / bash_value over the ways bash splits a word at ':' and '=' (cursor on the break, after it, after
   a space, a word bash did not split, --opt=value).
-- test_wired_*: the real `cli` through click's completion machinery (bash, zsh, fish), and one interactive bash
-  in a pseudo-terminal that types Tab. These need completion.py wired into cli.py (shell_complete= on the array
-  arguments, -o, --data-format and FILE...; Padding.shell_complete; the bash class registered).
+- test_wired_*: the real `cli` through click's completion machinery (bash, zsh, fish), an interactive bash in a
+  pseudo-terminal that types Tab, and fish's `complete -C` (each skipped only where that shell is absent).
+  These need completion.py wired into cli.py (shell_complete= on the array arguments, -o, --data-format and
+  FILE...; Padding.shell_complete; the bash class registered).
 """
 
 import os
@@ -303,3 +304,15 @@ def _bash_tab(folder, typed: str) -> str:
 ])
 def test_wired_real_bash_tab(files, typed, line):
     assert _bash_tab(files, typed).rstrip() == line
+
+
+@pytest.mark.skipif(shutil.which("fish") is None, reason="no fish on this machine")
+def test_wired_real_fish(files):
+    shim = files / "bin" / "convt"
+    shim.parent.mkdir()
+    shim.write_text(f'#!/bin/sh\nPYTHONPATH="{os.path.abspath(REPO)}" exec "{sys.executable}" -m convt_cli "$@"\n')
+    shim.chmod(0o755)
+    script = 'env _CONVT_COMPLETE=fish_source convt | source; complete -C "convt run d.h5:/in"'
+    p = subprocess.run(["fish", "--no-config", "-c", script], capture_output=True, text=True, cwd=files,
+                       env=dict(os.environ, PATH=f"{shim.parent}{os.pathsep}{os.environ['PATH']}"))
+    assert p.stdout.split() == ["d.h5:/inputs/a", "d.h5:/inputs/b"], p.stderr
