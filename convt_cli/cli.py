@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import sys
 
 import click
@@ -19,6 +20,7 @@ from .errors import ConvtError
 from .interrupts import terminate
 
 EXIT_MISMATCH, EXIT_TROUBLE = 1, 2
+EXIT_PIPE = 128 + 13  # what a shell reports for a tool that SIGPIPE ended, as `cat` or `gzip` in `... | head`
 
 def _available_memory():
     """The budget's default (MemAvailable), looked up here at each run so that it can be stood in for."""
@@ -28,7 +30,15 @@ def _available_memory():
 
 
 class _Interrupted(Exception):
-    """Ctrl-C, carried past click, which would print an empty line for it."""
+    """Ctrl-C, carried past click, which would print an empty line for it; its text says what was written."""
+
+    def __init__(self, written: str = "no output was written"):
+        super().__init__(written)
+        self.written = written
+
+
+class _PipeClosed(Exception):
+    """BrokenPipeError, carried past click, which would exit 1 for it: the code of a verify mismatch."""
 
 
 class ConvtGroup(click.Group):
@@ -39,29 +49,46 @@ class ConvtGroup(click.Group):
             return super().invoke(ctx)
         except KeyboardInterrupt:
             raise _Interrupted from None
+        except BrokenPipeError:
+            raise _PipeClosed from None
 
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
         try:
             code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click.exceptions.NoArgsIsHelpError as e:  # bare `convt` or `convt run`: the usage, as written
+            e.show()
+            code = EXIT_TROUBLE
         except (ConvtError, click.ClickException) as e:
             message = e.format_message() if isinstance(e, click.ClickException) else str(e)
             click.echo(f"Error: {' '.join(message.split())}", err=True)
             code = EXIT_TROUBLE
-        except (_Interrupted, KeyboardInterrupt, click.exceptions.Abort):
+        except (_Interrupted, KeyboardInterrupt, click.exceptions.Abort) as e:
             if sys.stderr.isatty():  # off the line where the terminal echoed ^C; a log gets just the one line
                 click.echo(err=True)
-            click.echo("Error: interrupted; no output was written", err=True)
+            written = e.written if isinstance(e, _Interrupted) else "no output was written"
+            click.echo(f"Error: interrupted; {written}", err=True)
             code = EXIT_TROUBLE
         except MemoryError:  # the estimate said it would fit (or --max-memory allowed it), the system disagreed
             click.echo("Error: out of memory; no output was written: pass a smaller --max-memory to work in "
                        "smaller pieces, or use a lower-precision --dtype", err=True)
             code = EXIT_TROUBLE
-        except BrokenPipeError:
-            code = EXIT_TROUBLE  # the reader went away; nothing more can be said on stdout
+        except (_PipeClosed, BrokenPipeError):  # the reader went away (`| head`): quietly, as tools in a pipeline do
+            _drop_stdout()
+            code = EXIT_PIPE
         code = code or 0
         if standalone_mode:
             sys.exit(code)
         return code
+
+
+def _drop_stdout() -> None:
+    """Point stdout at /dev/null, so that the interpreter's last flush finds no closed pipe to complain about."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):
+        pass
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -82,9 +109,12 @@ class _Flag(click.ParamType):
 
 
 class IntList(_Flag):
-    """Comma-separated integers (2 or 1,2,2,1) -> [int]."""
+    """Comma-separated integers (2 or 1,2,2,1) -> [int]; `example` is what the message shows for this flag."""
 
     name = "integers"
+
+    def __init__(self, example: str = "2 or 1,2,2,1"):
+        self.example = example
 
     def convert(self, value, param, ctx):
         if isinstance(value, list):
@@ -92,7 +122,7 @@ class IntList(_Flag):
         try:
             return [int(v) for v in value.split(",")]
         except ValueError:
-            self.fail(f"expected comma-separated integers like 2 or 1,2,2,1, got '{value}'", param, ctx)
+            self.fail(f"expected comma-separated integers like {self.example}, got '{value}'", param, ctx)
 
 
 class Padding(_Flag):
@@ -136,7 +166,7 @@ class Size(_Flag):
 def conv_options(f):
     """The flags shared by run, shape and verify: the arguments of tf.nn.conv_transpose."""
     options = [
-        click.option("--output-shape", metavar="S", type=IntList(),
+        click.option("--output-shape", metavar="S", type=IntList("8,64,64,128 (full) or 64,64 (spatial)"),
                      help="Full shape in data-format order (8,64,64,128) or spatial only (64,64). "
                           "Default: I*s (SAME) or (I-1)*s+(K-1)*d+1 (VALID) per axis."),
         click.option("--strides", metavar="S", type=IntList(), default="1", show_default=True,
@@ -223,7 +253,7 @@ def cli():
     """
 
 
-@cli.command()
+@cli.command(no_args_is_help=True)
 @click.argument("input_ref", metavar="INPUT")
 @click.argument("filters_ref", metavar="FILTERS")
 @click.option("-o", "--output", "output_ref", required=True, metavar="OUTPUT",
@@ -234,10 +264,17 @@ def cli():
 @threads_option
 @quiet_option
 @click.option("--fail-fast", is_flag=True, help="With many tensors: stop at the first that fails.")
+@click.option("--compression", type=click.Choice(["gzip", "lzf"], case_sensitive=False),
+              help="Compress the output: .h5 gzip or lzf (chunked along the batch pieces), .npz gzip (deflate).")
+@click.option("--compression-level", metavar="N", type=click.IntRange(0, 9),
+              help="gzip level, 0 (none) to 9 (smallest). Default: 4 for .h5, 6 for .npz.")
+@click.option("--copy-attrs", is_flag=True, help="Copy the input dataset's attributes to the output dataset "
+                                                 "(.h5 to .h5; convt's provenance attributes win).")
 @click.option("--json", "as_json", is_flag=True,
-              help="Print a JSON summary, one line per tensor (on stderr when the array goes to stdout).")
+              help="Print a JSON summary, one line per tensor, {\"error\": ...} for one that failed (on stderr "
+                   "when the array goes to stdout).")
 def run(input_ref, filters_ref, output_ref, output_shape, strides, padding, data_format, dilations, dtype, force,
-        max_memory, threads, quiet, fail_fast, as_json):
+        max_memory, threads, quiet, fail_fast, compression, compression_level, copy_attrs, as_json):
     """Compute conv_transpose(INPUT, FILTERS) and write it to OUTPUT.
 
     FILTERS are spatial + [out_channels, in_channels] (TF's behaviour): the last axis matches INPUT's channels.
@@ -258,35 +295,65 @@ def run(input_ref, filters_ref, output_ref, output_shape, strides, padding, data
     with _Bar(quiet, "convt run") as bar:
         options = dict(output_shape=output_shape, strides=strides, padding=padding, data_format=data_format,
                        dilations=dilations, dtype=dtype, force=force, max_memory=max_memory, threads=threads,
-                       progress=bar, available_memory=_available_memory)
+                       progress=bar, available_memory=_available_memory, compression=compression and compression.lower(),
+                       compression_level=compression_level, copy_attrs=copy_attrs)
         items = io.expand_items(input_ref, output_ref)
         if items is None:
-            info = stream.run_files(input_ref, filters_ref, output_ref, **options)
+            output_ref = io.fill_template(input_ref, output_ref)
+            try:
+                info = stream.run_files(input_ref, filters_ref, output_ref, **options)
+            except ConvtError as e:  # --json: one line per tensor tried, as with many
+                if as_json:
+                    message = " ".join(str(e).split())
+                    click.echo(json.dumps({"input": input_ref, "output": output_ref, "error": message}),
+                               err=output_ref == "-")
+                raise
             bar.close()
             if as_json:
                 click.echo(json.dumps(info), err=output_ref == "-")
             return
-        failed = False
-        for info in stream.run_many(items, filters_ref, **options):
-            bar.close()
-            if "error" in info:
-                failed = True
-                click.echo(f"Error: {info['error']}", err=True)
-            if as_json:
-                click.echo(json.dumps(info))
-            if "error" in info and fail_fast:
-                break
+        failed, tried, written = False, 0, []
+        try:
+            for info in stream.run_many(items, filters_ref, **options):
+                tried += 1
+                bar.close()
+                if "error" in info:
+                    failed = True
+                    click.echo(f"Error: {info['error']}", err=True)
+                else:
+                    written.append(info["output"])
+                if as_json:
+                    click.echo(json.dumps(info))
+                if "error" in info and fail_fast:
+                    break
+        except KeyboardInterrupt:
+            raise _Interrupted(_written_before(written, items, tried)) from None
     if failed:
         sys.exit(EXIT_TROUBLE)
 
 
-@cli.command()
+def _written_before(written: list[str], items: list, tried: int) -> str:
+    """What an interrupted many-tensor run leaves: the outputs finished, the item cut short, the ones not begun."""
+    cut = f"'{items[tried][0]}' was not" if tried < len(items) else "nothing was cut short"
+    rest = len(items) - tried - 1
+    after = f", nor the {rest} after it" if rest > 0 else ""
+    if not written:
+        return f"no output was written ({cut}{after})"
+    shown = written if len(written) <= 4 else [*written[:2], "...", written[-1]]
+    return f"{len(written)} of {len(items)} outputs were written ({', '.join(shown)}); {cut}{after}"
+
+
+@cli.command(no_args_is_help=True)
 @click.argument("input_ref", metavar="INPUT")
 @click.argument("filters_ref", metavar="FILTERS")
 @conv_options
+@max_memory_option
+@threads_option
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
-def shape(input_ref, filters_ref, output_shape, strides, padding, data_format, dilations, dtype, as_json):
-    """Print the output shape, legal output sizes, pads, FLOPs and bytes, reading headers only.
+def shape(input_ref, filters_ref, output_shape, strides, padding, data_format, dilations, dtype, max_memory, threads,
+          as_json):
+    """Print the output shape, legal output sizes, pads, FLOPs, bytes and the memory a run needs, reading headers
+    only.
 
     \b
     Example:
@@ -295,7 +362,8 @@ def shape(input_ref, filters_ref, output_shape, strides, padding, data_format, d
     from .stream import plan_files
 
     info = plan_files(input_ref, filters_ref, output_shape=output_shape, strides=strides, padding=padding,
-                      data_format=data_format, dilations=dilations, dtype=dtype)
+                      data_format=data_format, dilations=dilations, dtype=dtype, max_memory=max_memory,
+                      threads=threads, available_memory=_available_memory)
     if as_json:
         click.echo(json.dumps(info))
         return
@@ -306,34 +374,82 @@ def shape(input_ref, filters_ref, output_shape, strides, padding, data_format, d
     click.echo(f"pads          {pads} (lo:hi of the forward convolution)")
     click.echo(f"flops         {info['flops']:,}")
     click.echo(f"output bytes  {info['output_bytes']:,}")
+    if info["batch_per_chunk"] is None:
+        click.echo(f"memory        does not fit: {info['memory_error']}")
+        return
+    pieces = info["pieces"]
+    how = "in one piece" if pieces <= 1 else f"in {pieces:,} pieces of {info['batch_per_chunk']:,} batch elements"
+    click.echo(f"memory        {info['memory_bytes']:,} bytes at once, {how}")
 
 
-@cli.command()
+@cli.command(no_args_is_help=True)
 @click.argument("files", nargs=-1, required=True, metavar="FILE...")
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object per file.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object per file ({\"error\": ...} for one "
+                                                       "that cannot be read).")
 def info(files, as_json):
-    """List the arrays in each file: shape and dtype (and chunks for HDF5 datasets); - reads stdin.
+    """List the arrays in each file: shape, dtype, and for HDF5 datasets chunks, compression, byte order,
+    attributes and links; - reads stdin, a quoted glob lists every file it matches. A file that cannot be read
+    gets its own Error: line, the others are still listed (exit 2 at the end).
 
     \b
     Examples:
       convt info samples/input.npy samples/batch.h5
+      convt info 'samples/*.npy'
       convt run - w.npy -o - < x.npy | convt info -
     """
-    from .io import list_arrays
+    from .io import expand_files, list_arrays
 
-    for path in files:
-        arrays = list_arrays(path)
-        if as_json:
-            click.echo(json.dumps({"file": path, "arrays": arrays}))
-            continue
-        for a in arrays:
-            name = f"{path}:{a['name']}" if a["name"] else path
-            chunks = f"  chunks {tuple(a['chunks'])}" if a.get("chunks") else ""
-            shape = "(empty dataspace)" if a["shape"] is None else tuple(a["shape"])
-            click.echo(f"{name}  {shape} {a['dtype']}{chunks}")
+    failed = False
+    for pattern in files:
+        paths = expand_files(pattern)
+        if not paths:
+            paths, failed = [], True
+            _info_error(pattern, f"FILE '{pattern}': the pattern matches no file", as_json)
+        for path in paths:
+            try:
+                arrays = list_arrays(path)
+            except ConvtError as e:
+                failed = True
+                _info_error(path, str(e), as_json)
+                continue
+            if as_json:
+                click.echo(json.dumps({"file": path, "arrays": arrays}))
+                continue
+            for a in arrays:
+                click.echo(_info_line(path, a))
+    if failed:
+        sys.exit(EXIT_TROUBLE)
 
 
-@cli.command()
+def _info_error(path: str, message: str, as_json: bool) -> None:
+    message = " ".join(message.split())
+    click.echo(f"Error: {message}", err=True)
+    if as_json:
+        click.echo(json.dumps({"file": path, "error": message}))
+
+
+def _info_line(path: str, a: dict) -> str:
+    """One array, as `h5ls -v` would say it in a line: name, shape, dtype, then what the file stores about it."""
+    name = f"{path}:{a['name']}" if a["name"] else path
+    if a.get("kind") in ("soft link", "external link"):
+        return f"{name}  -> {a['target']} ({a['kind']})"
+    if a.get("kind") == "group":
+        return f"{name}/  (group)"
+    shape = "(empty dataspace)" if a["shape"] is None else tuple(a["shape"])
+    parts = [f"{name}  {shape} {a['dtype']}"]
+    if a.get("byte_order") == ">":
+        parts.append("big-endian")
+    if a.get("chunks"):
+        parts.append(f"chunks {tuple(a['chunks'])}")
+    if a.get("compression"):
+        level = a.get("compression_opts")
+        parts.append(f"{a['compression']}" + (f" level {level}" if level is not None else ""))
+    if a.get("attributes"):
+        parts.append("attributes " + ", ".join(sorted(a["attributes"])))
+    return "  ".join(parts)
+
+
+@cli.command(no_args_is_help=True)
 @click.argument("input_ref", metavar="INPUT")
 @click.argument("filters_ref", metavar="FILTERS")
 @click.argument("output_ref", metavar="[OUTPUT]", required=False)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 import tempfile
 from dataclasses import dataclass
 
@@ -29,7 +30,7 @@ import numpy as np
 from . import formats
 from .errors import ConvtError
 from .formats import HDF5_MAGIC, NPY_MAGIC, ZIP_MAGIC  # noqa: F401  (part of io's surface)
-from .formats.base import WholeReader, WriteOptions
+from .formats.base import WholeReader, WriteOptions, is_terminal
 from .formats.base import reason as _reason
 from .formats.h5 import dataset_name
 
@@ -101,6 +102,14 @@ def load(ref: ArrayRef) -> np.ndarray:
     return formats.input_format(ref).load(ref)
 
 
+def read_whole(ref: ArrayRef) -> bool:
+    """Whether the input can only be read whole (stdin, and formats without a reader of slices: .npz members)."""
+    if ref.is_std:
+        return True
+    fmt = formats.input_format(ref)
+    return type(fmt).reader is formats.Format.reader
+
+
 def list_arrays(path: str) -> list[dict]:
     """Every array in a file: name (None for .npy), shape, dtype, and chunks for HDF5 datasets."""
     ref = parse_ref("FILE", path)
@@ -133,6 +142,9 @@ def check_output(ref: ArrayRef, inputs: list[ArrayRef], force: bool, options: Wr
     fmt = formats.output_format(ref)
     fmt.check_options(ref, options)
     if ref.is_std:
+        if not force and is_terminal(sys.stdout):
+            ref.fail("stdout is a terminal, and the output is binary .npy data: redirect it (> y.npy) or pipe it "
+                     "(| convt info -), or pass --force to write it to the terminal anyway")
         return
     if ref.name is not None and not fmt.named:
         ref.fail(f"a {fmt.title} file holds one array: drop the ':NAME'")
@@ -156,12 +168,16 @@ def check_output(ref: ArrayRef, inputs: list[ArrayRef], force: bool, options: Wr
     fmt.check_existing(ref, force)
 
 
+def spool_folder() -> str:
+    """Where an output to stdout is spooled before it is copied out whole (TMPDIR, else the system's)."""
+    return tempfile.gettempdir()
+
+
 def free_space(ref: ArrayRef) -> int | None:
-    """Bytes free for an unprivileged writer where the output goes; None for stdout or when it cannot be told."""
-    if ref.is_std:
-        return None
+    """Bytes free for an unprivileged writer where the output goes (for stdout: where it is spooled); None when
+    it cannot be told."""
     try:
-        return shutil.disk_usage(_folder(ref)).free
+        return shutil.disk_usage(spool_folder() if ref.is_std else _folder(ref)).free
     except OSError:
         return None
 
@@ -252,10 +268,8 @@ def expand_items(input_text: str, output_text: str):
     OUTPUT group with the same relative names; a glob (`'in/*.npy'`, not an existing file) for the files it
     matches, sorted, each written to the OUTPUT template with {stem}, {name} (the file name) or {index}.
     """
-    import glob
-
     if input_text != "-" and not os.path.exists(input_text) and any(c in input_text for c in GLOB_CHARACTERS):
-        paths = sorted(p for p in glob.glob(input_text, recursive=True) if os.path.isfile(p))
+        paths = expand_files(input_text)
         if not paths:
             raise ConvtError(f"INPUT '{input_text}': the pattern matches no file")
         if not _is_template(output_text):
@@ -281,6 +295,27 @@ def expand_items(input_text: str, output_text: str):
                  f"dataset in it")
     return [(f"{ref.path}:{base.rstrip('/')}/{n}", f"{out.path}:/{out.name.strip('/')}/{n}".replace("//", "/"))
             for n in sorted(names)]
+
+
+def fill_template(input_text: str, output_text: str) -> str:
+    """OUTPUT for one INPUT: a template ({stem}, {name}, {index}) filled as for the first of many items (index 0,
+    the stem and name of the file, or of the dataset or member it names); any other OUTPUT as it is."""
+    if output_text == "-" or os.path.exists(output_text) or not _is_template(output_text):
+        return output_text
+    if input_text == "-":
+        raise ConvtError(f"OUTPUT '{output_text}': a template takes {{stem}} and {{name}} from INPUT, and stdin has "
+                         f"neither: name the output")
+    ref = parse_ref("INPUT", input_text)
+    return _fill(output_text, ref.name if ref.name is not None else ref.path, 0)
+
+
+def expand_files(text: str) -> list[str]:
+    """The files a quoted glob matches (sorted, `**` reaching into subfolders), or [text] when it is not one."""
+    import glob
+
+    if text == "-" or os.path.exists(text) or not any(c in text for c in GLOB_CHARACTERS):
+        return [text]
+    return sorted(p for p in glob.glob(text, recursive=True) if os.path.isfile(p))
 
 
 def _distinct(items: list, template: str) -> list:
@@ -409,6 +444,9 @@ class Sink:
                 self.tmp = None
                 _sync_folder(_folder(self.ref))
             self._writer = None
+        except BrokenPipeError:  # the reader of stdout went away: not a mistake to report, the caller's to handle
+            self.abort()
+            raise
         except (OSError, RuntimeError) as e:  # h5py reports a failed flush as RuntimeError
             folder = None if self.ref.is_std else _folder(self.ref)  # stdout has no folder: a closed pipe
             reason = _reason(e, folder) if isinstance(e, OSError) else _reason(OSError(str(e)))

@@ -36,7 +36,7 @@ from .shapes import plan_conv_transpose
 PIECE_BYTES = 8 << 20  # input + output of one piece of a run: enough per piece to keep every thread busy
 
 _SIZE_UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40, "P": 2**50}
-_PROVENANCE = ("output_shape", "strides", "padding", "data_format", "dilations", "dtype", "pads")
+_PROVENANCE = ("output_shape", "strides", "padding", "padding_given", "data_format", "dilations", "dtype", "pads")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -45,7 +45,7 @@ _PROVENANCE = ("output_shape", "strides", "padding", "data_format", "dilations",
 
 def run_files(input_ref, filters_ref, output_ref, *, output_shape=None, strides=1, padding="SAME", data_format=None,
               dilations=None, dtype=None, force=False, max_memory=None, threads=None, progress=None,
-              available_memory=None) -> dict:
+              available_memory=None, compression=None, compression_level=None, copy_attrs=False) -> dict:
     """Compute conv_transpose of two arrays in files and write it to a file, as `convt run` does.
 
     The input is read, computed and written a piece of the batch at a time (about PIECE_BYTES of input and
@@ -71,11 +71,15 @@ def run_files(input_ref, filters_ref, output_ref, *, output_shape=None, strides=
         available_memory: a function returning the bytes that can be allocated without swapping, or None where
             that is unknown (no limit); None: MemAvailable of /proc/meminfo. For a caller that knows better (a
             container's limit, which MemAvailable does not show).
+        compression: None, "gzip" or "lzf" (.h5 outputs; .npz outputs take "gzip"), with compression_level
+            (gzip: 0-9). .h5 outputs are then chunked along the batch pieces the run writes.
+        copy_attrs: copy the input dataset's attributes to the output dataset (.h5 to .h5; provenance wins).
 
     Returns:
-        The summary `convt run --json` prints: input, filters, output, input_shape, filters_shape, output_shape,
-        dtype, strides, dilations, padding, data_format, pads, legal_output_sizes, flops, output_bytes, seconds
-        (computing only), gflop_per_s and batch_per_chunk.
+        The summary `convt run --json` prints (see SUMMARY_KEYS): schema_version, convt_version, input, filters,
+        output, shapes, dtype, the parameters as resolved (padding: the (lo, hi) pairs, padding_given: as
+        spelled), legal_output_sizes, flops, output_bytes, seconds (computing only), wall_seconds (the whole
+        call: reading, computing, writing), gflop_per_s (over seconds), batch_per_chunk and pieces.
 
     Raises:
         ConvtError: a bad argument, file, shape or dtype, an existing output without force, too little memory
@@ -88,29 +92,32 @@ def run_files(input_ref, filters_ref, output_ref, *, output_shape=None, strides=
     ...     run_files(x, w, y, strides=2, max_memory="64M")["output_shape"]
     [2, 10, 10, 4]
     """
+    began = time.perf_counter()
     cast, max_memory, threads = _dtype_name(dtype), _memory_limit(max_memory), runtime.resolve_threads(threads)
     report = _reporter(progress)
+    options = _write_options(compression, compression_level)
     x_ref, w_ref = _refs(input_ref, filters_ref)
     out_ref = io.parse_ref("OUTPUT", _ref_text("OUTPUT", output_ref), must_exist=False)
-    io.check_output(out_ref, [x_ref, w_ref], bool(force))
+    formats_checked = io.output_format(out_ref)  # an unknown output suffix before any file is opened
     x_src = io.Source(x_ref, whole=io.same_h5_file(out_ref, x_ref))
     try:
         w_shape, w_dtype, w_load = _open(w_ref)
-        plan = plan_conv_transpose(x_src.shape, w_shape, output_shape, strides, padding, data_format, dilations)
-        out_dtype = checked_dtype(cast, (x_ref, x_src.dtype), (w_ref, w_dtype))  # every check before any data
+        plan = _plan(x_ref, x_src.shape, w_shape, output_shape, strides, padding, data_format, dilations)
+        out_dtype = checked_dtype(cast, (x_ref, x_src.dtype), (w_ref, w_dtype))
+        # every mistake the headers and flags show, then the output's own: 'exists' never hides a flag's mistake
+        io.check_output(out_ref, [x_ref, w_ref], bool(force), options)
         whole = ("input",) if x_src.whole else ()
         needs = run_needs(plan, x_src.dtype, w_dtype, out_dtype, whole=whole, threads=threads)
-        chunk = check_memory("run", needs, plan.batch, max_memory, available_memory)
-        # pieces of about PIECE_BYTES even when all would fit: the output need never be held whole
-        per_image = (math.prod(plan.input_shape[1:]) * x_src.dtype.itemsize
-                     + math.prod(plan.output_shape[1:]) * out_dtype.itemsize)
-        chunk = min(chunk, max(1, PIECE_BYTES // max(1, per_image)))
+        chunk = check_memory("run", needs, plan.batch, max_memory, available_memory, whole={"input": x_ref})
+        chunk = min(chunk, piece_batch(plan, x_src.dtype, out_dtype))
         check_space(out_ref, math.prod(plan.output_shape) * out_dtype.itemsize)
         info = _summary(plan, out_dtype, (x_ref, w_ref, out_ref))
+        attrs = io.attributes(x_ref) if copy_attrs else {}
         compute = _conv_transpose_of(plan, cast_to(w_ref, w_load(), out_dtype), threads)
         provenance = {"convt_version": __version__, "convt_op": "conv_transpose", "convt_input": str(x_ref),
                       "convt_filters": str(w_ref), "convt_parameters": {k: info[k] for k in _PROVENANCE}}
-        sink = io.Sink(out_ref, plan.output_shape, out_dtype, provenance, bool(force))
+        options = dataclasses.replace(options, chunk_batch=min(chunk, plan.batch), attrs=attrs)
+        sink = io.Sink(out_ref, plan.output_shape, out_dtype, provenance, bool(force), options)
         seconds = 0.0
         try:
             for b0 in range(0, plan.batch, chunk):
@@ -132,8 +139,10 @@ def run_files(input_ref, filters_ref, output_ref, *, output_shape=None, strides=
             raise
     finally:
         x_src.close()
-    info.update(seconds=round(seconds, 6), gflop_per_s=round(plan.flops / seconds / 1e9, 3) if seconds > 0 else None,
-                batch_per_chunk=min(chunk, plan.batch))
+    info.update(seconds=round(seconds, 6), wall_seconds=round(time.perf_counter() - began, 6),
+                gflop_per_s=round(plan.flops / seconds / 1e9, 3) if seconds > 0 else None,
+                batch_per_chunk=min(chunk, plan.batch), pieces=-(-plan.batch // chunk) if plan.batch else 0)
+    del formats_checked
     return info
 
 
@@ -194,6 +203,7 @@ def verify_files(input_ref, filters_ref, output_ref=None, *, output_shape=None, 
     """
     from .verify import AdjointCheck
 
+    began = time.perf_counter()
     cast, max_memory, threads = _dtype_name(dtype), _memory_limit(max_memory), runtime.resolve_threads(threads)
     report = _reporter(progress)
     x_ref, w_ref = _refs(input_ref, filters_ref)
@@ -209,17 +219,19 @@ def verify_files(input_ref, filters_ref, output_ref=None, *, output_shape=None, 
             sources.append(y_src)
             if output_shape is None:
                 output_shape = list(y_src.shape)
-        plan = plan_conv_transpose(x_src.shape, w_shape, output_shape, strides, padding, data_format, dilations)
+        plan = _plan(x_ref, x_src.shape, w_shape, output_shape, strides, padding, data_format, dilations)
         if y_src is not None and tuple(y_src.shape) != plan.output_shape:
             y_ref.fail(f"has shape {tuple(y_src.shape)} but --output-shape asks for {plan.output_shape}")
         out_dtype = checked_dtype(cast, (x_ref, x_src.dtype), (w_ref, w_dtype))
         if y_src is not None and y_src.dtype.name != out_dtype.name:
-            y_ref.fail(f"has dtype {y_src.dtype.name} but INPUT and FILTERS compute in {out_dtype.name}")
+            hint = (f": pass --dtype {y_src.dtype.name} to compute in its dtype" if y_src.dtype.name in DTYPES
+                    else "")
+            y_ref.fail(f"has dtype {y_src.dtype.name} but INPUT and FILTERS compute in {out_dtype.name}{hint}")
         whole = tuple(name for name, src in (("input", x_src), ("output", y_src)) if src is not None and src.whole)
         needs = run_needs(plan, x_src.dtype, w_dtype, out_dtype, None if y_src is None else (y_src.shape, y_src.dtype),
                           whole=whole, threads=threads)
         chunk = check_memory("verify", with_verify_work(needs, plan, out_dtype, probes), plan.batch, max_memory,
-                             available_memory)
+                             available_memory, whole={"input": x_ref, "output": y_ref})
         w = cast_to(w_ref, w_load(), out_dtype)
         check = AdjointCheck(plan, w, out_dtype.name, probes=probes, seed=seed, rtol=rtol)
         compute = _conv_transpose_of(plan, w, threads) if y_src is None else None
@@ -232,22 +244,29 @@ def verify_files(input_ref, filters_ref, output_ref=None, *, output_shape=None, 
                 del x, y
                 report(b1 - b0, b1, plan.batch)
                 stop_if_signalled()
-            return check.report()
+        result = check.report()
     finally:
         for src in sources:
             src.close()
+    info = _summary(plan, out_dtype, (x_ref, w_ref, y_ref if y_ref is not None else "(computed)"))
+    for key in ("output_bytes", "flops"):
+        del info[key]
+    info.update(wall_seconds=round(time.perf_counter() - began, 6), batch_per_chunk=min(chunk, plan.batch))
+    return dataclasses.replace(result, context=info)
 
 
 def plan_files(input_ref, filters_ref, *, output_shape=None, strides=1, padding="SAME", data_format=None,
-               dilations=None, dtype=None) -> dict:
+               dilations=None, dtype=None, max_memory=None, threads=None, available_memory=None) -> dict:
     """The plan of run_files from the headers alone (no data is read), as `convt shape --json` prints it.
 
     Args:
-        input_ref, filters_ref, output_shape, strides, padding, data_format, dilations, dtype: as for run_files.
+        input_ref, filters_ref, output_shape, strides, padding, data_format, dilations, dtype, max_memory,
+            threads, available_memory: as for run_files.
 
     Returns:
-        input, filters, input_shape, filters_shape, output_shape, dtype, strides, dilations, padding,
-        data_format, pads, legal_output_sizes, flops and output_bytes.
+        run_files' summary without what only a run knows (output, seconds), plus memory_bytes (what the run holds
+        at once for one piece), and batch_per_chunk and pieces under the budget (None, with memory_error saying
+        why, when not even one batch element fits).
 
     >>> import os, tempfile
     >>> with tempfile.TemporaryDirectory() as folder:
@@ -256,11 +275,23 @@ def plan_files(input_ref, filters_ref, *, output_shape=None, strides=1, padding=
     ...     plan_files(x, w, strides=2, padding="VALID")["output_shape"]
     [2, 11, 11, 4]
     """
-    cast = _dtype_name(dtype)
+    cast, max_memory, threads = _dtype_name(dtype), _memory_limit(max_memory), runtime.resolve_threads(threads)
     x_ref, w_ref = _refs(input_ref, filters_ref)
     (x_shape, x_dtype, _), (w_shape, w_dtype, _) = _open(x_ref), _open(w_ref)
-    plan = plan_conv_transpose(x_shape, w_shape, output_shape, strides, padding, data_format, dilations)
-    return _summary(plan, checked_dtype(cast, (x_ref, x_dtype), (w_ref, w_dtype)), (x_ref, w_ref))
+    plan = _plan(x_ref, x_shape, w_shape, output_shape, strides, padding, data_format, dilations)
+    out_dtype = checked_dtype(cast, (x_ref, x_dtype), (w_ref, w_dtype))
+    info = _summary(plan, out_dtype, (x_ref, w_ref))
+    whole = ("input",) if io.read_whole(x_ref) else ()
+    needs = run_needs(plan, x_dtype, w_dtype, out_dtype, whole=whole, threads=threads)
+    try:
+        chunk = min(check_memory("run", needs, plan.batch, max_memory, available_memory, whole={"input": x_ref}),
+                    piece_batch(plan, x_dtype, out_dtype))
+    except ConvtError as e:
+        chunk, info["memory_error"] = None, str(e)
+    info.update(memory_bytes=sum(needs(min(chunk or 1, plan.batch)).values()),
+                batch_per_chunk=None if chunk is None else min(chunk, plan.batch),
+                pieces=None if chunk is None else -(-plan.batch // chunk) if plan.batch else 0)
+    return info
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -313,13 +344,22 @@ def mem_available() -> int | None:
     return None
 
 
-def check_memory(op: str, needs, batch: int, max_memory: int | None, available_memory=None) -> int:
+def piece_batch(plan, x_dtype, out_dtype) -> int:
+    """Batch elements per piece when memory is plenty: about PIECE_BYTES of input and output, so that the output
+    need never be held whole."""
+    per_image = (math.prod(plan.input_shape[1:]) * x_dtype.itemsize
+                 + math.prod(plan.output_shape[1:]) * out_dtype.itemsize)
+    return max(1, PIECE_BYTES // max(1, per_image))
+
+
+def check_memory(op: str, needs, batch: int, max_memory: int | None, available_memory=None, whole=None) -> int:
     """The number of batch elements to hold at once: the whole batch when it fits, else the most that fit (the
     run then streams over the batch axis). Refuses, before anything is read or allocated, only when a single
     batch element does not fit.
 
     needs(b) -> {part: bytes} for b batch elements at once (growing with b); the limit is max_memory, else
-    what available_memory() (default mem_available) reports.
+    what available_memory() (default mem_available) reports. `whole` maps the parts that are held whole whatever
+    b ("input", "output") to their references, for the message.
 
     >>> check_memory("run", lambda b: {"input": 100 * b}, 8, max_memory=350)
     3
@@ -346,6 +386,19 @@ def check_memory(op: str, needs, batch: int, max_memory: int | None, available_m
     more = "a larger --max-memory" if max_memory is not None else "--max-memory SIZE if more can be had (swap)"
     one = needs(1)
     listed = ", ".join(f"{name} {bytes_text(n)}" for name, n in one.items())
+    held = [ref for part, ref in (whole or {}).items() if ref is not None and _held_whole(ref)]
+    if held:
+        which = " and ".join(f"{ref.label} '{ref}'" for ref in held)
+        raise ConvtError(
+            f"{op} needs about {bytes_text(sum(one.values()))} at once ({listed}) but {why}: {which} cannot be read "
+            f"in pieces (stdin and .npz members are read whole): save {'them' if len(held) > 1 else 'it'} as .npy "
+            f"or .h5, which are read a piece at a time, or use {more}")
+    fixed = one.get("verify's work", 0)
+    if fixed and sum(one.values()) - fixed <= limit:  # it would fit but for verify's own arrays
+        raise ConvtError(
+            f"{op} needs about {bytes_text(sum(one.values()))} for even one batch element ({listed}) but {why}: "
+            f"its own working space ({bytes_text(fixed)}) does not shrink with the pieces: use --max-memory "
+            f"{-(-sum(one.values()) // 2**20)}M or more")
     raise ConvtError(
         f"{op} needs about {bytes_text(sum(one.values()))} for even one batch element ({listed}) but {why}: "
         f"use a lower-precision --dtype, smaller arrays, or {more}"
@@ -397,6 +450,10 @@ def with_verify_work(needs, plan, dtype, probes):
 def check_space(ref, nbytes: int) -> None:
     """Refuse before computing an output the disk cannot hold (a full disk during the write is handled too)."""
     free = io.free_space(ref)
+    if free is not None and free < nbytes and ref.is_std:
+        ref.fail(f"needs about {bytes_text(nbytes)} of temporary space in '{io.spool_folder()}' (the output is "
+                 f"spooled there whole before it goes to stdout, so that a failure puts nothing on stdout) but "
+                 f"only {bytes_text(free)} is free: set TMPDIR to a folder with room, or write to a file")
     if free is not None and free < nbytes:
         ref.fail(f"needs about {bytes_text(nbytes)} but only {bytes_text(free)} is free where it goes: free "
                  f"some space or write it elsewhere")
@@ -445,27 +502,40 @@ def checked_dtype(cast, *refs_and_dtypes):
 
 
 def cast_to(ref, a, dtype, b0: int = 0, piece: bool = False):
-    """a as dtype. numpy turns nan, inf and out-of-range values into arbitrary int32s without a word: refused.
-    `a` is batch elements b0.. of the array; `piece` says that it is not all of them (the count is the piece's)."""
+    """a as dtype. A cast that changes what a value is, rather than rounding it, is refused: to int32, nan, inf
+    and out-of-range values (numpy makes arbitrary int32s of them); to a float or complex dtype, finite values
+    beyond its range (they would become inf). `a` is batch elements b0.. of the array; `piece` says that it is
+    not all of them (the count is the piece's)."""
     if a.dtype == dtype:
         return a
     if dtype.kind == "i" and a.dtype.kind != "b":
         info = np.iinfo(dtype)
         with np.errstate(invalid="ignore"):
             bad = ~((a >= info.min) & (a <= info.max))  # nan compares false
-        count = int(np.count_nonzero(bad))
-        if count:
-            where = [int(i) for i in np.argwhere(bad)[0]]
-            value = a[tuple(where)]
-            where[0] += b0
-            within = f" in batch elements {b0}..{b0 + len(a) - 1}" if piece else ""
-            raise ConvtError(
-                f"--dtype {dtype.name}: {ref.label} holds {count} value{'s' if count > 1 else ''}{within} that "
-                f"{'are' if count > 1 else 'is'} not finite or outside {dtype.name} ({value} at {where}): "
-                f"{dtype.name} cannot represent {'them' if count > 1 else 'it'}"
-            )
-    with np.errstate(all="ignore"):  # float16 overflow gives inf, as TF's cast does; not a warning line
-        return a.astype(dtype)
+        _refuse_cast(ref, a, dtype, bad, b0, piece, "not finite or outside", f"{dtype.name} cannot represent {{them}}")
+    with np.errstate(all="ignore"):
+        out = a.astype(dtype)
+    if a.dtype.kind in "iufc" or a.dtype.name == "bfloat16":  # to a float or complex dtype: overflow to inf
+        bad = np.isfinite(a)
+        bad &= ~np.isfinite(out)
+        _refuse_cast(ref, a, dtype, bad, b0, piece, "finite but beyond the range of",
+                     "the cast would turn {them} into inf; scale the data, or use a wider --dtype")
+    return out
+
+
+def _refuse_cast(ref, a, dtype, bad, b0, piece, what, outcome) -> None:
+    count = int(np.count_nonzero(bad))
+    if not count:
+        return
+    where = [int(i) for i in np.argwhere(bad)[0]]
+    value = a[tuple(where)]
+    where[0] += b0
+    within = f" in batch elements {b0}..{b0 + len(a) - 1}" if piece else ""
+    them = "them" if count > 1 else "it"
+    raise ConvtError(
+        f"--dtype {dtype.name}: {ref.label} holds {count} value{'s' if count > 1 else ''}{within} that "
+        f"{'are' if count > 1 else 'is'} {what} {dtype.name} ({value} at {where}): {outcome.format(them=them)}"
+    )
 
 
 def quiet_arithmetic():
@@ -493,6 +563,30 @@ def _refs(input_ref, filters_ref):
     if x_ref.is_std and w_ref.is_std:
         raise ConvtError("FILTERS '-': stdin is already the INPUT; give FILTERS as a file")
     return x_ref, w_ref
+
+
+def _held_whole(ref) -> bool:
+    return ref.is_std or io.read_whole(ref)
+
+
+def _plan(x_ref, x_shape, w_shape, output_shape, strides, padding, data_format, dilations):
+    """plan_conv_transpose, whose mistakes name the INPUT they are about, for one file as for many."""
+    try:
+        return plan_conv_transpose(x_shape, w_shape, output_shape, strides, padding, data_format, dilations)
+    except ConvtError as e:
+        raise ConvtError(f"{x_ref.label} '{x_ref}': {e}") from None
+
+
+def _write_options(compression, level) -> io.WriteOptions:
+    if compression is not None and compression not in ("gzip", "lzf"):
+        raise ConvtError(f"compression: expected None, 'gzip' or 'lzf', got {compression!r}")
+    if level is not None:
+        if compression != "gzip":
+            raise ConvtError(f"--compression-level: applies to --compression gzip only, got level {level!r} with "
+                             f"{'no compression' if compression is None else repr(compression)}")
+        if not isinstance(level, numbers.Integral) or isinstance(level, bool) or not 0 <= level <= 9:
+            raise ConvtError(f"--compression-level: expected an integer 0..9, got {level!r}")
+    return io.WriteOptions(compression=compression, level=None if level is None else int(level))
 
 
 def _open(ref):
@@ -547,13 +641,19 @@ def _conv_transpose_of(plan, w, threads):
     return lambda x: prepared.run(x, threads=threads)
 
 
+SCHEMA_VERSION = 2  # of the --json summaries; 2: resolved padding pairs, padding_given, wall_seconds, pieces
+
+
 def _summary(plan, dtype, refs) -> dict:
+    given = plan.spec.padding
     info = {
+        "schema_version": SCHEMA_VERSION, "convt_version": __version__,
         "input": str(refs[0]), "filters": str(refs[1]),
         "input_shape": list(plan.input_shape), "filters_shape": list(plan.filters_shape),
         "output_shape": list(plan.output_shape), "dtype": dtype.name,
         "strides": list(plan.spec.strides), "dilations": list(plan.spec.dilations),
-        "padding": plan.spec.padding if isinstance(plan.spec.padding, str) else [list(p) for p in plan.spec.padding],
+        "padding": [list(p) for p in plan.pads],
+        "padding_given": given if isinstance(given, str) else [list(p) for p in given],
         "data_format": plan.spec.data_format,
         "pads": [list(p) for p in plan.pads],
         "legal_output_sizes": [list(r) for r in plan.legal_ranges],

@@ -60,7 +60,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -119,6 +119,7 @@ class VerifyReport:
     nonfinite_output: int
     terms_per_output: int
     output_shape: tuple[int, ...]
+    context: dict = field(default_factory=dict, compare=False)  # what was checked (files, flags, time): to_dict's
 
     @property
     def max_residual(self) -> float:
@@ -131,6 +132,7 @@ class VerifyReport:
     def to_dict(self) -> dict:
         """Plain JSON types only: complex as [re, im], non-finite floats as None."""
         return {
+            **self.context,
             "passed": self.passed,
             "dtype": self.dtype,
             "output_shape": list(self.output_shape),

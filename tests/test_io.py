@@ -200,7 +200,7 @@ def test_outputs_get_the_permissions_of_any_new_file():
         os.umask(old)
 
 
-def test_stdout_going_away_at_commit_is_one_error(monkeypatch):
+def test_stdout_going_away_at_commit_is_left_to_the_caller(monkeypatch):
     class Closed:
         class buffer:
             @staticmethod
@@ -212,5 +212,6 @@ def test_stdout_going_away_at_commit_is_one_error(monkeypatch):
     monkeypatch.setattr(sys, "stdout", Closed)  # a reader that went away, as `convt run ... -o - | head -c1`
     sink = io.Sink(io.parse_ref("OUTPUT", "-"), (2,), "f8")
     sink.write(np.ones(2))
-    with pytest.raises(ConvtError, match=r"^OUTPUT '-': could not be written: Broken pipe$"):
+    with pytest.raises(BrokenPipeError):  # not a user's mistake: the CLI exits quietly, as tools in a pipe do
         sink.commit()
+    assert sink.tmp is None and sink._writer is None  # the spool is gone

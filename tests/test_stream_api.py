@@ -10,6 +10,7 @@ import boundaries: the library runs without click, `convt --help` without NumPy,
 are the engine's dtypes.
 """
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -88,7 +89,7 @@ def test_the_summary_is_what_run_json_prints(work):
     assert r.exit_code == 0, r.output
     printed = json.loads(r.stdout)
     assert sorted(info) == sorted(printed)
-    timing = ("seconds", "gflop_per_s", "output")
+    timing = ("seconds", "wall_seconds", "gflop_per_s", "output")
     assert {k: v for k, v in info.items() if k not in timing} == {k: v for k, v in printed.items() if k not in timing}
     assert np.load("lib.npy").tobytes() == np.load("cli.npy").tobytes()
 
@@ -199,9 +200,9 @@ def test_h5_output_carries_provenance(work):
     assert attrs["convt_input"] == "x.npy" and attrs["convt_filters"] == "w.npy"
     params = json.loads(attrs["convt_parameters"])
     assert params == {k: info[k] for k in params}
-    assert sorted(params) == sorted(["output_shape", "strides", "padding", "data_format", "dilations", "dtype",
-                                     "pads"])
-    assert params["padding"] == [[1, 0], [0, 2]] and params["strides"] == [2, 2]
+    assert sorted(params) == sorted(["output_shape", "strides", "padding", "padding_given", "data_format",
+                                     "dilations", "dtype", "pads"])
+    assert params["padding_given"] == [[1, 0], [0, 2]] and params["strides"] == [2, 2]
 
 
 def test_progress_as_a_callable_and_as_an_object_with_update(work):
@@ -263,7 +264,8 @@ def test_verify_files_reports_what_the_array_check_reports(work, pieces):
                        progress=lambda d, t: done.append(d))
     assert (len(done) > 1) == pieces
     want = verify_conv_transpose(x, w, y, strides=2, probes=5, seed=3)
-    assert got.to_dict() == want.to_dict() and not got.passed
+    assert dataclasses.replace(got, context={}).to_dict() == want.to_dict() and not got.passed
+    assert got.to_dict()["input"] == "x.npy" and got.to_dict()["output"] == "bad.npy"
     computed = verify_files("x.npy", "w.npy", strides=2, threads=1)  # computes the output itself
     assert computed.passed and computed.output_shape == (8, 10, 12, 4)
     with pytest.raises(ConvtError, match="^OUTPUT 'bad.npy': has shape"):

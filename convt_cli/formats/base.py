@@ -236,3 +236,11 @@ def reason(e: OSError, folder: str | None = None, nbytes: int = 0) -> str:
     if e.strerror:
         return e.strerror
     return text.splitlines()[0] if text else type(e).__name__
+
+
+def is_terminal(stream) -> bool:
+    """stream.isatty(), False for a stream a caller replaced with one that cannot tell, or closed."""
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):
+        return False

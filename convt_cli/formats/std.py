@@ -7,12 +7,14 @@ import shutil
 import sys
 import tempfile
 
-from .base import Format, WriteOptions, fix_dtype
+from .base import Format, WriteOptions, fix_dtype, is_terminal
 from .npy import NPY_MAGIC, NpyStreamWriter, np_load, npy_header, write_npy_header
 
 
 def read_stdin(ref) -> bytes:
     # a pipe cannot seek: buffer it whole before np.load
+    if is_terminal(sys.stdin):  # reading would wait, silently, for a .npy typed in by hand
+        ref.fail("stdin is a terminal: redirect a .npy file into it (< x.npy) or pipe one (... | convt ...)")
     data = sys.stdin.buffer.read()
     if not data:
         ref.fail("stdin is empty: expected a .npy stream")
