@@ -13,8 +13,9 @@ import os
 import sys
 
 import click
+from click.shell_completion import BashComplete, CompletionItem, add_completion_class
 
-from . import __version__
+from . import __version__, completion
 from .dtype_names import DTYPES
 from .errors import ConvtError
 from .interrupts import terminate
@@ -92,6 +93,37 @@ def _drop_stdout() -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------
+# Shell completion: completion.py says what a word completes to, these hand it to click
+
+
+def _items(candidates) -> list[CompletionItem]:
+    return [CompletionItem(c.value, type=c.type) for c in candidates]
+
+
+def _complete(candidates):
+    """A completion.py function as a click shell_complete= callback."""
+    return lambda ctx, param, incomplete: _items(candidates(incomplete))
+
+
+_array_ref = _complete(completion.complete_array_ref)  # INPUT, FILTERS, [OUTPUT], -o
+_files = _complete(completion.complete_files)
+
+
+@add_completion_class
+class _BashComplete(BashComplete):
+    """click's bash completion, also for words bash splits at ':' or '=' (data.h5:/in, --padding=S)."""
+
+    _kept = ""
+
+    def get_completion_args(self):
+        args, incomplete, self._kept = completion.bash_words(*super().get_completion_args())
+        return args, incomplete
+
+    def format_completion(self, item):
+        return f"{item.type},{completion.bash_value(item.value, self._kept)}"
+
+
+# ---------------------------------------------------------------------------------------------------------
 # Flag types: each value is parsed by click, and a bad one is named by its flag, like every other Error: line
 
 
@@ -146,6 +178,9 @@ class Padding(_Flag):
                 self.fail(f"expected SAME, VALID or lo:hi per spatial axis like 0:1,1:1, got '{value}'", param, ctx)
         return pairs
 
+    def shell_complete(self, ctx, param, incomplete):
+        return _items(completion.complete_padding(incomplete))
+
 
 class Size(_Flag):
     """512M, 2G, 1.5GiB or bytes (powers of 1024) -> bytes."""
@@ -173,7 +208,7 @@ def conv_options(f):
                      help="One value, one per spatial axis, or N+2 in data-format order (2 or 1,2,2,1)."),
         click.option("--padding", metavar="P", type=Padding(), default="SAME", show_default=True,
                      help="SAME, VALID (any case), or lo:hi per spatial axis (0:1,1:1)."),
-        click.option("--data-format", metavar="F",
+        click.option("--data-format", metavar="F", shell_complete=_complete(completion.complete_data_format),
                      help="NWC/NCW, NHWC/NCHW, NDHWC/NCDHW, channels_last or channels_first. "
                           "Default: channels-last."),
         click.option("--dilations", metavar="D", type=IntList(), default="1", show_default=True,
@@ -254,9 +289,9 @@ def cli():
 
 
 @cli.command(no_args_is_help=True)
-@click.argument("input_ref", metavar="INPUT")
-@click.argument("filters_ref", metavar="FILTERS")
-@click.option("-o", "--output", "output_ref", required=True, metavar="OUTPUT",
+@click.argument("input_ref", metavar="INPUT", shell_complete=_array_ref)
+@click.argument("filters_ref", metavar="FILTERS", shell_complete=_array_ref)
+@click.option("-o", "--output", "output_ref", required=True, metavar="OUTPUT", shell_complete=_array_ref,
               help="Where to write: .npy, .npz[:NAME], .h5[:/group/dataset], or - for stdout.")
 @conv_options
 @click.option("--force", is_flag=True, help="Replace an existing output file or dataset.")
@@ -344,8 +379,8 @@ def _written_before(written: list[str], items: list, tried: int) -> str:
 
 
 @cli.command(no_args_is_help=True)
-@click.argument("input_ref", metavar="INPUT")
-@click.argument("filters_ref", metavar="FILTERS")
+@click.argument("input_ref", metavar="INPUT", shell_complete=_array_ref)
+@click.argument("filters_ref", metavar="FILTERS", shell_complete=_array_ref)
 @conv_options
 @max_memory_option
 @threads_option
@@ -383,7 +418,7 @@ def shape(input_ref, filters_ref, output_shape, strides, padding, data_format, d
 
 
 @cli.command(no_args_is_help=True)
-@click.argument("files", nargs=-1, required=True, metavar="FILE...")
+@click.argument("files", nargs=-1, required=True, metavar="FILE...", shell_complete=_files)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object per file ({\"error\": ...} for one "
                                                        "that cannot be read).")
 def info(files, as_json):
@@ -450,9 +485,9 @@ def _info_line(path: str, a: dict) -> str:
 
 
 @cli.command(no_args_is_help=True)
-@click.argument("input_ref", metavar="INPUT")
-@click.argument("filters_ref", metavar="FILTERS")
-@click.argument("output_ref", metavar="[OUTPUT]", required=False)
+@click.argument("input_ref", metavar="INPUT", shell_complete=_array_ref)
+@click.argument("filters_ref", metavar="FILTERS", shell_complete=_array_ref)
+@click.argument("output_ref", metavar="[OUTPUT]", required=False, shell_complete=_array_ref)
 @conv_options
 @click.option("--probes", type=click.IntRange(min=1), help="Number of random probes (default 8).")
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True, help="Seed of the probes.")
