@@ -28,17 +28,35 @@ def _fail(op: str, message: str):
     raise ConvtError(f"{op}: {message}")
 
 
+def _unwrap(value):
+    """A tensor (`.numpy()`) or another array-like (`__array__`) as the NumPy value it holds, without importing
+    NumPy here; anything else as it is."""
+    if isinstance(value, (str, bytes, list, tuple, numbers.Number)):
+        return value
+    to_numpy = getattr(value, "numpy", None)
+    if callable(to_numpy):
+        return to_numpy()
+    return value.__array__() if hasattr(value, "__array__") else value
+
+
 def _int(op: str, label: str, value) -> int:
+    value = _unwrap(value)
+    if getattr(value, "ndim", None) == 0 and callable(getattr(value, "item", None)):
+        value = value.item()  # a NumPy scalar or 0-d array: Python's int, float, bool or str
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         _fail(op, f"{label} must be an integer, got {value!r}")
     return int(value)
 
 
 def _int_sequence(op: str, label: str, value) -> tuple[int, ...]:
+    """A list, tuple, 1-d array, tensor or array-like of integers (TF takes a list or a tensor) -> ints."""
+    value = _unwrap(value)
     if isinstance(value, (str, bytes)) or not hasattr(value, "__len__"):
         _fail(op, f"{label} must be a sequence of integers, got {value!r}")
-    if getattr(value, "ndim", 1) != 1:
-        _fail(op, f"{label} must be one-dimensional, got {value!r}")
+    ndim = getattr(value, "ndim", 1)
+    if ndim != 1:
+        shown = value.tolist() if callable(getattr(value, "tolist", None)) else value
+        _fail(op, f"{label} must be one-dimensional, got {ndim}-d shape {tuple(value.shape)}: {shown!r}")
     return tuple(_int(op, f"{label}[{j}]", v) for j, v in enumerate(value))
 
 

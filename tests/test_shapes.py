@@ -115,6 +115,20 @@ def test_plan_defaults_full_and_spatial_output_shape_agree():
     assert a.flops == 2 * 8 * 32 * 32 * 16 * 128 * 256
 
 
+def test_array_likes_and_numpy_integers_wherever_ints_are_listed():
+    class Tensor:  # what a TF tensor offers: numpy(), whose items are not Python ints
+        def __init__(self, values):
+            self.values = values
+
+        def numpy(self):
+            return np.array(self.values, np.int32)
+
+    want = plan_conv_transpose((2, 5, 6, 3), (3, 3, 4, 3), [2, 9, 12, 4], [2, 2], [(1, 1), (0, 1)])
+    got = plan_conv_transpose((2, 5, 6, 3), (3, 3, 4, 3), Tensor([2, 9, 12, 4]), np.array([2, 2], np.int8),
+                              [np.array([1, 1]), (np.int64(0), np.uint16(1))])
+    assert got == want and all(type(v) is int for v in got.output_shape + got.spec.strides)
+
+
 @pytest.mark.parametrize(
     "spelling", ["NCHW", "nchw", "channels_first", "CHANNELS_FIRST"],
 )
@@ -178,6 +192,10 @@ X, F = (2, 5, 6, 3), (3, 3, 4, 3)
         (dict(output_shape=[10, -1]), "conv_transpose: output_shape[1]=-1 must be >= 0"),
         (dict(output_shape=[10, 12.0]), "conv_transpose: output_shape[1] must be an integer, got 12.0"),
         (dict(output_shape="10,12"), "conv_transpose: output_shape must be a sequence of integers, got '10,12'"),
+        (dict(output_shape=np.array([[10, 12]])), "conv_transpose: output_shape must be one-dimensional, got 2-d "
+                                                  "shape (1, 2): [[10, 12]]"),
+        (dict(output_shape=[10, np.float32(12)]), "conv_transpose: output_shape[1] must be an integer, got 12.0"),
+        (dict(strides=[2, np.float64(1.5)]), "conv_transpose: strides[1] must be an integer, got 1.5"),
         (dict(strides=0), "conv_transpose: strides=0 must be >= 1"),
         (dict(strides=[2, -1]), "conv_transpose: strides[1]=-1 must be >= 1"),
         (dict(strides=[1, 2, 3]), "conv_transpose: strides must have length 1, N=2 or N+2=4, got length 3: [1, 2, 3]"),
