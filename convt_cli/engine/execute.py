@@ -20,7 +20,7 @@ _WARM_POSITIONS = 4096  # runs over fewer input positions than this are too smal
 
 
 def conv_transpose(input, filters, output_shape=None, strides=1, padding="SAME", data_format=None, dilations=None,
-                   *, threads=None) -> np.ndarray:
+                   name=None, *, threads=None) -> np.ndarray:
     """Transposed convolution, the same numbers as TensorFlow's tf.nn.conv_transpose.
 
     Args:
@@ -29,11 +29,12 @@ def conv_transpose(input, filters, output_shape=None, strides=1, padding="SAME",
         filters: (*kernel, out_channels, in_channels) whatever the data_format; filters[..., -1] pairs with
             the input's channels. Not flipped.
         output_shape: None (I*s for SAME, (I-1)*s + (K-1)*d + 1 for VALID), the N spatial sizes, or the
-            full N+2 shape in data_format order, as TF takes it.
+            full N+2 shape in data_format order, as TF takes it: a list, tuple, 1-d integer array or tensor.
         strides, dilations: an int, or a list of length 1, N or N+2 (data_format order, batch and channel
             entries 1).
         padding: "SAME", "VALID" (any case), or N (lo, hi) pairs (or N+2 with zero batch/channel pairs).
         data_format: None (channels-last), TF's strings for N <= 3, "channels_last" or "channels_first".
+        name: ignored; TF's graph name for the op, taken so that a call written for TF runs unchanged.
         threads: how many threads (None: CONVT_NUM_THREADS, else every usable core); never changes a bit.
 
     Returns:
