@@ -1,23 +1,79 @@
 """SIGINT and SIGTERM, stopping a run between two pieces of its work, as Ctrl-C does.
 
-The CLI installs `terminate` for both signals. It raises KeyboardInterrupt at once; raised inside a finalizer
-(h5py closes objects in weakref callbacks) that exception is swallowed, so the signal is also recorded, and
-`stop_if_signalled`, called by the streaming loops between pieces and before committing an output, raises it
-again. Without the handler (a Python caller's own process) nothing is ever recorded and the check costs nothing.
+The CLI installs `terminate` for both signals. It raises KeyboardInterrupt where that is safe, and only there:
+Python runs a signal handler between any two bytecodes of the main thread, also inside a finalizer (h5py closes
+its objects in weakref callbacks), where an exception cannot propagate: Python swallows it and prints
+`Exception ignored in: ...` with a traceback. So
+
+- inside `deferred()` (h5py work in formats/h5.py) the signal is held and raised when the block ends, where
+  the format's own state is whole again; `deferred(reraise=False)` holds it past the block (cleanup that must
+  run to its end, or a step after which the output is already in place);
+- inside a finalizer anywhere else (a `__del__`, a weakref callback) it is delivered again as soon as the
+  finalizer has returned (`_thread.interrupt_main`), so it is neither printed nor lost.
+
+Every signal is also recorded: `stop_if_signalled`, called by the streaming loops between pieces and before
+committing an output, raises it again. Without the handler (a Python caller's own process) nothing is ever
+recorded and the checks cost nothing.
 """
 
 from __future__ import annotations
 
-_signalled: list[int] = []
+import _thread
+import contextlib
+import os
+import threading
+
+_signalled: list[int] = []  # every signal terminate has seen
+_held: list[int] = []  # signals seen inside deferred() or a finalizer, not raised yet
+_depth = 0  # deferred() blocks the main thread is inside
+
+_FINALIZER_FILES = tuple(os.path.join("", name) for name in ("weakref.py", "_weakrefset.py"))
 
 
 def terminate(signum, frame) -> None:
     """A signal handler: schedulers send SIGTERM, and it cleans up exactly as Ctrl-C does."""
     _signalled.append(signum)
+    if _depth:
+        _held.append(signum)
+        return
+    if _in_finalizer(frame):
+        _thread.interrupt_main(signum)  # this handler runs again at the next check, outside the finalizer
+        return
+    _held.clear()
     raise KeyboardInterrupt
 
 
+def _in_finalizer(frame) -> bool:
+    """Whether `frame` runs inside a finalizer, where a raised exception would be printed and swallowed."""
+    while frame is not None:
+        code = frame.f_code
+        if code.co_name == "__del__" or code.co_filename.endswith(_FINALIZER_FILES):
+            return True
+        frame = frame.f_back
+    return False
+
+
+@contextlib.contextmanager
+def deferred(reraise: bool = True):
+    """Hold SIGINT and SIGTERM while the block runs; raise KeyboardInterrupt when it ends normally if one came
+    (and reraise), else leave it held for the next check. Blocks nest; only the outermost raises. Threads other
+    than the main one, which signals never interrupt, pass straight through."""
+    global _depth
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    _depth += 1
+    try:
+        yield
+    finally:
+        _depth -= 1
+    if reraise and not _depth and _held:
+        _held.clear()
+        raise KeyboardInterrupt
+
+
 def stop_if_signalled() -> None:
-    """Raise KeyboardInterrupt if `terminate` has run, even where its own exception was swallowed."""
+    """Raise KeyboardInterrupt if `terminate` has run, even where its own exception was held or swallowed."""
     if _signalled:
+        _held.clear()
         raise KeyboardInterrupt
