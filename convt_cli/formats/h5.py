@@ -2,15 +2,30 @@
 
 h5py is imported inside the functions that touch a file, so that commands on .npy files start fast. bfloat16
 is stored as an opaque 2-byte type, tagged with the dataset attribute `dtype="bfloat16"`.
+
+Every h5py call runs inside `interrupts.deferred()`: h5py releases its objects in weakref callbacks, where a
+KeyboardInterrupt raised by the signal handler would be printed as `Exception ignored` and lost; a signal that
+comes meanwhile is raised when the call is done (or, in cleanup, left for the next check).
+
+Outputs are contiguous, as np.save users expect from h5py, unless WriteOptions asks for compression or for
+chunks that follow the run's batch pieces (`storage`).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 
+import numpy as np
+
+from ..errors import ConvtError
+from ..interrupts import deferred
 from .base import (Format, Reader, WriteOptions, Writer, check_plain, fix_dtype, fix_header_dtype, np_guard,
                    reason)
+
+CHUNK_BYTES = 1 << 20  # the most a chunk holds: h5py's advice (10 KiB - 1 MiB), and HDF5's default chunk cache
+GZIP_LEVELS = range(10)
 
 HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
 
@@ -20,11 +35,12 @@ def dataset_name(name: str | None) -> str:
     return "/" + (name or "output").strip("/")
 
 
-def open_h5(ref, mode: str = "r"):
+def open_h5(ref, mode: str = "r", **kwds):
     import h5py
 
     try:
-        return h5py.File(ref.path, mode)
+        with deferred():
+            return h5py.File(ref.path, mode, **kwds)
     except OSError as e:
         ref.fail(f"cannot be opened as HDF5 ({str(e).splitlines()[0]})")
 
@@ -90,9 +106,75 @@ def replace_dataset(ref, f, tmp: str, force: bool) -> None:
         raise
 
 
-def create_dataset(f, name: str, shape, dtype, provenance: dict):
-    # contiguous storage unless the data will come in chunks: what np.save users expect from h5py
-    d = f.create_dataset(name, shape=shape, dtype=dtype)
+# ---------------------------------------------------------------------------------------------------------
+# How an output is stored
+
+
+def storage(shape, dtype, options: WriteOptions) -> dict:
+    """create_dataset's layout keywords: {} (contiguous) unless options ask for compression or batch chunks.
+
+    Compression needs chunks; gzip and lzf get the shuffle filter too (bytes of equal significance side by side,
+    which for floats shrinks gzip's output by about a tenth and more, at little cost; every HDF5 reads it). A scalar
+    cannot be chunked and an empty array has nothing to compress: both stay contiguous.
+    """
+    shape = tuple(int(n) for n in shape)
+    if (options.compression is None and options.chunk_batch is None) or not shape or 0 in shape:
+        return {}
+    keywords: dict = dict(chunks=chunk_shape(shape, np.dtype(dtype).itemsize, options.chunk_batch or 1))
+    if options.compression is not None:
+        keywords.update(compression=options.compression, shuffle=np.dtype(dtype).itemsize > 1)
+        if options.compression == "gzip":
+            keywords.update(compression_opts=4 if options.level is None else int(options.level))  # h5py's default
+    return keywords
+
+
+def chunk_shape(shape: tuple[int, ...], itemsize: int, batch_per_piece: int) -> tuple[int, ...]:
+    """(b, *rest): b batch elements per chunk, whole elements where CHUNK_BYTES allows.
+
+    b divides batch_per_piece (the batch elements the run writes at once), so that every piece writes whole
+    chunks and no compressed chunk is ever read back to be completed. A batch element larger than CHUNK_BYTES is
+    cut: its trailing axes are kept whole (rows stay contiguous) as far as they fit, the next axis is cut to fit,
+    and the axes before it are 1.
+
+    >>> chunk_shape((100, 8, 8, 4), 4, 16), chunk_shape((4, 512, 512, 64), 4, 1)
+    ((16, 8, 8, 4), (1, 8, 512, 64))
+    """
+    n, rest = shape[0], shape[1:]
+    fit = max(1, CHUNK_BYTES // max(1, math.prod(rest) * itemsize))  # batch elements a chunk can hold
+    if batch_per_piece >= n:  # one piece: any split of it is written whole
+        b = min(n, fit)
+    else:
+        b = max(d for d in _divisors(batch_per_piece) if d <= fit)
+    if b > 1 or math.prod(rest) * itemsize <= CHUNK_BYTES:
+        return (b, *rest)
+    chunk, inner = list(rest), itemsize
+    for axis in range(len(rest) - 1, -1, -1):
+        if inner * rest[axis] <= CHUNK_BYTES:
+            inner *= rest[axis]
+            continue
+        chunk[axis] = max(1, CHUNK_BYTES // inner)
+        chunk[:axis] = [1] * axis
+        break
+    return (1, *chunk)
+
+
+def _divisors(n: int) -> list[int]:
+    small = [d for d in range(1, math.isqrt(n) + 1) if n % d == 0]
+    return small + [n // d for d in small]
+
+
+def create_dataset(ref, f, name: str, shape, dtype, provenance: dict, options: WriteOptions = WriteOptions()):
+    """The output dataset, with the attributes copied from the input, then convt's own: the bfloat16 tag and
+    the provenance (`convt_*`), which win over copied ones of the same name."""
+    d = f.create_dataset(name, shape=shape, dtype=dtype, **storage(shape, dtype, options))
+    for key, value in options.attrs.items():
+        if key == "dtype" and str(_plain(value)) != dtype.name:
+            continue  # a dtype tag (bfloat16's) names the input's values, not a cast output's
+        try:
+            d.attrs[key] = value
+        except (TypeError, ValueError, OSError, RuntimeError) as e:  # too large for an object header, a type h5py cannot write
+            ref.fail(f"the input's attribute '{key}' cannot be stored ({type(e).__name__}: "
+                     f"{str(e).splitlines()[0] if str(e) else ''}): leave out --copy-attrs")
     if dtype.name == "bfloat16":
         d.attrs["dtype"] = "bfloat16"
     for key, value in provenance.items():
@@ -100,17 +182,98 @@ def create_dataset(f, name: str, shape, dtype, provenance: dict):
     return d
 
 
+# ---------------------------------------------------------------------------------------------------------
+# Many outputs into one file, one open at a time
+#
+# Strings in attributes (the provenance) live in HDF5's global heap, in collections of at least 4 KiB. HDF5 fills
+# a collection with free room only while the file stays open; a file opened once per output gets a new collection
+# each time, most of it empty and lost when the file closes. Reading a string the previous output of this process
+# stored in the file loads its collection, and HDF5 puts the next strings there. Metadata comes without
+# aggregation blocks (meta_block_size=0) for the same reason: what a block leaves unused is lost on close.
+
+_last_output: dict[tuple[int, int], str] = {}  # (st_dev, st_ino) of a file -> the dataset convt wrote last
+
+
+def _identity(path: str):
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino)
+
+
+def _reuse_string_heap(f, key) -> None:
+    import h5py
+
+    d = f.get(_last_output.get(key, ""), None) if key is not None else None
+    if not isinstance(d, h5py.Dataset):
+        return
+    for name in d.attrs:
+        info = h5py.check_string_dtype(d.attrs.get_id(name).dtype)
+        if info is not None and info.length is None:  # a variable-length string: in the global heap
+            d.attrs[name]
+            return
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Listing and attributes, JSON-able
+
+
+def _plain(value):
+    """An attribute value as JSON holds it: numbers, strings (bytes decoded), lists; None for an empty one."""
+    import h5py
+
+    if isinstance(value, h5py.Empty):
+        return None
+    if isinstance(value, np.ndarray):
+        value = value.tolist()
+    elif isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "backslashreplace")
+    if value is None or isinstance(value, (str, bool, int, float)):
+        return value
+    return str(value)  # complex, references
+
+
+def _holds_reference(dtype: np.dtype) -> bool:
+    import h5py
+
+    if dtype.names:
+        return any(_holds_reference(dtype.fields[n][0]) for n in dtype.names)
+    return h5py.check_dtype(ref=dtype) is not None
+
+
+def _filters(d) -> dict:
+    """compression (h5py's name, or the filter's own for one h5py does not know), compression_opts, shuffle."""
+    from h5py import h5z
+
+    compression, opts = d.compression, d.compression_opts
+    if compression is None:
+        plist = d.id.get_create_plist()
+        for i in range(plist.get_nfilters()):
+            code, _, values, name = plist.get_filter(i)
+            if code not in (h5z.FILTER_SHUFFLE, h5z.FILTER_FLETCHER32, h5z.FILTER_NBIT, h5z.FILTER_SCALEOFFSET):
+                compression = name.decode("utf-8", "replace") or f"filter {code}"
+                opts = list(values) or None
+                break
+    return dict(compression=compression, compression_opts=_plain(opts), shuffle=bool(d.shuffle))
+
+
 class H5(Format):
     name, title, magic, suffixes = "h5", "HDF5", HDF5_MAGIC, (".h5", ".hdf5")
     named = groups = shares_file = True
+    compressions = ("gzip", "lzf")
 
     def header(self, ref):
-        with open_h5(ref) as f:
+        with deferred(), open_h5(ref) as f:
             d = find_dataset(ref, f)
             return tuple(d.shape), fix_header_dtype(d.dtype)
 
     def load(self, ref):
-        with open_h5(ref) as f:
+        with deferred(), open_h5(ref) as f:
             d = find_dataset(ref, f)
             check_plain(ref, d.dtype)
             return fix_dtype(np_guard(ref, lambda: d[()]))
@@ -119,16 +282,59 @@ class H5(Format):
         return H5Reader(ref)
 
     def listing(self, ref):
+        """Every dataset, as `h5ls -rv` shows it: name, kind ('dataset'), shape, dtype, chunks, compression,
+        compression_opts (gzip's level), shuffle, byteorder ('<', '>' or '|'), attributes (name -> JSON-able
+        value), target (None); and every soft or external link: name, kind ('soft link' or 'external link'),
+        target ('/path', or 'file.h5:/path'), the other keys None."""
         import h5py
 
         out = []
-        with open_h5(ref) as f:
+        with deferred(), open_h5(ref) as f:
+            groups = [f]
+
             def visit(name, obj):
-                if isinstance(obj, h5py.Dataset):
-                    shape = None if obj.shape is None else list(obj.shape)  # None: an empty dataspace
-                    out.append(dict(name="/" + name, shape=shape, dtype=fix_header_dtype(obj.dtype).name,
-                                    chunks=list(obj.chunks) if obj.chunks else None))
+                if isinstance(obj, h5py.Group):
+                    groups.append(obj)
+                if not isinstance(obj, h5py.Dataset):
+                    return
+                shape = None if obj.shape is None else list(obj.shape)  # None: an empty dataspace
+                out.append(dict(name="/" + name, shape=shape, dtype=fix_header_dtype(obj.dtype).name,
+                                chunks=list(obj.chunks) if obj.chunks else None, kind="dataset", **_filters(obj),
+                                byteorder=obj.dtype.str[0], attributes=_attributes(obj), target=None))
+
             f.visititems(visit)
+            for group in groups:
+                for name in group:
+                    link = group.get(name, getlink=True)
+                    if isinstance(link, h5py.SoftLink):
+                        kind, target = "soft link", link.path
+                    elif isinstance(link, h5py.ExternalLink):
+                        kind, target = "external link", f"{link.filename}:{link.path}"
+                    else:
+                        continue
+                    out.append(dict(name=group.name.rstrip("/") + "/" + name, shape=None, dtype=None, chunks=None,
+                                    kind=kind, compression=None, compression_opts=None, shuffle=None,
+                                    byteorder=None, attributes={}, target=target))
+        return out
+
+    def attributes(self, ref):
+        """The dataset's attributes as h5py reads them (str, numpy scalars and arrays), but for those that cannot
+        be copied to another file: object references (dimension scales' DIMENSION_LIST, REFERENCE_LIST) and
+        empty ones."""
+        import h5py
+
+        out = {}
+        with deferred(), open_h5(ref) as f:
+            d = find_dataset(ref, f)
+            for key in d.attrs:
+                try:
+                    if _holds_reference(d.attrs.get_id(key).dtype):
+                        continue
+                    value = d.attrs[key]
+                except (OSError, TypeError, ValueError):  # a type h5py cannot read
+                    continue
+                if not isinstance(value, h5py.Empty):
+                    out[key] = value
         return out
 
     def members_under(self, ref):
@@ -136,13 +342,25 @@ class H5(Format):
             return None  # a bare .h5 path is its one dataset, as everywhere
         import h5py
 
-        with open_h5(ref) as f:
+        with deferred(), open_h5(ref) as f:
             group = f.get(ref.name)
             if not isinstance(group, h5py.Group):
                 return None
             names: list[str] = []
             group.visititems(lambda name, obj: names.append(name) if isinstance(obj, h5py.Dataset) else None)
         return names
+
+    def check_options(self, ref, options):
+        super().check_options(ref, options)
+        if options.level is not None:
+            if options.compression != "gzip":
+                raise ConvtError(f"--compression-level: only gzip has levels, and the compression is "
+                                 f"{options.compression or 'none'}: pass --compression gzip, or drop the level")
+            if isinstance(options.level, bool) or not isinstance(options.level, int) or options.level not in GZIP_LEVELS:
+                raise ConvtError(f"--compression-level: expected an integer from 0 (fastest) to 9 (smallest), got "
+                                 f"{options.level!r}")
+        if options.chunk_batch is not None and (not isinstance(options.chunk_batch, int) or options.chunk_batch < 1):
+            raise ConvtError(f"chunk_batch: expected a positive number of batch elements, got {options.chunk_batch!r}")
 
     def check_name(self, ref):
         if dataset_name(ref.name) == "/":
@@ -158,14 +376,14 @@ class H5(Format):
 
         if ref.name is not None or not isinstance(input_format(ref), H5):
             return dataset_name(ref.name)
-        with open_h5(ref) as f:
+        with deferred(), open_h5(ref) as f:
             return find_dataset(ref, f).name
 
     def check_existing(self, ref, force):
         with open(ref.path, "rb") as f:
             if f.read(8) != HDF5_MAGIC:
                 ref.fail("exists and is not an HDF5 file")
-        with open_h5(ref) as f:
+        with deferred(), open_h5(ref) as f:
             check_target(ref, f, force)
         try:
             open(ref.path, "r+b").close()
@@ -175,62 +393,85 @@ class H5(Format):
     def direct_writer(self, ref, shape, dtype, provenance, force, options=WriteOptions()):
         if not os.path.exists(ref.path):
             return None
-        return H5InPlaceWriter(ref, shape, dtype, provenance, force)
+        return H5InPlaceWriter(ref, shape, dtype, provenance, force, options)
 
     def file_writer(self, ref, path, shape, dtype, provenance, options=WriteOptions()):
-        return H5FileWriter(path, dataset_name(ref.name), shape, dtype, provenance)
+        return H5FileWriter(ref, path, shape, dtype, provenance, options)
+
+
+def _attributes(d) -> dict:
+    out = {}
+    for key in d.attrs:
+        try:
+            out[key] = _plain(d.attrs[key])
+        except (OSError, TypeError, ValueError) as e:  # a type h5py cannot read
+            out[key] = f"<unreadable: {type(e).__name__}>"
+    return out
 
 
 class H5Reader(Reader):
     def __init__(self, ref):
         self.ref = ref
-        self._h5 = open_h5(ref)
-        try:
-            self._dataset = find_dataset(ref, self._h5)
-        except BaseException:
-            self._h5.close()
-            raise
-        self.shape, self.dtype = tuple(self._dataset.shape), fix_header_dtype(self._dataset.dtype)
+        with deferred():
+            self._h5 = open_h5(ref)
+            try:
+                self._dataset = find_dataset(ref, self._h5)
+            except BaseException:
+                self._h5.close()
+                raise
+            self.shape, self.dtype = tuple(self._dataset.shape), fix_header_dtype(self._dataset.dtype)
 
     def read(self, b0, b1):
-        return fix_dtype(np_guard(self.ref, lambda: self._dataset[b0:b1]))
+        with deferred():
+            return fix_dtype(np_guard(self.ref, lambda: self._dataset[b0:b1]))
 
     def close(self):
-        if self._h5 is not None:
-            self._h5.close()
-            self._h5 = self._dataset = None
+        with deferred(reraise=False):  # cleanup, also after the output is in place: a signal waits for the next check
+            if self._h5 is not None:
+                self._h5.close()
+                self._h5 = self._dataset = None
 
 
 class _DatasetWriter(Writer):
     _h5 = _dataset = None
 
     def put(self, chunk, start):
-        self._dataset[start : start + len(chunk)] = chunk
+        with deferred():
+            self._dataset[start : start + len(chunk)] = chunk
 
 
 class H5FileWriter(_DatasetWriter):
     """A new file holding the one dataset."""
 
-    def __init__(self, path: str, name: str, shape, dtype, provenance: dict):
-        self.path, self.name, self.shape, self.dtype, self.provenance = path, name, shape, dtype, provenance
+    def __init__(self, ref, path: str, shape, dtype, provenance: dict, options: WriteOptions = WriteOptions()):
+        self.ref, self.path, self.name = ref, path, dataset_name(ref.name)
+        self.shape, self.dtype, self.provenance, self.options = shape, dtype, provenance, options
         super().__init__()
 
     def _open(self):
         import h5py
 
-        self._h5 = h5py.File(self.path, "w")
-        self._dataset = create_dataset(self._h5, self.name, self.shape, self.dtype, self.provenance)
+        with deferred():
+            self._h5 = h5py.File(self.path, "w")
+            self._dataset = create_dataset(self.ref, self._h5, self.name, self.shape, self.dtype, self.provenance,
+                                           self.options)
 
     def finish(self):
-        self._h5.close()
+        with deferred():  # before io.Sink renames the file: an interrupt here still leaves nothing behind
+            self._dataset = None
+            self._h5.close()
+            self._h5 = None
+            _last_output[_identity(self.path)] = self.name  # the rename keeps the inode
 
     def abort(self):
-        self._dataset = None
-        if self._h5 is not None:
-            try:
-                self._h5.close()
-            except (OSError, RuntimeError):
-                pass  # a disk that is still full; the file is removed either way
+        with deferred(reraise=False):
+            self._dataset = None
+            if self._h5 is not None:
+                try:
+                    self._h5.close()
+                except (OSError, RuntimeError):
+                    pass  # a disk that is still full; the file is removed either way
+                self._h5 = None
 
 
 class H5InPlaceWriter(_DatasetWriter):
@@ -240,41 +481,50 @@ class H5InPlaceWriter(_DatasetWriter):
     _tmp = None
     _new_groups: list[str] = []
 
-    def __init__(self, ref, shape, dtype, provenance: dict, force: bool):
+    def __init__(self, ref, shape, dtype, provenance: dict, force: bool, options: WriteOptions = WriteOptions()):
         self.ref, self.shape, self.dtype, self.provenance, self.force = ref, shape, dtype, provenance, force
+        self.options = options
         super().__init__()
 
     def _open(self):
         name = dataset_name(self.ref.name)
         parent, _, leaf = name.rpartition("/")
-        self._tmp = f"{parent}/.convt-partial-{os.getpid()}-{leaf}"
-        self._h5 = open_h5(self.ref, "r+")
-        check_target(self.ref, self._h5, self.force)
-        parts = parent.strip("/").split("/") if parent.strip("/") else []
-        self._new_groups = [g for g in ("/" + "/".join(parts[:i]) for i in range(1, len(parts) + 1))
-                            if g not in self._h5]  # made by this run: abort() takes them away again
-        self._dataset = create_dataset(self._h5, self._tmp, self.shape, self.dtype, self.provenance)
+        with deferred():
+            self._key = _identity(self.ref.path)
+            self._h5 = open_h5(self.ref, "r+", meta_block_size=0)
+            check_target(self.ref, self._h5, self.force)
+            parts = parent.strip("/").split("/") if parent.strip("/") else []
+            self._new_groups = [g for g in ("/" + "/".join(parts[:i]) for i in range(1, len(parts) + 1))
+                                if g not in self._h5]  # made by this run: abort() takes them away again
+            self._tmp = f"{parent}/.convt-partial-{os.getpid()}-{leaf}"
+            _reuse_string_heap(self._h5, self._key)
+            self._dataset = create_dataset(self.ref, self._h5, self._tmp, self.shape, self.dtype, self.provenance,
+                                           self.options)
 
     def finish(self):
-        self._dataset = None
-        self._h5.flush()  # a full disk shows here, before anything is moved into place
-        replace_dataset(self.ref, self._h5, self._tmp, self.force)
-        self._h5.close()
-        self._h5 = None
+        with deferred():  # an interrupt up to here leaves the file as it was (io.Sink aborts)
+            self._dataset = None
+            self._h5.flush()  # a full disk shows here, before anything is moved into place
+        with deferred(reraise=False):  # the output is in place once moved: too late to undo it for an interrupt
+            replace_dataset(self.ref, self._h5, self._tmp, self.force)
+            _last_output[self._key] = dataset_name(self.ref.name)
+            self._h5.close()
+            self._h5 = None
 
     def abort(self):
-        self._dataset = None
-        if self._h5 is None:
-            return
-        try:
-            if self._tmp is not None and self._tmp in self._h5:
-                del self._h5[self._tmp]
-            for group in reversed(self._new_groups):
-                if group in self._h5 and len(self._h5[group]) == 0:
-                    del self._h5[group]
-        finally:
+        with deferred(reraise=False):  # io.Sink's cleanup after this must run too
+            self._dataset = None
+            if self._h5 is None:
+                return
             try:
-                self._h5.close()
-            except (OSError, RuntimeError):
-                pass  # a disk that is still full; the hidden dataset is unlinked either way
-            self._h5 = None
+                if self._tmp is not None and self._tmp in self._h5:
+                    del self._h5[self._tmp]
+                for group in reversed(self._new_groups):
+                    if group in self._h5 and len(self._h5[group]) == 0:
+                        del self._h5[group]
+            finally:
+                try:
+                    self._h5.close()
+                except (OSError, RuntimeError):
+                    pass  # a disk that is still full; the hidden dataset is unlinked either way
+                self._h5 = None
