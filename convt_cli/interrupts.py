@@ -8,17 +8,18 @@ its objects in weakref callbacks), where an exception cannot propagate: Python s
 - inside `deferred()` (h5py work in formats/h5.py) the signal is held and raised when the block ends, where
   the format's own state is whole again; `deferred(reraise=False)` holds it past the block (cleanup that must
   run to its end, or a step after which the output is already in place);
-- inside a finalizer anywhere else (a `__del__`, a weakref callback) it is delivered again as soon as the
-  finalizer has returned (`_thread.interrupt_main`), so it is neither printed nor lost.
+- inside a finalizer anywhere else (a `__del__`, a weakref callback: an h5py object the garbage collector
+  frees) it is held too, never printed.
 
 Every signal is also recorded: `stop_if_signalled`, called by the streaming loops between pieces and before
-committing an output, raises it again. Without the handler (a Python caller's own process) nothing is ever
-recorded and the checks cost nothing.
+committing an output, raises a held one, as the end of the next deferred() block does. (Delivering it again
+from inside the handler, `_thread.interrupt_main`, would run the handler again inside the same finalizer, and
+again: a recursion.) Without the handler (a Python caller's own process) nothing is ever recorded and the
+checks cost nothing.
 """
 
 from __future__ import annotations
 
-import _thread
 import contextlib
 import os
 import threading
@@ -27,17 +28,14 @@ _signalled: list[int] = []  # every signal terminate has seen
 _held: list[int] = []  # signals seen inside deferred() or a finalizer, not raised yet
 _depth = 0  # deferred() blocks the main thread is inside
 
-_FINALIZER_FILES = tuple(os.path.join("", name) for name in ("weakref.py", "_weakrefset.py"))
+_FINALIZER_FILES = tuple(os.sep + name for name in ("weakref.py", "_weakrefset.py"))
 
 
 def terminate(signum, frame) -> None:
     """A signal handler: schedulers send SIGTERM, and it cleans up exactly as Ctrl-C does."""
     _signalled.append(signum)
-    if _depth:
+    if _depth or _in_finalizer(frame):
         _held.append(signum)
-        return
-    if _in_finalizer(frame):
-        _thread.interrupt_main(signum)  # this handler runs again at the next check, outside the finalizer
         return
     _held.clear()
     raise KeyboardInterrupt
