@@ -113,9 +113,11 @@ def replace_dataset(ref, f, tmp: str, force: bool) -> None:
 def storage(shape, dtype, options: WriteOptions) -> dict:
     """create_dataset's layout keywords: {} (contiguous) unless options ask for compression or batch chunks.
 
-    Compression needs chunks; gzip and lzf get the shuffle filter too (bytes of equal significance side by side,
-    which for floats shrinks gzip's output by about a tenth and more, at little cost; every HDF5 reads it). A scalar
-    cannot be chunked and an empty array has nothing to compress: both stay contiguous.
+    Compression needs chunks; gzip and lzf get the shuffle filter too, for multi-byte types: bytes of equal
+    significance side by side. Measured on float32 conv_transpose outputs, gzip shrinks them 1.16x with it (1.07x
+    without), a smooth field 1.50x (1.09x), and it is faster; only data that is half zeros compresses better
+    without (1.58x against 1.80x). Every HDF5 reads it. A scalar cannot be chunked and an empty array has nothing
+    to compress: both stay contiguous.
     """
     shape = tuple(int(n) for n in shape)
     if (options.compression is None and options.chunk_batch is None) or not shape or 0 in shape:
@@ -243,6 +245,11 @@ def _holds_reference(dtype: np.dtype) -> bool:
 
     if dtype.names:
         return any(_holds_reference(dtype.fields[n][0]) for n in dtype.names)
+    if dtype.subdtype is not None:
+        return _holds_reference(dtype.subdtype[0])
+    vlen = h5py.check_dtype(vlen=dtype)
+    if vlen is not None and vlen not in (str, bytes):
+        return _holds_reference(np.dtype(vlen))
     return h5py.check_dtype(ref=dtype) is not None
 
 
