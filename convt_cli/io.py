@@ -173,6 +173,16 @@ def spool_folder() -> str:
     return tempfile.gettempdir()
 
 
+def rewritten_bytes(ref: ArrayRef) -> int:
+    """Bytes of the existing file an output into it copies (an .npz gaining a member), besides the output's own."""
+    if ref.is_std or not formats.output_format(ref).copies_file:
+        return 0
+    try:
+        return os.path.getsize(ref.path)
+    except OSError:
+        return 0
+
+
 def free_space(ref: ArrayRef) -> int | None:
     """Bytes free for an unprivileged writer where the output goes (for stdout: where it is spooled); None when
     it cannot be told."""
@@ -412,8 +422,12 @@ class Sink:
         args = (self.ref, self.shape, self.dtype, self.provenance)
         self._writer = self._format.direct_writer(*args, self.force, self.options)  # stdout, or an existing file
         if self._writer is None:
-            self.tmp = _temp_file(_folder(self.ref))
+            self.tmp = _temp_file(os.path.dirname(self._target()) or ".")
             self._writer = self._format.file_writer(self.ref, self.tmp, *args[1:], self.options)
+
+    def _target(self) -> str:
+        """The path renamed onto: a symbolic link's target, so that the link keeps pointing at the output."""
+        return os.path.realpath(self.ref.path) if os.path.islink(self.ref.path) else self.ref.path
 
     def write(self, chunk: np.ndarray) -> None:
         """The next batch elements, in order."""
@@ -440,9 +454,9 @@ class Sink:
             if self.tmp is not None:
                 with open(self.tmp, "rb+") as f:
                     os.fsync(f.fileno())
-                os.replace(self.tmp, self.ref.path)
+                os.replace(self.tmp, self._target())
                 self.tmp = None
-                _sync_folder(_folder(self.ref))
+                _sync_folder(os.path.dirname(self._target()) or ".")
             self._writer = None
         except BrokenPipeError:  # the reader of stdout went away: not a mistake to report, the caller's to handle
             self.abort()

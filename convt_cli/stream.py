@@ -449,7 +449,11 @@ def with_verify_work(needs, plan, dtype, probes):
 
 def check_space(ref, nbytes: int) -> None:
     """Refuse before computing an output the disk cannot hold (a full disk during the write is handled too)."""
-    free = io.free_space(ref)
+    free, copied = io.free_space(ref), io.rewritten_bytes(ref)
+    if free is not None and free < nbytes + copied and copied:
+        ref.fail(f"needs about {bytes_text(nbytes + copied)} (the output, {bytes_text(nbytes)}, and a new copy of "
+                 f"the file it goes into, {bytes_text(copied)}) but only {bytes_text(free)} is free where it goes: "
+                 f"free some space or write it elsewhere")
     if free is not None and free < nbytes and ref.is_std:
         ref.fail(f"needs about {bytes_text(nbytes)} of temporary space in '{io.spool_folder()}' (the output is "
                  f"spooled there whole before it goes to stdout, so that a failure puts nothing on stdout) but "

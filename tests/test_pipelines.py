@@ -91,7 +91,7 @@ def _on_a_terminal(args, cwd, which):
     main, other = pty.openpty()
     streams = {"stdout": other} if which == "stdout" else {"stdin": other, "stdout": subprocess.PIPE}
     try:
-        proc = subprocess.run(convt_command() + args, cwd=cwd, stderr=subprocess.PIPE, timeout=300, **streams)
+        proc = subprocess.run(convt_command() + args, cwd=cwd, stderr=subprocess.PIPE, timeout=120, **streams)
     finally:
         os.close(other)
     os.set_blocking(main, False)
@@ -386,3 +386,32 @@ def test_python_api_run_files_reports_the_same_fields(work):
     info = run_files("x.npy", "w.npy", "lib.npy", padding="VALID")
     assert info["padding_given"] == "VALID" and info["padding"] == [[0, 0], [0, 0]]
     assert sys.modules["convt_cli.stream"].SCHEMA_VERSION == info["schema_version"]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Where outputs land
+
+
+def test_replacing_an_output_through_a_symbolic_link_keeps_the_link(work):
+    os.mkdir("real")
+    np.save("real/y.npy", np.zeros(3))
+    os.symlink("real/y.npy", "y.npy")
+    r = invoke("run", "x.npy", "w.npy", "-o", "y.npy", "--force")
+    assert r.exit_code == 0, r.output
+    assert os.path.islink("y.npy") and np.load("real/y.npy").shape == (2, 5, 6, 4)
+    assert _leftovers(".") == [] and _leftovers("real") == []
+
+
+def test_a_member_added_to_an_npz_needs_room_for_the_copy_of_the_file(work, monkeypatch):
+    from convt_cli import io
+
+    np.savez("pair.npz", big=np.zeros(100_000))  # 800 KB the new file copies
+    output_bytes = 2 * 5 * 6 * 4 * 4
+    real = io.shutil.disk_usage
+    monkeypatch.setattr(io.shutil, "disk_usage", lambda path: real(path)._replace(free=output_bytes + 4096))
+    r = invoke("run", "x.npy", "w.npy", "-o", "pair.npz:y")
+    assert r.exit_code == 2
+    assert r.stderr == ("Error: OUTPUT 'pair.npz:y': needs about 782.4 KiB (the output, 960 B, and a new copy of the "
+                        "file it goes into, 781.5 KiB) but only 4.9 KiB is free where it goes: free some space or write "
+                        "it elsewhere\n")
+    assert sorted(np.load("pair.npz").files) == ["big"]

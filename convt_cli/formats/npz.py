@@ -55,7 +55,7 @@ def entry_name(ref) -> str:
 
 class Npz(Format):
     name, title, magic, suffixes = "npz", ".npz", ZIP_MAGIC, (".npz",)
-    named = shares_file = True
+    named = shares_file = copies_file = True
     compressions = ("gzip",)  # zip's deflate, as np.savez_compressed
 
     def header(self, ref):
