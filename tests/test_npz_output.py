@@ -278,7 +278,8 @@ def test_each_member_keeps_its_own_compression():
 
 @pytest.mark.parametrize("options,message", [
     (WriteOptions(compression="lzf"),
-     "--compression: a .npz output cannot be compressed with 'lzf'; gzip can be; .h5 outputs take gzip or lzf"),
+     "--compression lzf: OUTPUT 'c.npz:a' is a .npz file, which takes only gzip; .npz outputs take gzip, .h5 outputs "
+     "gzip or lzf"),
     (WriteOptions(compression="gzip", level=10), "--compression-level: expected an integer 0..9, got 10"),
     (WriteOptions(compression="gzip", level=-1), "--compression-level: expected an integer 0..9, got -1"),
 ])

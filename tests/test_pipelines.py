@@ -415,3 +415,35 @@ def test_a_member_added_to_an_npz_needs_room_for_the_copy_of_the_file(work, monk
                         "file it goes into, 781.5 KiB) but only 4.9 KiB is free where it goes: free some space or write "
                         "it elsewhere\n")
     assert sorted(np.load("pair.npz").files) == ["big"]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Compression flags
+
+
+def test_compression_flags_are_checked_before_any_work(work):
+    cases = [
+        (["-o", "c.npy", "--compression", "gzip"], "Error: --compression gzip: OUTPUT 'c.npy' is a .npy file, which "
+         "cannot be compressed; .npz outputs take gzip, .h5 outputs gzip or lzf"),
+        (["-o", "c.npz", "--compression", "lzf"], "Error: --compression lzf: OUTPUT 'c.npz' is a .npz file, which "
+         "takes only gzip; .npz outputs take gzip, .h5 outputs gzip or lzf"),
+        (["-o", "c.h5", "--compression-level", "3"], "Error: --compression-level: applies to --compression gzip "
+         "only, got level 3 with no compression"),
+        (["-o", "c.h5", "--compression", "lzf", "--compression-level", "3"], "Error: --compression-level: applies "
+         "to --compression gzip only, got level 3 with 'lzf'"),
+    ]
+    for flags, message in cases:
+        r = invoke("run", "x.npy", "w.npy", *flags)
+        assert (r.exit_code, r.stderr) == (2, message + "\n")
+    assert sorted(os.listdir(".")) == ["w.npy", "x.npy"]
+
+
+def test_a_compressed_npz_member_holds_the_same_array(work):
+    assert invoke("run", "x.npy", "w.npy", "-o", "plain.npz:y").exit_code == 0
+    assert invoke("run", "x.npy", "w.npy", "-o", "small.npz:y", "--compression", "GZIP",
+                  "--compression-level", "9").exit_code == 0
+    import zipfile
+
+    with zipfile.ZipFile("small.npz") as z:
+        assert z.getinfo("y.npy").compress_type == zipfile.ZIP_DEFLATED
+    np.testing.assert_array_equal(np.load("small.npz")["y"], np.load("plain.npz")["y"])

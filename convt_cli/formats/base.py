@@ -83,9 +83,10 @@ class Format:
     def check_options(self, ref, options: WriteOptions) -> None:
         """Refuse, before any work, what the format cannot store (io.check_output)."""
         if options.compression is not None and options.compression not in self.compressions:
-            can = f"; {one_of(self.compressions)} can be" if self.compressions else ""
-            raise ConvtError(f"--compression: a {self.title} output cannot be compressed with "
-                             f"'{options.compression}'{can}; .h5 outputs take gzip or lzf")
+            what = "stdout (a .npy stream)" if ref.path is None else f"a {self.title} file"
+            cannot = f"takes only {one_of(self.compressions)}" if self.compressions else "cannot be compressed"
+            raise ConvtError(f"--compression {options.compression}: OUTPUT '{ref}' is {what}, which {cannot}; .npz "
+                             f"outputs take gzip, .h5 outputs gzip or lzf")
 
     def check_name(self, ref) -> None:
         """Refuse an output NAME this format cannot write to (io.check_output, after the folder checks)."""
