@@ -16,7 +16,8 @@ from .dtypes import as_arrays, check_dtypes, check_int32_bound, chunk_of, comput
 from .layout import at, shaped
 
 
-def conv(input, filters, strides=1, padding="SAME", data_format=None, dilations=None, *, threads=None) -> np.ndarray:
+def conv(input, filters, strides=1, padding="SAME", data_format=None, dilations=None, name=None, *,
+         threads=None) -> np.ndarray:
     """Forward convolution, the same numbers as tf.nn.convolution; the adjoint of conv_transpose.
 
     Args:
@@ -25,6 +26,7 @@ def conv(input, filters, strides=1, padding="SAME", data_format=None, dilations=
             array that conv_transpose takes as (*kernel, out_channels, in_channels) for the reverse direction).
         strides, dilations, padding, data_format: as for conv_transpose. Unlike tf.nn.convolution, strides
             > 1 together with dilations > 1 are allowed.
+        name: ignored: TF's graph name for the op, taken so that a call written for TF runs unchanged.
         threads: how many threads (None: CONVT_NUM_THREADS, else every usable core); never changes a bit.
 
     Returns:
