@@ -134,14 +134,13 @@ def test_chunks_never_straddle_two_pieces():
     (WriteOptions(level=3),
      "--compression-level: only gzip has levels, and the compression is none: pass --compression gzip, or drop the "
      "level"),
-    (WriteOptions(compression="szip"),
-     "--compression: a HDF5 output cannot be compressed with 'szip'; gzip or lzf can be; .h5 outputs take gzip or "
-     "lzf"),
+    (WriteOptions(compression="szip"), "--compression"),  # formats.base words it, for every format
 ])
 def test_options_an_h5_output_cannot_take_are_refused_before_any_work(options, message):
     with pytest.raises(ConvtError) as e:
         io.check_output(io.parse_ref("OUTPUT", "y.h5:/y", must_exist=False), [], False, options)
-    assert str(e.value) == message
+    assert str(e.value) == message or (message == "--compression" and str(e.value).startswith(message)
+                                       and "gzip or lzf" in str(e.value))
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -205,16 +205,22 @@ def _identity(path: str):
 
 
 def _reuse_string_heap(f, key) -> None:
+    """Load the global heap collection of the output this process wrote last into the file, if any."""
     import h5py
 
-    d = f.get(_last_output.get(key, ""), None) if key is not None else None
-    if not isinstance(d, h5py.Dataset):
+    if key not in _last_output:
         return
-    for name in d.attrs:
-        info = h5py.check_string_dtype(d.attrs.get_id(name).dtype)
-        if info is not None and info.length is None:  # a variable-length string: in the global heap
-            d.attrs[name]
+    try:  # only room saved: nothing here may fail a write
+        d = f.get(_last_output[key])
+        if not isinstance(d, h5py.Dataset):
             return
+        for name in d.attrs:
+            info = h5py.check_string_dtype(d.attrs.get_id(name).dtype)
+            if info is not None and info.length is None:  # a variable-length string, in the global heap
+                d.attrs[name]  # reading it loads its collection, which HDF5 then fills further
+                return
+    except (OSError, KeyError, TypeError, ValueError, RuntimeError):
+        pass
 
 
 # ---------------------------------------------------------------------------------------------------------
