@@ -3,7 +3,7 @@
 Matrix: compression (gzip at the default and a given level, lzf) × target (a new file, a dataset inside an
 existing file) × dtype (float32, bfloat16, int8), written in pieces through io.Sink with WriteOptions and read
 back by h5py (filters, level, shuffle, chunks, values); chunk shapes against the batch pieces (divisors, one
-piece, elements larger than a chunk) and contiguous storage where nothing asks for chunks; option refusals;
+piece, elements larger than a chunk) and contiguous storage without compression; option refusals;
 attributes copied from the input under convt's own (provenance and the bfloat16 tag win, references are left
 out); the listing's keys for datasets, soft and external links, JSON-able; the size of 300 small outputs written
 one Sink at a time against h5py writing them in one go; SIGINT inside h5py's weakref callbacks (a tracer sends it
@@ -73,16 +73,17 @@ def test_compression_without_chunk_batch_chunks_by_batch_element():
 
 
 @pytest.mark.parametrize("options", [WriteOptions(), WriteOptions(attrs={"a": 1})])
-def test_without_compression_or_chunk_batch_the_output_stays_contiguous(options):
+def test_without_compression_the_output_stays_contiguous(options):
     _write("y.h5:/y", _array((5, 4), np.float32), options)
     with h5py.File("y.h5") as f:
         assert f["y"].chunks is None and f["y"].compression is None
 
 
-def test_chunk_batch_alone_chunks_without_filters():
+def test_chunk_batch_alone_does_not_chunk():
+    # a chunk index per dataset made 3,000 small uncompressed outputs 3.4 times h5py's size, for nothing
     _write("y.h5:/y", _array((10, 4), np.float32), WriteOptions(chunk_batch=5), pieces=2)
     with h5py.File("y.h5") as f:
-        assert f["y"].chunks == (5, 4) and f["y"].compression is None and not f["y"].shuffle
+        assert f["y"].chunks is None and f["y"].compression is None
 
 
 @pytest.mark.parametrize("shape", [(0, 3, 3), (4, 0)])
@@ -242,8 +243,9 @@ def test_listing_shows_filters_byte_order_attributes_and_links():
 
 def test_many_small_outputs_take_little_more_room_than_one_h5py_write():
     arrays = [_array((1, 8, 8, 2), np.float32) + i for i in range(300)]
-    for i, a in enumerate(arrays):
-        _write(f"out.h5:/out/d{i:04d}", a, provenance={**PROVENANCE, "convt_input": f"in.h5:/in/d{i:04d}"})
+    for i, a in enumerate(arrays):  # with the chunk_batch run_files passes
+        _write(f"out.h5:/out/d{i:04d}", a, WriteOptions(chunk_batch=1),
+               provenance={**PROVENANCE, "convt_input": f"in.h5:/in/d{i:04d}"})
     with h5py.File("out.h5") as src, h5py.File("plain.h5", "w") as dst:
         for name in src["out"]:
             d = dst.create_dataset(f"out/{name}", data=src["out"][name][()])
