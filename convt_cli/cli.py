@@ -472,13 +472,14 @@ def _info_line(path: str, a: dict) -> str:
         return f"{name}/  (group)"
     shape = "(empty dataspace)" if a["shape"] is None else tuple(a["shape"])
     parts = [f"{name}  {shape} {a['dtype']}"]
-    if a.get("byte_order") == ">":
+    if a.get("byteorder") == ">":
         parts.append("big-endian")
     if a.get("chunks"):
         parts.append(f"chunks {tuple(a['chunks'])}")
     if a.get("compression"):
         level = a.get("compression_opts")
-        parts.append(f"{a['compression']}" + (f" level {level}" if level is not None else ""))
+        parts.append(f"{a['compression']}" + (f" level {level}" if level is not None else "")
+                     + (" shuffle" if a.get("shuffle") else ""))
     if a.get("attributes"):
         parts.append("attributes " + ", ".join(sorted(a["attributes"])))
     return "  ".join(parts)

@@ -165,6 +165,7 @@ def run_many(items, filters_ref, **options):
     []
     """
     for item_in, item_out in items:
+        stop_if_signalled()  # a signal held while the last item was cleaned up or moved into place
         try:
             info = run_files(item_in, filters_ref, item_out, **options)
         except ConvtError as e:
@@ -173,6 +174,7 @@ def run_many(items, filters_ref, **options):
                 message = f"INPUT '{item_in}': {message}"  # which of the many it was
             info = {"input": item_in, "output": item_out, "error": message}
         yield info
+    stop_if_signalled()
 
 
 def verify_files(input_ref, filters_ref, output_ref=None, *, output_shape=None, strides=1, padding="SAME",

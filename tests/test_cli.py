@@ -107,7 +107,9 @@ def test_run_bfloat16_round_trips_through_npy_and_h5(work):
         np.testing.assert_array_equal(z, y.astype(np.float32).sum(-1, keepdims=True).repeat(2, -1)
                                       .astype(ml_dtypes.bfloat16))
     r = invoke("info", "y.h5", "y.npy")
-    assert r.stdout.splitlines() == ["y.h5:/y  (2, 5, 6, 4) bfloat16", "y.npy  (2, 5, 6, 4) bfloat16"]
+    assert r.stdout.splitlines() == ["y.h5:/y  (2, 5, 6, 4) bfloat16  attributes convt_filters, convt_input, "
+                                     "convt_op, convt_parameters, convt_version, dtype",
+                                     "y.npy  (2, 5, 6, 4) bfloat16"]
 
 
 def test_run_npz_in_and_out(work):
@@ -293,7 +295,30 @@ def test_info_lists_every_array(work):
     ]
     r = invoke("info", "d.h5", "--json")
     assert json.loads(r.stdout) == {"file": "d.h5", "arrays": [
-        {"name": "/g/c", "shape": [2, 5, 6, 3], "dtype": "float32", "chunks": [1, 5, 6, 3]}]}
+        {"name": "/g/c", "shape": [2, 5, 6, 3], "dtype": "float32", "chunks": [1, 5, 6, 3], "kind": "dataset",
+         "compression": None, "compression_opts": None, "shuffle": False, "byteorder": "<", "attributes": {},
+         "target": None}]}
+
+
+def test_info_shows_what_h5ls_v_shows(work):
+    x, _ = work
+    with h5py.File("d.h5", "w") as f:
+        d = f.create_dataset("g/c", data=x.astype(">f4"), chunks=(1, 5, 6, 3), compression="gzip",
+                             compression_opts=7, shuffle=True)
+        d.attrs["units"] = "K"
+        d.attrs["scale"] = 2.5
+        f["soft"] = h5py.SoftLink("/g/c")
+        f["ext"] = h5py.ExternalLink("other.h5", "/x")
+    r = invoke("info", "d.h5")
+    assert r.exit_code == 0, r.output
+    assert sorted(r.stdout.splitlines()) == [
+        "d.h5:/ext  -> other.h5:/x (external link)",
+        "d.h5:/g/c  (2, 5, 6, 3) float32  big-endian  chunks (1, 5, 6, 3)  gzip level 7 shuffle  attributes scale, "
+        "units",
+        "d.h5:/soft  -> /g/c (soft link)",
+    ]
+    listed = {a["name"]: a for a in json.loads(invoke("info", "d.h5", "--json").stdout)["arrays"]}
+    assert listed["/g/c"]["attributes"] == {"units": "K", "scale": 2.5} and listed["/g/c"]["byteorder"] == ">"
 
 
 def test_info_shows_an_empty_dataspace(work):
