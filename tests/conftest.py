@@ -118,6 +118,15 @@ def invoke(*args, input=None):
     return CliRunner().invoke(cli, [str(a) for a in args], input=input)
 
 
+def error_line(r):
+    """The one `Error:` line of a refused CLI run (exit 2, no traceback)."""
+    assert r.exit_code == 2, r.output
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1, r.stderr
+    assert "Traceback" not in r.output
+    return lines[0]
+
+
 def convt_command() -> list:
     """The installed `convt`, or `python -m convt_cli` where it is not on PATH."""
     exe = shutil.which("convt")

@@ -19,18 +19,10 @@ import numpy as np
 import pytest
 
 from convt_cli import ConvtError
-from conftest import convt_command, invoke
+from conftest import convt_command, error_line, invoke
 from loop_reference import conv_transpose_loop
 
 SAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "samples")
-
-
-def error_line(r):
-    assert r.exit_code == 2, r.output
-    lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1, r.stderr
-    assert "Traceback" not in r.output
-    return lines[0]
 
 
 def reference(x, w, out_spatial, **flags):

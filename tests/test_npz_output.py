@@ -21,20 +21,12 @@ import pytest
 from convt_cli import ConvtError, io
 from convt_cli.formats import npz as npz_format
 from convt_cli.formats.base import WriteOptions
-from conftest import invoke
+from conftest import error_line, invoke
 
 
 @pytest.fixture(autouse=True)
 def _cwd(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-
-
-def error_line(r):
-    assert r.exit_code == 2, r.output
-    lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1, r.stderr
-    assert "Traceback" not in r.output
-    return lines[0]
 
 
 def run(*args):
