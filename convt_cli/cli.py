@@ -18,7 +18,7 @@ from click.shell_completion import BashComplete, CompletionItem, add_completion_
 from . import __version__, completion
 from .dtype_names import DTYPES
 from .errors import ConvtError
-from .interrupts import terminate
+from .interrupts import caused_by_signal, deferred, install
 
 EXIT_MISMATCH, EXIT_TROUBLE = 1, 2
 EXIT_PIPE = 128 + 13  # what a shell reports for a tool that SIGPIPE ended, as `cat` or `gzip` in `... | head`
@@ -48,10 +48,14 @@ class ConvtGroup(click.Group):
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
-        except KeyboardInterrupt:
-            raise _Interrupted from None
+        except KeyboardInterrupt as e:
+            raise _Interrupted(getattr(e, "written", "no output was written")) from None
         except BrokenPipeError:
             raise _PipeClosed from None
+        except Exception as e:
+            if isinstance(e, (_Interrupted, _PipeClosed)) or not caused_by_signal(e):
+                raise
+            raise _Interrupted() from None  # a signal that came out wrapped in another exception
 
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
         try:
@@ -66,7 +70,7 @@ class ConvtGroup(click.Group):
         except (_Interrupted, KeyboardInterrupt, click.exceptions.Abort) as e:
             if sys.stderr.isatty():  # off the line where the terminal echoed ^C; a log gets just the one line
                 click.echo(err=True)
-            written = e.written if isinstance(e, _Interrupted) else "no output was written"
+            written = getattr(e, "written", "no output was written")
             click.echo(f"Error: interrupted; {written}", err=True)
             code = EXIT_TROUBLE
         except MemoryError:  # the estimate said it would fit (or --max-memory allowed it), the system disagreed
@@ -352,13 +356,14 @@ def run(input_ref, filters_ref, output_ref, output_shape, strides, padding, data
             for info in stream.run_many(items, filters_ref, **options):
                 tried += 1
                 bar.close()
-                if "error" in info:
-                    failed = True
-                    click.echo(f"Error: {info['error']}", err=True)
-                else:
-                    written.append(info["output"])
-                if as_json:
-                    click.echo(json.dumps(info))
+                with deferred(reraise=False):  # an item's lines whole: run_many acts on the signal next
+                    if "error" in info:
+                        failed = True
+                        click.echo(f"Error: {info['error']}", err=True)
+                    else:
+                        written.append(info["output"])
+                    if as_json:
+                        click.echo(json.dumps(info))
                 if "error" in info and fail_fast:
                     break
         except KeyboardInterrupt:
@@ -527,8 +532,5 @@ def verify(input_ref, filters_ref, output_ref, output_shape, strides, padding, d
 
 
 def main():
-    import signal
-
-    signal.signal(signal.SIGTERM, terminate)
-    signal.signal(signal.SIGINT, terminate)
+    install()  # already done by the `convt` command's entry point (__main__.main), which comes here
     cli.main(prog_name="convt")

@@ -9,7 +9,10 @@ its objects in weakref callbacks), where an exception cannot propagate: Python s
   the format's own state is whole again; `deferred(reraise=False)` holds it past the block (cleanup that must
   run to its end, or a step after which the output is already in place);
 - inside a finalizer anywhere else (a `__del__`, a weakref callback: an h5py object the garbage collector
-  frees) it is held too, never printed.
+  frees) it is held too, never printed;
+- inside an import (NumPy and threadpoolctl load lazily, on first use) it is held too: raised there, it would
+  leave a module half made, or come out wrapped in another exception (Python wraps what a class body's
+  `__set_name__` raises in a RuntimeError), or be printed from importlib's own weakref callback.
 
 Every signal is also recorded: `stop_if_signalled`, called by the streaming loops between pieces and before
 committing an output, raises a held one, as the end of the next deferred() block does. (Delivering it again
@@ -29,6 +32,36 @@ _held: list[int] = []  # signals seen inside deferred() or a finalizer, not rais
 _depth = 0  # deferred() blocks the main thread is inside
 
 _FINALIZER_FILES = tuple(os.sep + name for name in ("weakref.py", "_weakrefset.py"))
+_IMPORT_FILES = ("<frozen importlib._bootstrap", "<frozen importlib._bootstrap_external")
+
+
+class Interrupted(KeyboardInterrupt):
+    """A KeyboardInterrupt that says what had been written when it came (`written`), for the CLI's message."""
+
+    def __init__(self, written: str):
+        super().__init__(written)
+        self.written = written
+
+
+def install() -> None:
+    """Make SIGINT and SIGTERM call `terminate`: what the `convt` command does first, before it imports click or
+    NumPy. A library never calls this: the process's signals are its caller's."""
+    import signal
+
+    signal.signal(signal.SIGTERM, terminate)
+    signal.signal(signal.SIGINT, terminate)
+
+
+def caused_by_signal(error: BaseException) -> bool:
+    """Whether `error` came of a signal `terminate` saw: a KeyboardInterrupt in its chain of causes and contexts
+    (threading's Condition.wait, interrupted while it re-acquires its lock, raises a RuntimeError over it)."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, KeyboardInterrupt):
+            return bool(_signalled)
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return False
 
 
 def terminate(signum, frame) -> None:
@@ -45,7 +78,8 @@ def _in_finalizer(frame) -> bool:
     """Whether `frame` runs inside a finalizer, where a raised exception would be printed and swallowed."""
     while frame is not None:
         code = frame.f_code
-        if code.co_name == "__del__" or code.co_filename.endswith(_FINALIZER_FILES):
+        if (code.co_name == "__del__" or code.co_filename.endswith(_FINALIZER_FILES)
+                or code.co_filename.startswith(_IMPORT_FILES)):
             return True
         frame = frame.f_back
     return False

@@ -33,6 +33,7 @@ from .formats import HDF5_MAGIC, NPY_MAGIC, ZIP_MAGIC  # noqa: F401  (part of io
 from .formats.base import WholeReader, WriteOptions, is_terminal
 from .formats.base import reason as _reason
 from .formats.h5 import dataset_name
+from .interrupts import deferred
 
 
 
@@ -152,7 +153,8 @@ def check_output(ref: ArrayRef, inputs: list[ArrayRef], force: bool, options: Wr
     if not os.path.isdir(folder):
         ref.fail(f"folder '{folder}' does not exist")
     try:  # os.access says yes to root on a read-only mount: try what the write will do
-        os.remove(_temp_file(folder))
+        with deferred():  # a signal between making the file and removing it would leave it behind
+            os.remove(_temp_file(folder))
     except OSError as e:
         ref.fail(f"folder '{folder}' is not writable ({_reason(e)})")
     fmt.check_name(ref)
@@ -422,7 +424,8 @@ class Sink:
         args = (self.ref, self.shape, self.dtype, self.provenance)
         self._writer = self._format.direct_writer(*args, self.force, self.options)  # stdout, or an existing file
         if self._writer is None:
-            self.tmp = _temp_file(os.path.dirname(self._target()) or ".")
+            with deferred():  # the name recorded before a signal can stop us: abort() removes it
+                self.tmp = _temp_file(os.path.dirname(self._target()) or ".")
             self._writer = self._format.file_writer(self.ref, self.tmp, *args[1:], self.options)
 
     def _target(self) -> str:
@@ -454,9 +457,10 @@ class Sink:
             if self.tmp is not None:
                 with open(self.tmp, "rb+") as f:
                     os.fsync(f.fileno())
-                os.replace(self.tmp, self._target())
-                self.tmp = None
-                _sync_folder(os.path.dirname(self._target()) or ".")
+                with deferred(reraise=False):  # once renamed it is in place: a signal now is for what comes next
+                    os.replace(self.tmp, self._target())
+                    self.tmp = None
+                    _sync_folder(os.path.dirname(self._target()) or ".")
             self._writer = None
         except BrokenPipeError:  # the reader of stdout went away: not a mistake to report, the caller's to handle
             self.abort()

@@ -447,3 +447,115 @@ def test_a_compressed_npz_member_holds_the_same_array(work):
     with zipfile.ZipFile("small.npz") as z:
         assert z.getinfo("y.npy").compress_type == zipfile.ZIP_DEFLATED
     np.testing.assert_array_equal(np.load("small.npz")["y"], np.load("plain.npz")["y"])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Signals at awkward moments: `terminate` called where the real handler would run, so each test is deterministic
+
+
+@pytest.fixture
+def signals(monkeypatch):
+    """interrupts' state fresh for the test; send() is SIGINT arriving at the caller's frame."""
+    from convt_cli import interrupts
+
+    monkeypatch.setattr(interrupts, "_signalled", [])
+    monkeypatch.setattr(interrupts, "_held", [])
+    monkeypatch.setattr(interrupts, "_depth", 0)
+    return lambda: interrupts.terminate(2, sys._getframe(1))
+
+
+def test_a_signal_during_an_import_is_held_not_raised_inside_it(tmp_path, monkeypatch, signals):
+    from convt_cli import interrupts
+
+    (tmp_path / "slow_module.py").write_text("import sys\nSEND(sys._getframe())\nLOADED = True\n")
+    import builtins
+
+    monkeypatch.setattr(builtins, "SEND", lambda frame: interrupts.terminate(2, frame), raising=False)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import slow_module  # noqa: F401  (the signal lands in its body: importing must finish)
+
+    assert slow_module.LOADED and interrupts._held == [2]
+    with pytest.raises(KeyboardInterrupt):
+        interrupts.stop_if_signalled()
+
+
+def test_a_signal_wrapped_in_another_exception_is_still_an_interrupt(work, monkeypatch, signals):
+    def compute_of(*args):
+        def compute(x):
+            try:
+                signals()
+            except KeyboardInterrupt as e:  # as threading's Condition.wait does, re-acquiring its lock
+                raise RuntimeError("cannot release un-acquired lock") from e
+
+        return compute
+
+    monkeypatch.setattr("convt_cli.stream._conv_transpose_of", compute_of)
+    r = invoke("run", "x.npy", "w.npy", "-o", "y.npy")
+    assert (r.exit_code, r.stderr) == (2, "Error: interrupted; no output was written\n")
+    assert _leftovers(".") == [] and not os.path.exists("y.npy")
+
+
+@pytest.mark.parametrize("call", [1, 2])  # the writability probe; the output's own temporary file
+def test_a_signal_right_after_a_temporary_file_is_made_leaves_none(work, monkeypatch, signals, call):
+    from convt_cli import io
+
+    real, calls = io._temp_file, []
+
+    def temp_file(folder):
+        path = real(folder)
+        calls.append(path)
+        if len(calls) == call:
+            signals()
+        return path
+
+    monkeypatch.setattr(io, "_temp_file", temp_file)
+    r = invoke("run", "x.npy", "w.npy", "-o", "y.npy")
+    assert (r.exit_code, r.stderr) == (2, "Error: interrupted; no output was written\n")
+    assert _leftovers(".") == [] and not os.path.exists("y.npy")
+
+
+def test_a_signal_once_an_item_is_renamed_into_place_counts_it_as_written(work, monkeypatch, signals):
+    from convt_cli import io
+
+    os.mkdir("in")
+    for stem in "abc":
+        np.save(f"in/{stem}.npy", work[0])
+    real, calls = io.os.replace, []
+
+    def replace(src, dst):
+        real(src, dst)
+        calls.append(dst)
+        if len(calls) == 2:
+            signals()
+
+    monkeypatch.setattr(io.os, "replace", replace)
+    r = invoke("run", "in/*.npy", "w.npy", "-o", "{stem}_up.npy", "--json")
+    assert r.stderr == ("Error: interrupted; 2 of 3 outputs were written (a_up.npy, b_up.npy); 'in/c.npy' was "
+                        "not\n")
+    assert [json.loads(line)["output"] for line in r.stdout.splitlines()] == ["a_up.npy", "b_up.npy"]
+    assert sorted(n for n in os.listdir(".") if n.endswith("_up.npy")) == ["a_up.npy", "b_up.npy"]
+
+
+def test_an_interrupted_copy_to_stdout_says_the_reader_got_a_truncated_stream(monkeypatch, signals):
+    from convt_cli import interrupts, io
+
+    class Reader:
+        class buffer:
+            calls = []
+
+            @classmethod
+            def write(cls, data):
+                cls.calls.append(len(data))
+                if len(cls.calls) == 2:
+                    signals()
+
+            @staticmethod
+            def flush():
+                pass
+
+    monkeypatch.setattr(sys, "stdout", Reader)
+    sink = io.Sink(io.parse_ref("OUTPUT", "-"), (3 << 20,), "i1", force=True)
+    sink.write(np.zeros(3 << 20, np.int8))
+    with pytest.raises(interrupts.Interrupted) as e:
+        sink.commit()
+    assert e.value.written == "stdout got the start of the output, a truncated .npy stream"

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import io
-import shutil
 import sys
 import tempfile
 
+from ..interrupts import Interrupted
 from .base import Format, WriteOptions, fix_dtype, is_terminal
 from .npy import NPY_MAGIC, NpyStreamWriter, np_load, npy_header, write_npy_header
 
@@ -61,8 +61,16 @@ class SpoolWriter(NpyStreamWriter):
 
     def finish(self):
         self._file.seek(0)
-        shutil.copyfileobj(self._file, sys.stdout.buffer, 1 << 20)
-        sys.stdout.buffer.flush()
+        out, started = sys.stdout.buffer, False
+        try:
+            while block := self._file.read(1 << 20):
+                started = True
+                out.write(block)
+            out.flush()
+        except KeyboardInterrupt:
+            if started:  # what the reader has is not nothing: say what it is
+                raise Interrupted("stdout got the start of the output, a truncated .npy stream") from None
+            raise
         self._file.close()
         self._file = None
 
