@@ -4,6 +4,7 @@ from .errors import ConvtError
 
 __version__ = "0.1.0"
 __all__ = ["conv_transpose", "conv", "run_files", "ConvtError", "__version__"]
+_SUBMODULES = ("engine", "shapes", "stream", "io", "formats", "verify")
 
 
 def __getattr__(name):
@@ -16,6 +17,10 @@ def __getattr__(name):
         from .stream import run_files
 
         return run_files
+    if name in _SUBMODULES:  # convt_cli.engine.prepare, convt_cli.shapes.plan_conv_transpose, as the README writes
+        import importlib
+
+        return importlib.import_module(f"{__name__}.{name}")
     raise AttributeError(f"module 'convt_cli' has no attribute {name!r}")
 
 

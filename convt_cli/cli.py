@@ -334,19 +334,15 @@ def run(input_ref, filters_ref, output_ref, output_shape, strides, padding, data
     with _Bar(quiet, "convt run") as bar:
         options = dict(output_shape=output_shape, strides=strides, padding=padding, data_format=data_format,
                        dilations=dilations, dtype=dtype, force=force, max_memory=max_memory, threads=threads,
-                       progress=bar, available_memory=_available_memory, compression=compression and compression.lower(),
-                       compression_level=compression_level, copy_attrs=copy_attrs)
-        items = io.expand_items(input_ref, output_ref)
+                       progress=bar, available_memory=_available_memory,
+                       compression=compression and compression.lower(), compression_level=compression_level,
+                       copy_attrs=copy_attrs)
+        with _json_error(as_json, output_ref == "-", input=input_ref, output=output_ref):
+            items = io.expand_items(input_ref, output_ref)
         if items is None:
-            output_ref = io.fill_template(input_ref, output_ref)
-            try:
+            with _json_error(as_json, output_ref == "-", input=input_ref, output=output_ref):
+                output_ref = io.fill_template(input_ref, output_ref)
                 info = stream.run_files(input_ref, filters_ref, output_ref, **options)
-            except ConvtError as e:  # --json: one line per tensor tried, as with many
-                if as_json:
-                    message = " ".join(str(e).split())
-                    click.echo(json.dumps({"input": input_ref, "output": output_ref, "error": message}),
-                               err=output_ref == "-")
-                raise
             bar.close()
             if as_json:
                 click.echo(json.dumps(info), err=output_ref == "-")
@@ -370,6 +366,18 @@ def run(input_ref, filters_ref, output_ref, output_shape, strides, padding, data
             raise _Interrupted(_written_before(written, items, tried)) from None
     if failed:
         sys.exit(EXIT_TROUBLE)
+
+
+@contextlib.contextmanager
+def _json_error(as_json: bool, err: bool = False, **fields):
+    """With --json, a mistake is also one JSON line, {**fields, "error": message}: every tensor tried gets its
+    line, whether it failed alone or as one of many. (A flag click cannot parse stops before any is tried.)"""
+    try:
+        yield
+    except ConvtError as e:
+        if as_json:
+            click.echo(json.dumps({**fields, "error": " ".join(str(e).split())}), err=err)
+        raise
 
 
 def _written_before(written: list[str], items: list, tried: int) -> str:
@@ -401,9 +409,10 @@ def shape(input_ref, filters_ref, output_shape, strides, padding, data_format, d
     """
     from .stream import plan_files
 
-    info = plan_files(input_ref, filters_ref, output_shape=output_shape, strides=strides, padding=padding,
-                      data_format=data_format, dilations=dilations, dtype=dtype, max_memory=max_memory,
-                      threads=threads, available_memory=_available_memory)
+    with _json_error(as_json, input=input_ref, filters=filters_ref):
+        info = plan_files(input_ref, filters_ref, output_shape=output_shape, strides=strides, padding=padding,
+                          data_format=data_format, dilations=dilations, dtype=dtype, max_memory=max_memory,
+                          threads=threads, available_memory=_available_memory)
     if as_json:
         click.echo(json.dumps(info))
         return
@@ -418,7 +427,9 @@ def shape(input_ref, filters_ref, output_shape, strides, padding, data_format, d
         click.echo(f"memory        does not fit: {info['memory_error']}")
         return
     pieces = info["pieces"]
-    how = "in one piece" if pieces <= 1 else f"in {pieces:,} pieces of {info['batch_per_chunk']:,} batch elements"
+    per = info["batch_per_chunk"]
+    how = ("in one piece" if pieces <= 1
+           else f"in {pieces:,} pieces of {per:,} batch element{'s' if per != 1 else ''}")
     click.echo(f"memory        {info['memory_bytes']:,} bytes at once, {how}")
 
 
@@ -437,7 +448,7 @@ def info(files, as_json):
       convt info 'samples/*.npy'
       convt run - w.npy -o - < x.npy | convt info -
     """
-    from .io import expand_files, list_arrays
+    from .io import expand_files, list_arrays, parse_ref
 
     failed = False
     for pattern in files:
@@ -455,8 +466,9 @@ def info(files, as_json):
             if as_json:
                 click.echo(json.dumps({"file": path, "arrays": arrays}))
                 continue
+            base = path if path == "-" else parse_ref("FILE", path).path  # PATH of PATH:NAME
             for a in arrays:
-                click.echo(_info_line(path, a))
+                click.echo(_info_line(base, a))
     if failed:
         sys.exit(EXIT_TROUBLE)
 
@@ -518,7 +530,8 @@ def verify(input_ref, filters_ref, output_ref, output_shape, strides, padding, d
     """
     from .stream import verify_files
 
-    with _Bar(quiet, "convt verify") as bar:
+    with _Bar(quiet, "convt verify") as bar, _json_error(as_json, input=input_ref, filters=filters_ref,
+                                                          output=output_ref):
         report = verify_files(input_ref, filters_ref, output_ref, output_shape=output_shape, strides=strides,
                               padding=padding, data_format=data_format, dilations=dilations, dtype=dtype,
                               probes=probes, seed=seed, rtol=rtol, max_memory=max_memory, threads=threads,

@@ -112,9 +112,19 @@ def read_whole(ref: ArrayRef) -> bool:
 
 
 def list_arrays(path: str) -> list[dict]:
-    """Every array in a file: name (None for .npy), shape, dtype, and chunks for HDF5 datasets."""
+    """Every array in a file: name (None for .npy), shape, dtype, and chunks for HDF5 datasets; for `PATH:NAME`,
+    the array NAME names, or every array below the group it names."""
     ref = parse_ref("FILE", path)
-    return formats.input_format(ref).listing(ref)
+    arrays = formats.input_format(ref).listing(ref)
+    if ref.name is None:
+        return arrays
+    key = ref.name.strip("/")
+    picked = [a for a in arrays if a["name"] is not None
+              and (a["name"].strip("/") == key or a["name"].strip("/").startswith(key + "/") or not key)]
+    if not picked:
+        names = ", ".join(a["name"] for a in arrays[:5] if a["name"]) + (", ..." if len(arrays) > 5 else "")
+        ref.fail(f"has no array or group '{ref.name}': it holds {names or 'nothing'}")
+    return picked
 
 
 def attributes(ref: ArrayRef) -> dict:
@@ -344,6 +354,12 @@ def _distinct(items: list, template: str) -> list:
         if other is not None:
             raise ConvtError(f"OUTPUT '{template}': '{source}' would be written to '{target}', which is the input "
                              f"'{other}': write the outputs elsewhere")
+    folders = {_folder(parse_ref("OUTPUT", target, must_exist=False)) for _, target in items}
+    missing = sorted(f for f in folders if not os.path.isdir(f))
+    if missing:  # once for the run, not once per item
+        others = len(missing) - 1
+        more = f" (nor {others} other folder{'s' if others > 1 else ''} it names)" if others else ""
+        raise ConvtError(f"OUTPUT '{template}': folder '{missing[0]}' does not exist{more}")
     return items
 
 

@@ -98,7 +98,9 @@ def run_files(input_ref, filters_ref, output_ref, *, output_shape=None, strides=
     options = _write_options(compression, compression_level)
     x_ref, w_ref = _refs(input_ref, filters_ref)
     out_ref = io.parse_ref("OUTPUT", _ref_text("OUTPUT", output_ref), must_exist=False)
-    formats_checked = io.output_format(out_ref)  # an unknown output suffix before any file is opened
+    out_format = io.formats.output_format(out_ref)  # an unknown output suffix, before any file is opened
+    if copy_attrs and not out_format.attributes_out:
+        out_ref.fail(f"--copy-attrs: a {out_format.title} output holds no attributes: write to .h5")
     x_src = io.Source(x_ref, whole=io.same_h5_file(out_ref, x_ref))
     try:
         w_shape, w_dtype, w_load = _open(w_ref)
@@ -142,7 +144,6 @@ def run_files(input_ref, filters_ref, output_ref, *, output_shape=None, strides=
     info.update(seconds=round(seconds, 6), wall_seconds=round(time.perf_counter() - began, 6),
                 gflop_per_s=round(plan.flops / seconds / 1e9, 3) if seconds > 0 else None,
                 batch_per_chunk=min(chunk, plan.batch), pieces=-(-plan.batch // chunk) if plan.batch else 0)
-    del formats_checked
     return info
 
 
@@ -219,9 +220,15 @@ def verify_files(input_ref, filters_ref, output_ref=None, *, output_shape=None, 
         y_src = None if y_ref is None else io.Source(y_ref)
         if y_src is not None:
             sources.append(y_src)
-            if output_shape is None:
-                output_shape = list(y_src.shape)
-        plan = _plan(x_ref, x_src.shape, w_shape, output_shape, strides, padding, data_format, dilations)
+        shape_of_output = y_src is not None and output_shape is None
+        if shape_of_output:
+            output_shape = list(y_src.shape)
+        try:
+            plan = plan_conv_transpose(x_src.shape, w_shape, output_shape, strides, padding, data_format, dilations)
+        except ConvtError as e:  # the output's own shape, when it gave it, is what does not fit
+            if shape_of_output:
+                y_ref.fail(f"has shape {tuple(y_src.shape)}, which INPUT '{x_ref}' cannot give under these flags: {e}")
+            raise ConvtError(f"{x_ref.label} '{x_ref}': {e}") from None
         if y_src is not None and tuple(y_src.shape) != plan.output_shape:
             y_ref.fail(f"has shape {tuple(y_src.shape)} but --output-shape asks for {plan.output_shape}")
         out_dtype = checked_dtype(cast, (x_ref, x_src.dtype), (w_ref, w_dtype))

@@ -421,8 +421,9 @@ CASES = [
          "Error: FILE 'g.npy': is not a .npy, .npz or HDF5 file (it starts with b'garbage!')",
          lambda: put("g.npy", b"garbage!garbage!")),
     case("verify-output-wrong-shape", ["verify", "x.npy", "w.npy", "y0.npy"],
-         "Error: INPUT 'x.npy': conv_transpose: output_shape[1]=4 is not reachable from input size 5 with kernel 3, stride 1, "
-         "dilation 1, padding SAME: legal sizes are 5..5 (SAME needs (I-1)*s+1 <= O <= I*s)",
+         "Error: OUTPUT 'y0.npy': has shape (2, 4, 6, 4), which INPUT 'x.npy' cannot give under these flags: "
+         "conv_transpose: output_shape[1]=4 is not reachable from input size 5 with kernel 3, stride 1, dilation 1, "
+         "padding SAME: legal sizes are 5..5 (SAME needs (I-1)*s+1 <= O <= I*s)",
          lambda: np.save("y0.npy", np.zeros((2, 4, 6, 4), np.float32))),
     case("verify-stdin-twice", ["verify", "-", "w.npy", "-"],
          "Error: OUTPUT '-': stdin is already used; give OUTPUT as a file", None, b""),

@@ -398,8 +398,9 @@ def test_verify_without_output_checks_convt_itself(work):
 @pytest.mark.parametrize(
     "extra,message",
     [
-        (["--strides", "3"], "Error: INPUT 'x.npy': conv_transpose: output_shape[1]=10 is not reachable from input "
-                             "size 5 with kernel 3, stride 3, dilation 1, padding SAME: legal sizes are 13..15"),
+        (["--strides", "3"], "Error: OUTPUT 'y.npy': has shape (2, 10, 12, 4), which INPUT 'x.npy' cannot give under "
+                             "these flags: conv_transpose: output_shape[1]=10 is not reachable from input size 5 with "
+                             "kernel 3, stride 3, dilation 1, padding SAME: legal sizes are 13..15"),
         (["--strides", "2", "--output-shape", "9,12"], "Error: OUTPUT 'y.npy': has shape (2, 10, 12, 4) but "
                                                        "--output-shape asks for (2, 9, 12, 4)"),
         (["--strides", "2", "--dtype", "float64"], "Error: OUTPUT 'y.npy': has dtype float32 but INPUT and FILTERS "

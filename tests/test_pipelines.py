@@ -559,3 +559,71 @@ def test_an_interrupted_copy_to_stdout_says_the_reader_got_a_truncated_stream(mo
     with pytest.raises(interrupts.Interrupted) as e:
         sink.commit()
     assert e.value.written == "stdout got the start of the output, a truncated .npy stream"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# What a second look found
+
+
+def test_info_of_a_named_array_or_group_lists_only_that(work):
+    x, _ = work
+    with h5py.File("b.h5", "w") as f:
+        f["inputs/a"] = x
+        f["inputs/b"] = x
+        f["filters/w"] = x
+    np.savez("p.npz", a=x, b=x[:1])
+    r = invoke("info", "b.h5:/inputs/a", "b.h5:inputs", "p.npz:b", "b.h5:/nope", "p.npz:zz")
+    assert r.exit_code == 2
+    assert r.stdout.splitlines() == ["b.h5:/inputs/a  (2, 5, 6, 3) float32", "b.h5:/inputs/a  (2, 5, 6, 3) float32",
+                                     "b.h5:/inputs/b  (2, 5, 6, 3) float32", "p.npz:b  (1, 5, 6, 3) float32"]
+    assert r.stderr.splitlines() == [
+        "Error: FILE 'b.h5:/nope': has no array or group '/nope': it holds /filters/w, /inputs/a, /inputs/b",
+        "Error: FILE 'p.npz:zz': has no array or group 'zz': it holds a, b"]
+
+
+@pytest.mark.parametrize("args,fields", [
+    (["run", "nofile.npy", "w.npy", "-o", "y.npy"], {"input": "nofile.npy", "output": "y.npy"}),
+    (["run", "none*.npy", "w.npy", "-o", "{stem}.npy"], {"input": "none*.npy", "output": "{stem}.npy"}),
+    (["shape", "x.npy", "nofile.npy"], {"input": "x.npy", "filters": "nofile.npy"}),
+    (["verify", "x.npy", "w.npy", "nofile.npy"], {"input": "x.npy", "filters": "w.npy", "output": "nofile.npy"}),
+])
+def test_json_has_an_error_line_for_every_mistake_about_a_tensor(work, args, fields):
+    r = invoke(*args, "--json")
+    assert r.exit_code == 2
+    assert json.loads(r.stdout) == {**fields, "error": r.stderr[len("Error: "):].strip()}
+
+
+def test_verify_blames_an_output_whose_own_shape_does_not_fit(work):
+    np.save("wrong.npy", np.zeros((2, 7, 6, 4), np.float32))
+    r = invoke("verify", "x.npy", "w.npy", "wrong.npy")
+    assert r.stderr.startswith("Error: OUTPUT 'wrong.npy': has shape (2, 7, 6, 4), which INPUT 'x.npy' cannot give "
+                               "under these flags: conv_transpose: output_shape[1]=7 is not reachable")
+
+
+def test_a_missing_output_folder_is_one_error_for_a_whole_glob(work):
+    os.mkdir("in")
+    for stem in "abc":
+        np.save(f"in/{stem}.npy", work[0])
+    r = invoke("run", "in/*.npy", "w.npy", "-o", "gout/{stem}.npy")
+    assert (r.exit_code, r.stderr) == (2, "Error: OUTPUT 'gout/{stem}.npy': folder 'gout' does not exist\n")
+
+
+def test_copy_attrs_into_a_format_without_attributes_is_refused(work):
+    r = invoke("run", "x.npy", "w.npy", "-o", "y.npy", "--copy-attrs")
+    assert (r.exit_code, r.stderr) == (2, "Error: OUTPUT 'y.npy': --copy-attrs: a .npy output holds no attributes: "
+                                          "write to .h5\n")
+
+
+def test_the_subpackages_the_readme_names_are_reachable_from_the_package():
+    code = "import convt_cli; print(convt_cli.engine.prepare.__name__, convt_cli.shapes.plan_conv_transpose.__name__)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["prepare", "plan_conv_transpose"]
+
+
+def test_shape_says_one_batch_element_in_the_singular(work):
+    np.save("x8.npy", np.zeros((8, 5, 6, 3), np.float32))
+    for budget in range(16, 64, 2):
+        r = invoke("shape", "x8.npy", "w.npy", "--max-memory", f"{budget}K")
+        if "in 8 pieces" in r.stdout:
+            break
+    assert r.stdout.splitlines()[-1].endswith("in 8 pieces of 1 batch element")

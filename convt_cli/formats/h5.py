@@ -179,7 +179,8 @@ def create_dataset(ref, f, name: str, shape, dtype, provenance: dict, options: W
             continue  # a dtype tag (bfloat16's) names the input's values, not a cast output's
         try:
             d.attrs[key] = value
-        except (TypeError, ValueError, OSError, RuntimeError) as e:  # too large for an object header, a type h5py cannot write
+        # too large for an object header, a type h5py cannot write
+        except (TypeError, ValueError, OSError, RuntimeError) as e:
             ref.fail(f"the input's attribute '{key}' cannot be stored ({type(e).__name__}: "
                      f"{str(e).splitlines()[0] if str(e) else ''}): leave out --copy-attrs")
     if dtype.name == "bfloat16":
@@ -282,7 +283,7 @@ def _filters(d) -> dict:
 
 class H5(Format):
     name, title, magic, suffixes = "h5", "HDF5", HDF5_MAGIC, (".h5", ".hdf5")
-    named = groups = shares_file = True
+    named = groups = shares_file = attributes_out = True
     compressions = ("gzip", "lzf")
 
     def header(self, ref):
@@ -374,7 +375,8 @@ class H5(Format):
             if options.compression != "gzip":
                 raise ConvtError(f"--compression-level: only gzip has levels, and the compression is "
                                  f"{options.compression or 'none'}: pass --compression gzip, or drop the level")
-            if isinstance(options.level, bool) or not isinstance(options.level, int) or options.level not in GZIP_LEVELS:
+            level = options.level
+            if isinstance(level, bool) or not isinstance(level, int) or level not in GZIP_LEVELS:
                 raise ConvtError(f"--compression-level: expected an integer from 0 (fastest) to 9 (smallest), got "
                                  f"{options.level!r}")
         if options.chunk_batch is not None and (not isinstance(options.chunk_batch, int) or options.chunk_batch < 1):
