@@ -118,7 +118,8 @@ def test_output_shape_takes_any_sequence_or_array_of_ints(output_shape):
         (iter([2, 10, 12, 4]), "output_shape must be a sequence of integers, got <list_iterator"),
         (np.array(12), "output_shape must be one-dimensional, got 0-d shape (): 12"),
         (HasArray(12), "output_shape must be one-dimensional, got 0-d shape (): 12"),
-        (np.array([[2, 10], [12, 4]]), "output_shape must be one-dimensional, got 2-d shape (2, 2): [[2, 10], [12, 4]]"),
+        (np.array([[2, 10], [12, 4]]),
+         "output_shape must be one-dimensional, got 2-d shape (2, 2): [[2, 10], [12, 4]]"),
     ],
     ids=lambda v: repr(v)[:30],
 )

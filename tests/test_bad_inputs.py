@@ -239,34 +239,43 @@ CASES = [
                   np.save("wi.npy", np.full((1, 1, 1, 2), 2, np.int32)))),
     # --- ranks and shapes
     case("rank-too-small", ["run", "r.npy", "w.npy", "-o", "y.npy"],
-         "Error: INPUT 'r.npy': conv_transpose: input must have rank >= 3 (batch, spatial..., channels), got rank 2 with shape "
+         "Error: INPUT 'r.npy': conv_transpose: input must have rank >= 3 (batch, spatial..., channels), got rank 2 "
+         "with shape "
          "(5, 3)", lambda: np.save("r.npy", x_like(np.float32, (5, 3)))),
     case("rank-0", ["run", "r.npy", "w.npy", "-o", "y.npy"],
-         "Error: INPUT 'r.npy': conv_transpose: input must have rank >= 3 (batch, spatial..., channels), got rank 0 with shape ()",
+         "Error: INPUT 'r.npy': conv_transpose: input must have rank >= 3 (batch, spatial..., channels), got rank 0 "
+         "with shape ()",
          lambda: np.save("r.npy", np.float32(1))),
     case("filters-rank", ["run", "x.npy", "r.npy", "-o", "y.npy"],
-         "Error: INPUT 'x.npy': conv_transpose: filters must have rank 4 like the input (spatial..., out_channels, in_channels), "
+         "Error: INPUT 'x.npy': conv_transpose: filters must have rank 4 like the input (spatial..., out_channels, "
+         "in_channels), "
          "got rank 3 with shape (3, 4, 3)", lambda: np.save("r.npy", x_like(np.float32, (3, 4, 3)))),
     case("rank-vs-data-format", RUN + ["--data-format", "NCW"],
-         "Error: INPUT 'x.npy': conv_transpose: data_format='NCW' does not fit 2 spatial dims (input rank 4) (it is for 1 spatial "
+         "Error: INPUT 'x.npy': conv_transpose: data_format='NCW' does not fit 2 spatial dims (input rank 4) (it is "
+         "for 1 spatial "
          "dims): expected 'NHWC', 'NCHW', 'channels_last' or 'channels_first'"),
     case("rank-6-vs-data-format", ["run", "r.npy", "r.npy", "-o", "y.npy", "--data-format", "NDHWC"],
-         "Error: INPUT 'r.npy': conv_transpose: data_format='NDHWC' does not fit 4 spatial dims (input rank 6) (it is for 3 "
+         "Error: INPUT 'r.npy': conv_transpose: data_format='NDHWC' does not fit 4 spatial dims (input rank 6) (it is "
+         "for 3 "
          "spatial dims): expected 'channels_last' or 'channels_first'",
          lambda: np.save("r.npy", np.ones((1, 1, 1, 1, 1, 1), np.float32))),
     case("channel-mismatch", ["run", "x.npy", "w2.npy", "-o", "y.npy"],
-         "Error: INPUT 'x.npy': conv_transpose: filters.shape[-1]=2 (in_channels) must equal the input's channels 3 (filters are "
+         "Error: INPUT 'x.npy': conv_transpose: filters.shape[-1]=2 (in_channels) must equal the input's channels 3 "
+         "(filters are "
          "spatial + [out_channels, in_channels]; input shape (2, 5, 6, 3), data_format NHWC)",
          lambda: np.save("w2.npy", x_like(np.float32, (3, 3, 3, 2)))),
     case("output-shape-batch", RUN + ["--output-shape", "3,5,6,4"],
          "Error: INPUT 'x.npy': conv_transpose: output_shape[0]=3 (batch) must equal the input's batch size 2"),
     case("output-shape-channels", RUN + ["--output-shape", "2,5,6,5"],
-         "Error: INPUT 'x.npy': conv_transpose: output_shape[3]=5 (channels) must equal filters.shape[-2]=4 (out_channels)"),
+         "Error: INPUT 'x.npy': conv_transpose: output_shape[3]=5 (channels) must equal filters.shape[-2]=4 "
+         "(out_channels)"),
     case("output-shape-out-of-range", RUN + ["--output-shape", "2,99,12,4", "--strides", "2"],
-         "Error: INPUT 'x.npy': conv_transpose: output_shape[1]=99 is not reachable from input size 5 with kernel 3, stride 2, "
+         "Error: INPUT 'x.npy': conv_transpose: output_shape[1]=99 is not reachable from input size 5 with kernel 3, "
+         "stride 2, "
          "dilation 1, padding SAME: legal sizes are 9..10 (SAME needs (I-1)*s+1 <= O <= I*s)"),
     case("output-shape-length", RUN + ["--output-shape", "5,6,4"],
-         "Error: INPUT 'x.npy': conv_transpose: output_shape must have N+2=4 entries (the full shape in data_format order) or N=2 "
+         "Error: INPUT 'x.npy': conv_transpose: output_shape must have N+2=4 entries (the full shape in data_format "
+         "order) or N=2 "
          "(spatial sizes only), got 3: [5, 6, 4]"),
     case("output-shape-negative", RUN + ["--output-shape", "-5,6"],
          "Error: INPUT 'x.npy': conv_transpose: output_shape[0]=-5 must be >= 0"),
@@ -275,7 +284,8 @@ CASES = [
          "'5,six'"),
     # --- strides, dilations, padding, data_format
     case("strides-0", RUN + ["--strides", "0"], "Error: INPUT 'x.npy': conv_transpose: strides[0]=0 must be >= 1"),
-    case("strides-negative", RUN + ["--strides", "1,-2"], "Error: INPUT 'x.npy': conv_transpose: strides[1]=-2 must be >= 1"),
+    case("strides-negative", RUN + ["--strides", "1,-2"],
+         "Error: INPUT 'x.npy': conv_transpose: strides[1]=-2 must be >= 1"),
     case("strides-length", RUN + ["--strides", "1,2,2"],
          "Error: INPUT 'x.npy': conv_transpose: strides must have length 1, N=2 or N+2=4, got length 3: [1, 2, 2]"),
     case("strides-batch-entry", RUN + ["--strides", "2,2,2,1"],
@@ -284,8 +294,10 @@ CASES = [
          "Error: --strides: expected comma-separated integers like 2 or 1,2,2,1, got '1.5'"),
     case("strides-empty", RUN + ["--strides", ""],
          "Error: --strides: expected comma-separated integers like 2 or 1,2,2,1, got ''"),
-    case("dilations-0", RUN + ["--dilations", "0"], "Error: INPUT 'x.npy': conv_transpose: dilations[0]=0 must be >= 1"),
-    case("dilations-negative", RUN + ["--dilations", "-1"], "Error: INPUT 'x.npy': conv_transpose: dilations[0]=-1 must be >= 1"),
+    case("dilations-0", RUN + ["--dilations", "0"],
+         "Error: INPUT 'x.npy': conv_transpose: dilations[0]=0 must be >= 1"),
+    case("dilations-negative", RUN + ["--dilations", "-1"],
+         "Error: INPUT 'x.npy': conv_transpose: dilations[0]=-1 must be >= 1"),
     case("dilations-length", RUN + ["--dilations", "1,1,1"],
          "Error: INPUT 'x.npy': conv_transpose: dilations must have length 1, N=2 or N+2=4, got length 3: [1, 1, 1]"),
     case("dilations-text", RUN + ["--dilations", "two"],
@@ -297,21 +309,25 @@ CASES = [
     case("padding-negative", RUN + ["--padding", "-1:0,0:0"],
          "Error: INPUT 'x.npy': conv_transpose: padding for spatial axis 0 is (-1, 0): pads must be >= 0"),
     case("data-format-typo", RUN + ["--data-format", "NHCW"],
-         "Error: INPUT 'x.npy': conv_transpose: data_format='NHCW' does not fit 2 spatial dims (input rank 4): expected 'NHWC', "
+         "Error: INPUT 'x.npy': conv_transpose: data_format='NHCW' does not fit 2 spatial dims (input rank 4): "
+         "expected 'NHWC', "
          "'NCHW', 'channels_last' or 'channels_first'"),
     case("dtype-flag-typo", RUN + ["--dtype", "float"],
          "Error: Invalid value for '--dtype': 'float' is not one of 'float16', 'bfloat16', 'float32', 'float64', "
          "'int32', 'complex64', 'complex128'."),
     # --- zero sizes that no flag makes legal (the legal ones compute: test_legal_zero_sizes)
     case("zero-kernel-size", ["run", "x.npy", "wk.npy", "-o", "y.npy"],
-         "Error: INPUT 'x.npy': conv_transpose: filters.shape[1]=0: kernel sizes must be >= 1 (filters shape (3, 0, 4, 3))",
+         "Error: INPUT 'x.npy': conv_transpose: filters.shape[1]=0: kernel sizes must be >= 1 (filters shape (3, 0, "
+         "4, 3))",
          lambda: np.save("wk.npy", np.zeros((3, 0, 4, 3), np.float32))),
     case("zero-spatial-no-legal-output", ["run", "x0.npy", "w.npy", "-o", "y.npy", "--padding", "2:2,0:0"],
-         "Error: INPUT 'x0.npy': conv_transpose: default output size on spatial axis 0=0 is not reachable from input size 0 with "
+         "Error: INPUT 'x0.npy': conv_transpose: default output size on spatial axis 0=0 is not reachable from input "
+         "size 0 with "
          "kernel 3, stride 1, dilation 1, padding (2, 2): no output size is legal (explicit (lo, hi) needs "
          "(O+lo+hi-eff)//s+1 == I with eff=(K-1)*d+1)", lambda: np.save("x0.npy", np.zeros((2, 0, 6, 3), np.float32))),
     case("zero-output-size", RUN + ["--output-shape", "0,6"],
-         "Error: INPUT 'x.npy': conv_transpose: output_shape[0]=0 is not reachable from input size 5 with kernel 3, stride 1, "
+         "Error: INPUT 'x.npy': conv_transpose: output_shape[0]=0 is not reachable from input size 5 with kernel 3, "
+         "stride 1, "
          "dilation 1, padding SAME: legal sizes are 5..5 (SAME needs (I-1)*s+1 <= O <= I*s)"),
     case("zero-batch-vs-output-shape", ["run", "xb.npy", "w.npy", "-o", "y.npy", "--output-shape", "2,5,6,4"],
          "Error: INPUT 'xb.npy': conv_transpose: output_shape[0]=2 (batch) must equal the input's batch size 0",

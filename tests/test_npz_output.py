@@ -138,7 +138,8 @@ def test_the_very_member_an_input_reads_is_refused_even_with_force(y, input_ref)
     np.save("w2.npy", np.ones((3, 3, 4, 4), np.float32))
     before = open("pair.npz", "rb").read()
     r = invoke("run", input_ref, "w2.npy", "-o", "pair.npz:a", "--force")
-    assert error_line(r) == f"Error: OUTPUT 'pair.npz:a': is the same as INPUT '{input_ref}': write the output elsewhere"
+    assert error_line(r) == (f"Error: OUTPUT 'pair.npz:a': is the same as INPUT '{input_ref}': write the output "
+                             f"elsewhere")
     assert open("pair.npz", "rb").read() == before
 
 

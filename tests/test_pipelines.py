@@ -412,8 +412,8 @@ def test_a_member_added_to_an_npz_needs_room_for_the_copy_of_the_file(work, monk
     r = invoke("run", "x.npy", "w.npy", "-o", "pair.npz:y")
     assert r.exit_code == 2
     assert r.stderr == ("Error: OUTPUT 'pair.npz:y': needs about 782.4 KiB (the output, 960 B, and a new copy of the "
-                        "file it goes into, 781.5 KiB) but only 4.9 KiB is free where it goes: free some space or write "
-                        "it elsewhere\n")
+                        "file it goes into, 781.5 KiB) but only 4.9 KiB is free where it goes: free some space or "
+                        "write it elsewhere\n")
     assert sorted(np.load("pair.npz").files) == ["big"]
 
 
