@@ -18,7 +18,7 @@ from click.shell_completion import BashComplete, CompletionItem, add_completion_
 from . import __version__, completion
 from .dtype_names import DTYPES
 from .errors import ConvtError
-from .interrupts import caused_by_signal, deferred, install
+from .interrupts import caused_by_signal, deferred, install, stop_if_signalled
 
 EXIT_MISMATCH, EXIT_TROUBLE = 1, 2
 EXIT_PIPE = 128 + 13  # what a shell reports for a tool that SIGPIPE ended, as `cat` or `gzip` in `... | head`
@@ -45,8 +45,15 @@ class _PipeClosed(Exception):
 class ConvtGroup(click.Group):
     """Translates every user mistake (ours or click's) into a single `Error:` line and exit code 2."""
 
+    def make_context(self, *args, **kwargs):
+        try:  # click would print a blank line for an interrupt while it parses
+            return super().make_context(*args, **kwargs)
+        except KeyboardInterrupt as e:
+            raise _Interrupted(getattr(e, "written", "no output was written")) from None
+
     def invoke(self, ctx):
         try:
+            stop_if_signalled()  # one held while click loaded and parsed
             return super().invoke(ctx)
         except KeyboardInterrupt as e:
             raise _Interrupted(getattr(e, "written", "no output was written")) from None
@@ -110,7 +117,6 @@ def _complete(candidates):
 
 
 _array_ref = _complete(completion.complete_array_ref)  # INPUT, FILTERS, [OUTPUT], -o
-_files = _complete(completion.complete_files)
 
 
 @add_completion_class
@@ -409,6 +415,7 @@ def shape(input_ref, filters_ref, output_shape, strides, padding, data_format, d
     """
     from .stream import plan_files
 
+    stop_if_signalled()  # one held while NumPy loaded
     with _json_error(as_json, input=input_ref, filters=filters_ref):
         info = plan_files(input_ref, filters_ref, output_shape=output_shape, strides=strides, padding=padding,
                           data_format=data_format, dilations=dilations, dtype=dtype, max_memory=max_memory,
@@ -434,7 +441,7 @@ def shape(input_ref, filters_ref, output_shape, strides, padding, data_format, d
 
 
 @cli.command(no_args_is_help=True)
-@click.argument("files", nargs=-1, required=True, metavar="FILE...", shell_complete=_files)
+@click.argument("files", nargs=-1, required=True, metavar="FILE...", shell_complete=_array_ref)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object per file ({\"error\": ...} for one "
                                                        "that cannot be read).")
 def info(files, as_json):
@@ -448,6 +455,16 @@ def info(files, as_json):
       convt info 'samples/*.npy'
       convt run - w.npy -o - < x.npy | convt info -
     """
+    try:
+        failed = _list_files(files, as_json)
+    except KeyboardInterrupt:
+        raise _Interrupted("the listing stops here") from None
+    if failed:
+        sys.exit(EXIT_TROUBLE)
+
+
+def _list_files(files, as_json: bool) -> bool:
+    """info's listing, file by file; True when a file could not be listed."""
     from .io import expand_files, list_arrays, parse_ref
 
     failed = False
@@ -457,6 +474,7 @@ def info(files, as_json):
             paths, failed = [], True
             _info_error(pattern, f"FILE '{pattern}': the pattern matches no file", as_json)
         for path in paths:
+            stop_if_signalled()  # one held while NumPy or h5py loaded, or inside the last file's h5py calls
             try:
                 arrays = list_arrays(path)
             except ConvtError as e:
@@ -469,8 +487,7 @@ def info(files, as_json):
             base = path if path == "-" else parse_ref("FILE", path).path  # PATH of PATH:NAME
             for a in arrays:
                 click.echo(_info_line(base, a))
-    if failed:
-        sys.exit(EXIT_TROUBLE)
+    return failed
 
 
 def _info_error(path: str, message: str, as_json: bool) -> None:
@@ -546,4 +563,17 @@ def verify(input_ref, filters_ref, output_ref, output_shape, strides, padding, d
 
 def main():
     install()  # already done by the `convt` command's entry point (__main__.main), which comes here
-    cli.main(prog_name="convt")
+    try:
+        cli.main(prog_name="convt")
+    finally:
+        _ignore_signals()
+
+
+def _ignore_signals() -> None:
+    """The work is done and said: a signal now must not kill the exit. (Python puts back the default handlers
+    when it shuts down, tens of milliseconds in which SIGINT or SIGTERM would end it with 130 or 143 after a
+    complete run; it leaves ignored signals ignored.)"""
+    import signal
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, signal.SIG_IGN)

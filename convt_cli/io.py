@@ -77,6 +77,10 @@ def parse_ref(label: str, text: str, must_exist: bool = True) -> ArrayRef:
                     raise ConvtError(f"{label} {text!r}: the name after ':' is not valid UTF-8") from None
                 return ArrayRef(label, text, path, name or None)
         if must_exist:
+            head, colon, _ = text.rpartition(":")
+            if colon and os.path.isfile(head):  # x.npy:foo, where x.npy holds one array
+                raise ConvtError(f"{label} '{text}': '{head}' holds one array, with no names inside: drop the "
+                                 f"':{text[len(head) + 1:]}'")
             folder = os.path.dirname(text)
             if folder and not os.path.isdir(folder):
                 raise ConvtError(f"{label} '{text}': folder '{folder}' does not exist")
@@ -297,7 +301,8 @@ def expand_items(input_text: str, output_text: str):
         if not _is_template(output_text):
             raise ConvtError(f"OUTPUT '{output_text}': with many inputs it must be a template holding {{stem}}, "
                              f"{{name}} or {{index}}, like 'out/{{stem}}.npy'")
-        return _distinct([(p, _fill(output_text, p, i)) for i, p in enumerate(paths)], output_text)
+        return _distinct([(p, _fill(output_text, _split_member(p)[0], i)) for i, p in enumerate(paths)],
+                         output_text)
     ref = parse_ref("INPUT", input_text) if input_text != "-" else None
     if ref is None or ref.is_std or ref.name is None:
         return None  # a bare container path is its one array, as everywhere
@@ -337,7 +342,18 @@ def expand_files(text: str) -> list[str]:
 
     if text == "-" or os.path.exists(text) or not any(c in text for c in GLOB_CHARACTERS):
         return [text]
-    return sorted(p for p in glob.glob(text, recursive=True) if os.path.isfile(p))
+    pattern, member = _split_member(text)
+    return [p + member for p in sorted(glob.glob(pattern, recursive=True)) if os.path.isfile(p)]
+
+
+def _split_member(text: str) -> tuple[str, str]:
+    """('m*.npz', ':p') of 'm*.npz:p': a glob over container files, each with the same NAME inside."""
+    lowered = text.lower()
+    for suffix in formats.container_suffixes():
+        at = lowered.rfind(suffix + ":")
+        if at > 0:
+            return text[: at + len(suffix)], text[at + len(suffix):]
+    return text, ""
 
 
 def _distinct(items: list, template: str) -> list:
@@ -384,7 +400,8 @@ def _is_template(text: str) -> bool:
     try:
         fields = [(f, conv) for _, f, _, conv in string.Formatter().parse(text) if f is not None]
     except ValueError as e:
-        raise ConvtError(f"OUTPUT '{text}': not a template convt can fill ({e})") from None
+        raise ConvtError(f"OUTPUT '{text}': not a template convt can fill ({e}; write {{{{ and }}}} for a "
+                         f"brace in a name)") from None
     for field, conversion in fields:
         if field not in TEMPLATE_FIELDS or conversion is not None:
             raise ConvtError(f"OUTPUT '{text}': '{{{field}}}' is not a template field: use {{stem}}, {{name}} or "

@@ -99,8 +99,10 @@ def run_files(input_ref, filters_ref, output_ref, *, output_shape=None, strides=
     x_ref, w_ref = _refs(input_ref, filters_ref)
     out_ref = io.parse_ref("OUTPUT", _ref_text("OUTPUT", output_ref), must_exist=False)
     out_format = io.formats.output_format(out_ref)  # an unknown output suffix, before any file is opened
-    if copy_attrs and not out_format.attributes_out:
+    if copy_attrs and not out_format.has_attributes:
         out_ref.fail(f"--copy-attrs: a {out_format.title} output holds no attributes: write to .h5")
+    if copy_attrs and (x_ref.is_std or not io.formats.input_format(x_ref).has_attributes):
+        x_ref.fail("--copy-attrs: the input holds no attributes to copy (only .h5 datasets have them)")
     x_src = io.Source(x_ref, whole=io.same_h5_file(out_ref, x_ref))
     try:
         w_shape, w_dtype, w_load = _open(w_ref)
@@ -171,7 +173,7 @@ def run_many(items, filters_ref, **options):
             info = run_files(item_in, filters_ref, item_out, **options)
         except ConvtError as e:
             message = " ".join(str(e).split())
-            if not message.startswith(("INPUT ", "OUTPUT ", "FILTERS ")):
+            if not message.startswith(("INPUT '", "OUTPUT '", "FILTERS '")):
                 message = f"INPUT '{item_in}': {message}"  # which of the many it was
             info = {"input": item_in, "output": item_out, "error": message}
         yield info
@@ -226,7 +228,8 @@ def verify_files(input_ref, filters_ref, output_ref=None, *, output_shape=None, 
         try:
             plan = plan_conv_transpose(x_src.shape, w_shape, output_shape, strides, padding, data_format, dilations)
         except ConvtError as e:  # the output's own shape, when it gave it, is what does not fit
-            if shape_of_output:
+            if shape_of_output:  # unless INPUT and FILTERS do not fit each other whatever the output
+                _plan(x_ref, x_src.shape, w_shape, None, strides, padding, data_format, dilations)
                 y_ref.fail(f"has shape {tuple(y_src.shape)}, which INPUT '{x_ref}' cannot give under these flags: {e}")
             raise ConvtError(f"{x_ref.label} '{x_ref}': {e}") from None
         if y_src is not None and tuple(y_src.shape) != plan.output_shape:

@@ -210,6 +210,8 @@ def test_wired_arrays_complete_as_files(files, args):
     (["run", "x.npy", "w.npy", "-o"], "d.h5:/f", ["d.h5:/filters/w"]),
     (["verify", "x.npy", "w.npy"], "d.h5:/in", ["d.h5:/inputs/a", "d.h5:/inputs/b"]),
     (["shape", "d.h5:/inputs/a"], "d.h5:/fi", ["d.h5:/filters/w"]),
+    (["info", "x.npy"], "d.h5:/in", ["d.h5:/inputs/a", "d.h5:/inputs/b"]),
+    (["info"], "w.npz:", ["w.npz:kernel", "w.npz:bias"]),
     (["run", "--padding"], "v", ["VALID"]),
     (["shape", "--padding"], "", ["SAME", "VALID"]),
     (["verify", "--data-format"], "nd", ["NDHWC"]),

@@ -627,3 +627,78 @@ def test_shape_says_one_batch_element_in_the_singular(work):
         if "in 8 pieces" in r.stdout:
             break
     assert r.stdout.splitlines()[-1].endswith("in 8 pieces of 1 batch element")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# What a third look found
+
+
+def test_after_the_work_signals_cannot_kill_the_exit(work):
+    code = ("import signal, sys\nfrom convt_cli.cli import main\nsys.argv = ['convt', 'info', 'x.npy']\n"
+            "try:\n    main()\nexcept SystemExit:\n    pass\n"
+            "print(all(signal.getsignal(s) == signal.SIG_IGN for s in (signal.SIGINT, signal.SIGTERM)))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert r.stdout.splitlines() == ["x.npy  (2, 5, 6, 3) float32", "True"]
+
+
+@pytest.mark.parametrize("args", [["shape", "x.npy", "w.npy"], ["info", "x.npy"], ["run", "x.npy", "w.npy", "-o",
+                                                                                   "y.npy"]])
+def test_a_signal_held_while_click_or_numpy_loaded_stops_every_command(work, signals, args):
+    from convt_cli import interrupts
+
+    interrupts._signalled.append(2)  # as terminate does for a signal inside an import
+    r = invoke(*args)
+    assert r.exit_code == 2 and r.stdout == ""
+    assert r.stderr.startswith("Error: interrupted; ") and len(r.stderr.splitlines()) == 1
+    assert not os.path.exists("y.npy")
+
+
+def test_an_interrupt_while_click_parses_is_one_line(work, monkeypatch):
+    from convt_cli import cli as cli_module
+
+    def convert(self, value, param, ctx):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli_module.Size, "convert", convert)
+    r = invoke("run", "x.npy", "w.npy", "-o", "y.npy", "--max-memory", "1G")
+    assert (r.exit_code, r.stderr) == (2, "Error: interrupted; no output was written\n")
+
+
+def test_verify_blames_input_and_filters_when_they_do_not_fit_each_other(work):
+    assert invoke("run", "x.npy", "w.npy", "-o", "y.npy").exit_code == 0
+    np.save("w2.npy", np.ones((3, 3, 4, 2), np.float32))
+    r = invoke("verify", "x.npy", "w2.npy", "y.npy")
+    assert r.stderr.startswith("Error: INPUT 'x.npy': conv_transpose: filters.shape[-1]=2 (in_channels) must equal")
+
+
+def test_every_item_error_names_its_item(work):
+    os.mkdir("in")
+    np.save("in/a.npy", work[0].astype(np.float64))
+    np.save("in/b.npy", work[0])
+    r = invoke("run", "in/*.npy", "w.npy", "-o", "{stem}_up.npy")
+    assert r.stderr == ("Error: INPUT 'in/a.npy': INPUT is float64 but FILTERS is float32: they must share a dtype; "
+                        "pass --dtype float64 (or another) to cast both\n")
+
+
+def test_a_glob_over_npz_files_names_a_member_in_each(work):
+    x, _ = work
+    for i in (1, 2):
+        np.savez(f"m{i}.npz", p=x * i, q=np.ones(2))
+    r = invoke("run", "m*.npz:p", "w.npy", "-o", "{stem}_up.npy")
+    assert r.exit_code == 0, r.output
+    assert sorted(n for n in os.listdir(".") if n.endswith("_up.npy")) == ["m1_up.npy", "m2_up.npy"]
+    assert invoke("info", "m*.npz:p").stdout.splitlines() == ["m1.npz:p  (2, 5, 6, 3) float32",
+                                                              "m2.npz:p  (2, 5, 6, 3) float32"]
+
+
+@pytest.mark.parametrize("args,message", [
+    (["info", "x.npy:foo"], "Error: FILE 'x.npy:foo': 'x.npy' holds one array, with no names inside: drop the "
+                            "':foo'"),
+    (["run", "x.npy", "w.npy", "-o", "a{.npy"], "Error: OUTPUT 'a{.npy': not a template convt can fill (expected "
+                                                "'}' before end of string; write {{ and }} for a brace in a name)"),
+    (["run", "x.npy", "w.npy", "-o", "y.h5", "--copy-attrs"], "Error: INPUT 'x.npy': --copy-attrs: the input holds "
+                                                             "no attributes to copy (only .h5 datasets have them)"),
+])
+def test_small_messages(work, args, message):
+    r = invoke(*args)
+    assert (r.exit_code, r.stderr) == (2, message + "\n")

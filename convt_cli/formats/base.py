@@ -45,7 +45,7 @@ class Format:
     shares_file = False  # an output may go into an existing file beside other arrays (an input there is read whole)
     compressions: tuple[str, ...] = ()  # what WriteOptions.compression may be for its outputs
     copies_file = False  # an output into an existing file writes a new copy of it (the disk needs room for both)
-    attributes_out = False  # its outputs carry attributes (provenance, --copy-attrs)
+    has_attributes = False  # its arrays carry attributes (HDF5 datasets): provenance, --copy-attrs
 
     def sniff(self, head: bytes) -> bool:
         """Whether a file starting with `head` (its first bytes) is of this format."""

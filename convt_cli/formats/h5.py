@@ -283,7 +283,7 @@ def _filters(d) -> dict:
 
 class H5(Format):
     name, title, magic, suffixes = "h5", "HDF5", HDF5_MAGIC, (".h5", ".hdf5")
-    named = groups = shares_file = attributes_out = True
+    named = groups = shares_file = has_attributes = True
     compressions = ("gzip", "lzf")
 
     def header(self, ref):
