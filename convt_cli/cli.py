@@ -538,27 +538,62 @@ def verify(input_ref, filters_ref, output_ref, output_shape, strides, padding, d
 
     For random probes x it compares <OUTPUT, x> with <INPUT, conv(x, FILTERS)>, never computing
     conv_transpose itself, so it can check results from TensorFlow, an accelerator, or convt. Without OUTPUT,
-    convt computes the output and checks that. Exit code 0: passed; 1: mismatch (or non-finite output); 2: trouble.
+    convt computes the output and checks that. Many at once, as `run` makes them: INPUT a quoted glob with an
+    OUTPUT template, or an HDF5 group with an OUTPUT group; one line per item. Exit code 0: passed; 1: a
+    mismatch (or non-finite output); 2: trouble (with many: 2 if any item was trouble, else 1 if any failed).
 
     \b
     Examples:
       convt verify x.npy w.npy y.npy --strides 2
       convt verify x.npy w.npy --strides 2 --probes 16 --seed 7 --json
+      convt verify 'in/*.npy' w.npy 'out/{stem}.npy' --strides 2
     """
-    from .stream import verify_files
+    from . import io
+    from .stream import verify_files, verify_many
 
+    options = dict(output_shape=output_shape, strides=strides, padding=padding, data_format=data_format,
+                   dilations=dilations, dtype=dtype, probes=probes, seed=seed, rtol=rtol, max_memory=max_memory,
+                   threads=threads, available_memory=_available_memory)
+    with _json_error(as_json, input=input_ref, filters=filters_ref, output=output_ref):
+        items = io.expand_items(input_ref, output_ref)
+    if items is not None:
+        _verify_many(verify_many, items, filters_ref, options, quiet, as_json)
+        return
     with _Bar(quiet, "convt verify") as bar, _json_error(as_json, input=input_ref, filters=filters_ref,
                                                           output=output_ref):
-        report = verify_files(input_ref, filters_ref, output_ref, output_shape=output_shape, strides=strides,
-                              padding=padding, data_format=data_format, dilations=dilations, dtype=dtype,
-                              probes=probes, seed=seed, rtol=rtol, max_memory=max_memory, threads=threads,
-                              progress=bar, available_memory=_available_memory)
+        report = verify_files(input_ref, filters_ref, output_ref, progress=bar, **options)
     if as_json:
         click.echo(json.dumps(report.to_dict()))
     else:
         click.echo(report.summary())
     if not report.passed:
         sys.exit(EXIT_MISMATCH)
+
+
+def _verify_many(verify_many, items, filters_ref, options, quiet, as_json) -> None:
+    """One line per item (`OUTPUT: PASS: ...`, or its JSON); exit 2 if any item was trouble, else 1 if any failed."""
+    mismatch = trouble = False
+    checked = 0
+    with _Bar(quiet, "convt verify") as bar:
+        try:
+            for info in verify_many(items, filters_ref, progress=bar, **options):
+                checked += 1
+                bar.close()
+                with deferred(reraise=False):
+                    if "error" in info:
+                        trouble = True
+                        click.echo(f"Error: {info['error']}", err=True)
+                    else:
+                        mismatch |= not info["passed"]
+                        if not as_json:
+                            item_in, item_out = items[checked - 1]
+                            click.echo(f"{item_out or item_in + ' (computed)'}: {info['summary']}")
+                    if as_json:
+                        click.echo(json.dumps(info))
+        except KeyboardInterrupt:
+            raise _Interrupted(f"{checked} of {len(items)} items were checked") from None
+    if trouble or mismatch:
+        sys.exit(EXIT_TROUBLE if trouble else EXIT_MISMATCH)
 
 
 def main():

@@ -287,17 +287,20 @@ class Source:
 GLOB_CHARACTERS = "*?["
 
 
-def expand_items(input_text: str, output_text: str):
+def expand_items(input_text: str, output_text: str | None):
     """[(input, output)] when INPUT names many tensors, else None.
 
     An HDF5 group (`data.h5:/inputs/`, or a group's path) stands for every dataset below it, written under the
     OUTPUT group with the same relative names; a glob (`'in/*.npy'`, not an existing file) for the files it
     matches, sorted, each written to the OUTPUT template with {stem}, {name} (the file name) or {index}.
+    output_text None (verify without OUTPUT): every output is None.
     """
     if input_text != "-" and not os.path.exists(input_text) and any(c in input_text for c in GLOB_CHARACTERS):
         paths = expand_files(input_text)
         if not paths:
             raise ConvtError(f"INPUT '{input_text}': the pattern matches no file")
+        if output_text is None:
+            return [(p, None) for p in paths]
         if not _is_template(output_text):
             raise ConvtError(f"OUTPUT '{output_text}': with many inputs it must be a template holding {{stem}}, "
                              f"{{name}} or {{index}}, like 'out/{{stem}}.npy'")
@@ -312,6 +315,8 @@ def expand_items(input_text: str, output_text: str):
     if not names:
         ref.fail(f"group '{ref.name}' holds no dataset")
     base = "/" + ref.name.strip("/")
+    if output_text is None:
+        return [(f"{ref.path}:{base.rstrip('/')}/{n}", None) for n in sorted(names)]
     if _is_template(output_text):
         return _distinct([(f"{ref.path}:{base.rstrip('/')}/{n}", _fill(output_text, n, i))
                           for i, n in enumerate(sorted(names))], output_text)

@@ -180,6 +180,27 @@ def run_many(items, filters_ref, **options):
     stop_if_signalled()
 
 
+def verify_many(items, filters_ref, **options):
+    """verify_files for each (input_ref, output_ref) pair (output_ref None: computed), with the same filters and
+    options; a pair's mistake is reported and the others are still checked.
+
+    Yields:
+        Per pair, in order: the report's to_dict() (with input, filters, output and passed), or {"input",
+        "output", "error"} for a ConvtError, whose message names the reference it is about.
+    """
+    for item_in, item_out in items:
+        stop_if_signalled()
+        try:
+            info = verify_files(item_in, filters_ref, item_out, **options).to_dict()
+        except ConvtError as e:
+            message = " ".join(str(e).split())
+            if not message.startswith(("INPUT '", "OUTPUT '", "FILTERS '")):
+                message = f"INPUT '{item_in}': {message}"
+            info = {"input": item_in, "output": item_out, "error": message}
+        yield info
+    stop_if_signalled()
+
+
 def verify_files(input_ref, filters_ref, output_ref=None, *, output_shape=None, strides=1, padding="SAME",
                  data_format=None, dilations=None, dtype=None, probes=None, seed=0, rtol=None, max_memory=None,
                  threads=None, progress=None, available_memory=None):

@@ -134,6 +134,7 @@ class VerifyReport:
         return {
             **self.context,
             "passed": self.passed,
+            "summary": self.summary(),
             "dtype": self.dtype,
             "output_shape": list(self.output_shape),
             "seed": self.seed,

@@ -1,0 +1,95 @@
+"""`convt verify` over many tensors, as `run` makes them: a glob with an OUTPUT template, an HDF5 group to an
+HDF5 group, and either without OUTPUT (computed and checked). Matrix: all pass (exit 0), one corrupted (exit 1,
+the others still reported), one missing (exit 2 over 1), --json lines, Ctrl-C between items."""
+
+import json
+import os
+
+import h5py
+import numpy as np
+import pytest
+
+from conftest import invoke
+
+
+@pytest.fixture
+def made(work):
+    """in/a.npy, in/b.npy, in/c.npy and their outputs out/{stem}.npy, made by `convt run` at stride 2."""
+    rng = np.random.default_rng(5)
+    os.mkdir("in")
+    os.mkdir("out")
+    for stem in "abc":
+        np.save(f"in/{stem}.npy", rng.standard_normal((2, 5, 6, 3)).astype(np.float32))
+    assert invoke("run", "in/*.npy", "w.npy", "--strides", "2", "-o", "out/{stem}.npy").exit_code == 0
+
+
+def _corrupt(path):
+    y = np.load(path)
+    y[1, 3, 4, 2] += 0.05 * np.abs(y).max()
+    np.save(path, y)
+
+
+def test_every_item_passes(made):
+    r = invoke("verify", "in/*.npy", "w.npy", "out/{stem}.npy", "--strides", "2")
+    assert r.exit_code == 0, r.output
+    lines = r.stdout.splitlines()
+    assert [line.split(": ")[0] for line in lines] == ["out/a.npy", "out/b.npy", "out/c.npy"]
+    assert all(line.split(": ")[1].startswith("PASS") for line in lines)
+
+
+def test_a_corrupted_item_fails_and_the_others_are_still_reported(made):
+    _corrupt("out/b.npy")
+    r = invoke("verify", "in/*.npy", "w.npy", "out/{stem}.npy", "--strides", "2")
+    assert r.exit_code == 1 and r.stderr == ""
+    verdicts = [line.split(": ")[1][:4] for line in r.stdout.splitlines()]
+    assert verdicts == ["PASS", "FAIL", "PASS"]
+
+
+def test_trouble_with_one_item_is_exit_2_even_when_another_fails(made):
+    _corrupt("out/a.npy")
+    os.remove("out/c.npy")
+    r = invoke("verify", "in/*.npy", "w.npy", "out/{stem}.npy", "--strides", "2", "--json")
+    assert r.exit_code == 2
+    assert r.stderr == "Error: OUTPUT 'out/c.npy': no such file\n"
+    lines = [json.loads(line) for line in r.stdout.splitlines()]
+    assert [(d["input"], d.get("passed")) for d in lines] == [("in/a.npy", False), ("in/b.npy", True),
+                                                               ("in/c.npy", None)]
+    assert lines[2] == {"input": "in/c.npy", "output": "out/c.npy", "error": "OUTPUT 'out/c.npy': no such file"}
+    assert lines[0]["output"] == "out/a.npy" and lines[0]["summary"].startswith("FAIL")
+
+
+def test_without_output_each_item_is_computed_and_checked(made):
+    r = invoke("verify", "in/*.npy", "w.npy", "--strides", "2")
+    assert r.exit_code == 0, r.output
+    assert [line.split(": ")[0] for line in r.stdout.splitlines()] == [
+        "in/a.npy (computed)", "in/b.npy (computed)", "in/c.npy (computed)"]
+
+
+def test_an_h5_group_against_an_h5_group(made):
+    with h5py.File("data.h5", "w") as f:
+        for stem in "ab":
+            f[f"in/{stem}"] = np.load(f"in/{stem}.npy")
+    assert invoke("run", "data.h5:/in/", "w.npy", "--strides", "2", "-o", "res.h5:/out/").exit_code == 0
+    with h5py.File("res.h5", "r+") as f:
+        f["out/b"][0, 0, 0, 0] += 1.0
+    r = invoke("verify", "data.h5:/in/", "w.npy", "res.h5:/out/", "--strides", "2")
+    assert r.exit_code == 1
+    assert [line.split(": ")[0] + ": " + line.split(": ")[1][:4] for line in r.stdout.splitlines()] == [
+        "res.h5:/out/a: PASS", "res.h5:/out/b: FAIL"]
+
+
+def test_ctrl_c_between_items_says_how_many_were_checked(made, monkeypatch):
+    from convt_cli import stream
+
+    real, calls = stream.verify_files, []
+
+    def verify_files(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(stream, "verify_files", verify_files)
+    r = invoke("verify", "in/*.npy", "w.npy", "out/{stem}.npy", "--strides", "2")
+    assert (r.exit_code, r.stderr) == (2, "Error: interrupted; 1 of 3 items were checked\n")
+    assert len(r.stdout.splitlines()) == 1
