@@ -151,22 +151,33 @@ class VerifyReport:
         }
 
     def summary(self) -> str:
-        """One line for humans, e.g. `PASS: max residual 1.2e-07 <= tolerance 4.1e-05 (8 probes, ...)`."""
+        """One line for a person, e.g. `PASS: max residual 1.2e-07, 340x below the tolerance 4.1e-05 (8 probes,
+        float32 output (2, 16, 16, 4), seed 0)`: how far inside or outside the bound the worst probe is."""
         where = f"{self.dtype} output {tuple(self.output_shape)}, seed {self.seed}"
         if self.nonfinite_output:
-            plural = "s" if self.nonfinite_output != 1 else ""
-            return f"FAIL: output has {self.nonfinite_output} non-finite value{plural} ({where})"
-        worst = self.max_residual
+            return f"FAIL: the output holds {_count(self.nonfinite_output, 'non-finite value')} (inf or nan) ({where})"
+        worst, tol = self.max_residual, self.tolerance
+        probes = _count(self.probe_count, "probe")
         if self.passed:
-            return (
-                f"PASS: max residual {worst:.2e} <= tolerance {self.tolerance:.2e} "
-                f"({self.probe_count} probes, {where})"
-            )
-        bad = sum(1 for p in self.probes if not p.residual <= self.tolerance)
-        return (
-            f"FAIL: max residual {worst:.2e} > tolerance {self.tolerance:.2e} in {bad} of {self.probe_count} "
-            f"probes ({where})"
-        )
+            inside = (f"max residual {worst:.1e}, {_times(tol / worst)} below the tolerance {tol:.1e}" if worst > 0
+                      else f"max residual 0 (exact), within the tolerance {tol:.1e}")
+            return f"PASS: {inside} ({probes}, {where})"
+        if math.isnan(worst):
+            return f"FAIL: a probe's residual is nan (inf or nan in INPUT or FILTERS?) ({probes}, {where})"
+        bad = sum(1 for p in self.probes if not p.residual <= tol)
+        over = f"{_times(worst / tol)} the tolerance" if tol > 0 else "over a tolerance of"
+        return (f"FAIL: max residual {worst:.1e}, {over} {tol:.1e}, in {bad} of {probes} ({where})")
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n:,} {noun}{'' if n == 1 else 's'}"
+
+
+def _times(ratio: float) -> str:
+    """How many times: 1.5x, 38x, 1,900x; 'over 1,000,000x' past that."""
+    if ratio >= 1e6:
+        return "over 1,000,000x"
+    return f"{ratio:.1f}x" if ratio < 10 else f"{ratio:,.0f}x"
 
 
 def _json_number(value):

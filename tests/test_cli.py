@@ -386,7 +386,7 @@ def test_verify_passes_fails_and_reports(work):
     y[0, 0, 0, 0] = np.nan
     np.save("nan.npy", y)
     r = invoke("verify", "x.npy", "w.npy", "nan.npy", "--strides", "2")
-    assert r.exit_code == 1 and r.stdout.startswith("FAIL: output has 1 non-finite value")
+    assert r.exit_code == 1 and r.stdout.startswith("FAIL: the output holds 1 non-finite value (inf or nan)")
 
 
 def test_verify_without_output_checks_convt_itself(work):

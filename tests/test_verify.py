@@ -454,7 +454,7 @@ def test_nonfinite_output_is_counted_and_fails():
     assert not report.passed
     assert report.nonfinite_output == 3
     assert report.probes == ()
-    assert report.summary().startswith("FAIL: output has 3 non-finite values")
+    assert report.summary().startswith("FAIL: the output holds 3 non-finite values (inf or nan)")
     d = json.loads(json.dumps(report.to_dict(), allow_nan=False))
     assert d["nonfinite_output"] == 3 and d["max_residual"] is None and d["probes"] == []
 

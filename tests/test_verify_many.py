@@ -93,3 +93,34 @@ def test_ctrl_c_between_items_says_how_many_were_checked(made, monkeypatch):
     r = invoke("verify", "in/*.npy", "w.npy", "out/{stem}.npy", "--strides", "2")
     assert (r.exit_code, r.stderr) == (2, "Error: interrupted; 1 of 3 items were checked\n")
     assert len(r.stdout.splitlines()) == 1
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The verdict line, for a person
+
+
+def _report(residuals, tolerance=2.4e-6, nonfinite=0):
+    from convt_cli.verify import Probe, VerifyReport
+
+    probes = tuple(Probe(1.0, 1.0, 1.0, r) for r in residuals)
+    passed = not nonfinite and all(r <= tolerance for r in residuals)
+    return VerifyReport(passed=passed, probes=probes if not nonfinite else (), tolerance=tolerance,
+                        tolerance_is_default=True, seed=0, dtype="float32", probe_count=len(residuals) or 8,
+                        nonfinite_output=nonfinite, terms_per_output=27, output_shape=(2, 16, 16, 4))
+
+
+@pytest.mark.parametrize("residuals,tolerance,nonfinite,line", [
+    ([6.3e-8, 1e-8], 2.4e-6, 0, "PASS: max residual 6.3e-08, 38x below the tolerance 2.4e-06 (2 probes, float32 "
+                                "output (2, 16, 16, 4), seed 0)"),
+    ([1.6e-6], 2.4e-6, 0, "PASS: max residual 1.6e-06, 1.5x below the tolerance 2.4e-06 (1 probe, float32 output "
+                          "(2, 16, 16, 4), seed 0)"),
+    ([0.0, 0.0], 0.0, 0, "PASS: max residual 0 (exact), within the tolerance 0.0e+00 (2 probes, float32 output "
+                         "(2, 16, 16, 4), seed 0)"),
+    ([4.6e-3, 1e-9], 2.4e-6, 0, "FAIL: max residual 4.6e-03, 1,917x the tolerance 2.4e-06, in 1 of 2 probes "
+                                "(float32 output (2, 16, 16, 4), seed 0)"),
+    ([5e-6], 2.4e-6, 0, "FAIL: max residual 5.0e-06, 2.1x the tolerance 2.4e-06, in 1 of 1 probe (float32 output "
+                        "(2, 16, 16, 4), seed 0)"),
+    ([], 2.4e-6, 1, "FAIL: the output holds 1 non-finite value (inf or nan) (float32 output (2, 16, 16, 4), seed 0)"),
+])
+def test_the_verdict_reads_without_the_maths(residuals, tolerance, nonfinite, line):
+    assert _report(residuals, tolerance, nonfinite).summary() == line
