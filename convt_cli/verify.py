@@ -96,6 +96,16 @@ class Probe:
 
 
 @dataclass(frozen=True)
+class Tile:
+    """A part of the output checked on its own: batch element `batch`, spatial box [lo, hi) per axis, and the
+    largest residual of its probes (each probe's a, b and S restricted to the tile)."""
+
+    batch: int
+    box: tuple[tuple[int, int], ...]
+    residual: float
+
+
+@dataclass(frozen=True)
 class VerifyReport:
     """What `verify_conv_transpose` found.
 
@@ -107,6 +117,10 @@ class VerifyReport:
     dtype: the data's dtype name; output_shape: the output's full shape in data_format order.
     nonfinite_output: how many output elements are nan or +-inf.
     terms_per_output: n, the most products summed into one output element (enters the default tolerance).
+    tile_count, failing_tiles: every batch element is also checked on its own, its residual held to the same
+        tolerance (by Cauchy-Schwarz a tile's residual is at most the worst relative error of its elements, so a
+        correct output passes whatever the tiling, while an error is measured against its own tile, not the
+        whole output); the tiles over the tolerance, in batch order.
     """
 
     passed: bool
@@ -120,6 +134,8 @@ class VerifyReport:
     terms_per_output: int
     output_shape: tuple[int, ...]
     context: dict = field(default_factory=dict, compare=False)  # what was checked (files, flags, time): to_dict's
+    tile_count: int = 0
+    failing_tiles: tuple[Tile, ...] = ()
 
     @property
     def max_residual(self) -> float:
@@ -148,6 +164,9 @@ class VerifyReport:
                 {key: _json_number(getattr(p, key)) for key in ("a", "b", "scale", "residual")}
                 for p in self.probes
             ],
+            "tile_count": self.tile_count,
+            "failing_tiles": [{"batch": t.batch, "box": [list(b) for b in t.box], "residual": _json_number(t.residual)}
+                              for t in self.failing_tiles],
         }
 
     def summary(self) -> str:
@@ -165,8 +184,23 @@ class VerifyReport:
         if math.isnan(worst):
             return f"FAIL: a probe's residual is nan (inf or nan in INPUT or FILTERS?) ({probes}, {where})"
         bad = sum(1 for p in self.probes if not p.residual <= tol)
+        tiles = [t.residual for t in self.failing_tiles]
+        worst = max([worst, *tiles])
         over = f"{_times(worst / tol)} the tolerance" if tol > 0 else "over a tolerance of"
-        return (f"FAIL: max residual {worst:.1e}, {over} {tol:.1e}, in {bad} of {probes} ({where})")
+        probes = f", in {bad} of {probes}" if bad else ""
+        return f"FAIL: max residual {worst:.1e}, {over} {tol:.1e}{probes}{self._where_wrong()} ({where})"
+
+    def _where_wrong(self) -> str:
+        """'; wrong in batch element 3 of 8', '; wrong in batch elements 3, 5 and 7 of 8', '... and 12 more'."""
+        if not self.failing_tiles:
+            return ""
+        batches = sorted({t.batch for t in self.failing_tiles})
+        shown = [str(b) for b in batches[:5]]
+        listed = shown[0] if len(shown) == 1 else ", ".join(shown[:-1]) + " and " + shown[-1]
+        if len(batches) > 5:
+            listed = ", ".join(shown) + f" and {len(batches) - 5:,} more"
+        noun = "element" if len(batches) == 1 else "elements"
+        return f"; wrong in batch {noun} {listed} of {self.output_shape[0]:,}"
 
 
 def _count(n: int, noun: str) -> str:
@@ -278,12 +312,14 @@ class AdjointCheck:
         self.rtol = rtol
         self.nonfinite = 0
         self.parts: list[tuple] = []  # per chunk: (K, nb) arrays of a, b, S^2
+        self.offsets: list[int] = []  # per chunk: the batch index of its first element
 
     def add(self, x: np.ndarray, y: np.ndarray, batch_offset: int = 0) -> None:
         """Batch elements [batch_offset, batch_offset + len(x)) of input and output."""
         self.nonfinite += _count_nonfinite(y)
         if not self.nonfinite:
             self.parts.append(_identity(self.plan, x, self.w, y, self.k, self.seed, batch_offset))
+            self.offsets.append(batch_offset)
 
     def report(self) -> VerifyReport:
         common = {
@@ -301,14 +337,29 @@ class AdjointCheck:
                         if self.parts else [np.zeros((self.k, 0))] * 3)
         results = []
         for ak, bk, sk in zip(_fsum_rows(a), _fsum_rows(b), [math.fsum(row) for row in scale2]):
-            diff = abs(ak - bk)
-            if sk > 0:
-                r = diff / math.sqrt(sk)
-            else:
-                r = 0.0 if diff == 0 else (math.nan if math.isnan(diff) else math.inf)
-            results.append(Probe(ak, bk, math.sqrt(sk), float(r)))
-        passed = all(p.residual <= self.tol for p in results)
-        return VerifyReport(passed=passed, probes=tuple(results), nonfinite_output=0, **common)
+            r = _residual(abs(ak - bk), sk)
+            results.append(Probe(ak, bk, math.sqrt(sk), r))
+        whole_image = tuple((0, int(n)) for n in self.plan.output_spatial)
+        tiles = []
+        for offset, (pa, pb, ps) in sorted(zip(self.offsets, self.parts), key=lambda item: item[0]):
+            worst = _residuals(np.abs(pa - pb), ps).max(axis=0)  # one tile per batch element: its worst probe
+            tiles += [Tile(offset + int(j), whole_image, float(worst[j])) for j in np.flatnonzero(~(worst <= self.tol))]
+        passed = all(p.residual <= self.tol for p in results) and not tiles
+        return VerifyReport(passed=passed, probes=tuple(results), nonfinite_output=0, tile_count=self.plan.batch,
+                            failing_tiles=tuple(tiles), **common)
+
+
+def _residual(diff: float, scale2: float) -> float:
+    if scale2 > 0:
+        return float(diff / math.sqrt(scale2))
+    return 0.0 if diff == 0 else (math.nan if math.isnan(diff) else math.inf)
+
+
+def _residuals(diff: np.ndarray, scale2: np.ndarray) -> np.ndarray:
+    """_residual elementwise (nan stays nan, and max() keeps it)."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        r = diff / np.sqrt(np.where(scale2 > 0, scale2, 1.0))
+    return np.where(scale2 > 0, r, np.where(diff == 0, 0.0, np.where(np.isnan(diff), np.nan, np.inf)))
 
 
 def _positive_int(label, value) -> int:

@@ -124,3 +124,55 @@ def _report(residuals, tolerance=2.4e-6, nonfinite=0):
 ])
 def test_the_verdict_reads_without_the_maths(residuals, tolerance, nonfinite, line):
     assert _report(residuals, tolerance, nonfinite).summary() == line
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Where it is wrong: every batch element checked on its own
+
+
+def _decoder():
+    from convt_cli import conv_transpose
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((256, 8, 8, 8)).astype(np.float32)
+    w = rng.standard_normal((3, 3, 8, 8)).astype(np.float32)
+    return x, w, conv_transpose(x, w, strides=2)  # (256, 16, 16, 8): 524,288 elements
+
+
+def test_an_error_too_small_for_the_whole_output_is_caught_in_its_batch_element():
+    from convt_cli.verify import verify_conv_transpose
+
+    x, w, y = _decoder()
+    bad = y.copy()
+    bad[77, 5, 9, 3] += 2e-4 * np.abs(y).max()
+    whole_alone_passes = 0
+    for seed in range(10):
+        assert verify_conv_transpose(x, w, y, strides=2, seed=seed).passed
+        report = verify_conv_transpose(x, w, bad, strides=2, seed=seed)
+        assert not report.passed and report.tile_count == 256
+        assert [(t.batch, t.box) for t in report.failing_tiles] == [(77, ((0, 16), (0, 16)))]
+        whole_alone_passes += all(p.residual <= report.tolerance for p in report.probes)
+        assert report.summary().startswith("FAIL: max residual ")
+        assert "; wrong in batch element 77 of 256 (float32 output (256, 16, 16, 8)" in report.summary()
+    assert whole_alone_passes >= 5  # what the one global inner product alone would have let through
+
+
+def test_the_failing_elements_are_the_same_whatever_the_pieces(work):
+    from convt_cli.stream import verify_files
+
+    x, w, y = _decoder()
+    y[3, 0, 0, 0] += 0.01 * np.abs(y).max()
+    y[200, 15, 15, 7] -= 0.01 * np.abs(y).max()
+    np.save("xd.npy", x)
+    np.save("wd.npy", w)
+    np.save("yd.npy", y)
+    whole = verify_files("xd.npy", "wd.npy", "yd.npy", strides=2)
+    pieces = verify_files("xd.npy", "wd.npy", "yd.npy", strides=2, max_memory="20M")
+    assert pieces.context["batch_per_chunk"] < 256
+    assert [t.batch for t in whole.failing_tiles] == [t.batch for t in pieces.failing_tiles] == [3, 200]
+    r = invoke("verify", "xd.npy", "wd.npy", "yd.npy", "--strides", "2", "--json")
+    report = json.loads(r.stdout)
+    assert r.exit_code == 1 and report["tile_count"] == 256
+    assert [(t["batch"], t["box"]) for t in report["failing_tiles"]] == [(3, [[0, 16], [0, 16]]),
+                                                                         (200, [[0, 16], [0, 16]])]
+    assert "; wrong in batch elements 3 and 200 of 256" in report["summary"]
