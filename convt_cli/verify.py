@@ -117,10 +117,11 @@ class VerifyReport:
     dtype: the data's dtype name; output_shape: the output's full shape in data_format order.
     nonfinite_output: how many output elements are nan or +-inf.
     terms_per_output: n, the most products summed into one output element (enters the default tolerance).
-    tile_count, failing_tiles: every batch element is also checked on its own, its residual held to the same
-        tolerance (by Cauchy-Schwarz a tile's residual is at most the worst relative error of its elements, so a
-        correct output passes whatever the tiling, while an error is measured against its own tile, not the
-        whole output); the tiles over the tolerance, in batch order.
+    tile_count, failing_tiles: the output is also checked tile by tile (a batch element's image, cut into blocks
+        of at most TILE_ELEMENTS values: tile_sizes), each tile's residual held to the same tolerance (by
+        Cauchy-Schwarz a tile's residual is at most the worst relative error of its values, so a correct output
+        passes whatever the tiling, while an error is measured against its own tile, not the whole output); the
+        tiles over the tolerance, in batch and box order. output_spatial: the image the boxes are in.
     """
 
     passed: bool
@@ -136,6 +137,7 @@ class VerifyReport:
     context: dict = field(default_factory=dict, compare=False)  # what was checked (files, flags, time): to_dict's
     tile_count: int = 0
     failing_tiles: tuple[Tile, ...] = ()
+    output_spatial: tuple[int, ...] = ()  # the image a tile's box is in
 
     @property
     def max_residual(self) -> float:
@@ -200,7 +202,13 @@ class VerifyReport:
         if len(batches) > 5:
             listed = ", ".join(shown) + f" and {len(batches) - 5:,} more"
         noun = "element" if len(batches) == 1 else "elements"
-        return f"; wrong in batch {noun} {listed} of {self.output_shape[0]:,}"
+        first = self.failing_tiles[0]
+        box = ""
+        if any(hi - lo < n for (lo, hi), n in zip(first.box, self.output_spatial)):  # part of an image: which
+            more = len(self.failing_tiles) - 1
+            box = (f", first at [{', '.join(f'{lo}:{hi}' for lo, hi in first.box)}] of element {first.batch}"
+                   + (f" ({more:,} more tile{'s' if more > 1 else ''})" if more else ""))
+        return f"; wrong in batch {noun} {listed} of {self.output_shape[0]:,}{box}"
 
 
 def _count(n: int, noun: str) -> str:
@@ -313,12 +321,16 @@ class AdjointCheck:
         self.nonfinite = 0
         self.parts: list[tuple] = []  # per chunk: (K, nb) arrays of a, b, S^2
         self.offsets: list[int] = []  # per chunk: the batch index of its first element
+        self.tiles: list[tuple] = []  # per chunk: (K, nb, *blocks) arrays of a, b, S^2 per tile
+        self.blocks = tile_sizes(plan.output_spatial, plan.out_channels)
 
     def add(self, x: np.ndarray, y: np.ndarray, batch_offset: int = 0) -> None:
         """Batch elements [batch_offset, batch_offset + len(x)) of input and output."""
         self.nonfinite += _count_nonfinite(y)
         if not self.nonfinite:
-            self.parts.append(_identity(self.plan, x, self.w, y, self.k, self.seed, batch_offset))
+            a, b, scale2, tiles = _identity(self.plan, x, self.w, y, self.k, self.seed, batch_offset)
+            self.parts.append((a, b, scale2))
+            self.tiles.append(tiles)
             self.offsets.append(batch_offset)
 
     def report(self) -> VerifyReport:
@@ -339,14 +351,18 @@ class AdjointCheck:
         for ak, bk, sk in zip(_fsum_rows(a), _fsum_rows(b), [math.fsum(row) for row in scale2]):
             r = _residual(abs(ak - bk), sk)
             results.append(Probe(ak, bk, math.sqrt(sk), r))
-        whole_image = tuple((0, int(n)) for n in self.plan.output_spatial)
+        spatial = self.plan.output_spatial
         tiles = []
-        for offset, (pa, pb, ps) in sorted(zip(self.offsets, self.parts), key=lambda item: item[0]):
-            worst = _residuals(np.abs(pa - pb), ps).max(axis=0)  # one tile per batch element: its worst probe
-            tiles += [Tile(offset + int(j), whole_image, float(worst[j])) for j in np.flatnonzero(~(worst <= self.tol))]
+        for offset, (ta, tb, ts) in sorted(zip(self.offsets, self.tiles), key=lambda item: item[0]):
+            worst = _residuals(np.abs(ta - tb), ts).max(axis=0)  # (nb, *blocks): each tile's worst probe
+            for where in np.argwhere(~(worst <= self.tol)):
+                box = tuple((int(m) * size, min(int(m + 1) * size, n))
+                            for m, size, n in zip(where[1:], self.blocks, spatial))
+                tiles.append(Tile(offset + int(where[0]), box, float(worst[tuple(where)])))
+        count = self.plan.batch * math.prod(-(-n // size) for n, size in zip(spatial, self.blocks))
         passed = all(p.residual <= self.tol for p in results) and not tiles
-        return VerifyReport(passed=passed, probes=tuple(results), nonfinite_output=0, tile_count=self.plan.batch,
-                            failing_tiles=tuple(tiles), **common)
+        return VerifyReport(passed=passed, probes=tuple(results), nonfinite_output=0, tile_count=count,
+                            failing_tiles=tuple(tiles), output_spatial=tuple(int(n) for n in spatial), **common)
 
 
 def _residual(diff: float, scale2: float) -> float:
@@ -433,6 +449,14 @@ def _identity(plan: Plan, x, w, y, k: int, seed: int, batch_offset: int = 0):
     a = np.zeros((k, batch), dtype=cdt)  # per probe, per batch element
     b = np.zeros((k, batch), dtype=cdt)
     scale2 = np.zeros((k, batch))
+    blocks = tile_sizes(s_out, c_out)
+    nblocks = [-(-o // size) for o, size in zip(s_out, blocks)]
+    ta = np.zeros((k, batch, *nblocks), dtype=cdt)  # per probe, batch element and tile
+    tb = np.zeros((k, batch, *nblocks), dtype=cdt)
+    ts = np.zeros((k, batch, *nblocks))
+    tiled = p_out > 0 and math.prod(nblocks) > 1  # else each batch element is one tile: its sums are a, b, S^2
+    out_starts = [np.arange(0, o, size) for o, size in zip(s_out, blocks)]
+    tap_starts = [_tap_starts(plan, tap, blocks, nblocks) for tap in taps] if tiled else []
     for b0 in range(0, batch, group):
         b1 = min(batch, b0 + group)
         nb = b1 - b0
@@ -445,10 +469,16 @@ def _identity(plan: Plan, x, w, y, k: int, seed: int, batch_offset: int = 0):
 
         # a side: conj(OUT) contracted with v over channels, then with u over positions
         ym = _channel_matrix(y[b0:b1], first, c_out, p_out, cdt)  # conj(OUT) per element
-        a[:, b0:b1] = _sum_positions(u, _over_channels(v, ym, first, s_out))
+        prod = u * _over_channels(v, ym, first, s_out)
+        a[:, b0:b1] = _sum_all(prod)
+        if tiled:
+            ta[:, b0:b1] = _block_sums(prod, out_starts)
         ym = _abs2(ym)
-        scale2[:, b0:b1] += _sum_positions(u2, _over_channels(v2, ym, first, s_out))
-        del ym
+        prod = u2 * _over_channels(v2, ym, first, s_out)
+        scale2[:, b0:b1] += _sum_all(prod)
+        if tiled:
+            ts[:, b0:b1] += _block_sums(prod, out_starts)
+        del ym, prod
 
         if p_in == 0 or c_in == 0 or not taps:
             continue
@@ -463,14 +493,83 @@ def _identity(plan: Plan, x, w, y, k: int, seed: int, batch_offset: int = 0):
             for ti in range(t0, t1):
                 win = (slice(None), slice(None), *windows[ti])
                 rows = slice((ti - t0) * k, (ti - t0 + 1) * k)
-                parts[0, :, :, ti] = _sum_positions(upad[win], z[rows])
-                parts[1, :, :, ti] = _sum_positions(upad2[win], z2[rows])
+                prod = upad[win] * z[rows]
+                parts[0, :, :, ti] = _sum_all(prod)
+                if tiled:
+                    tb[:, b0:b1] += _block_sums(prod, tap_starts[ti])
+                prod = upad2[win] * z2[rows]
+                parts[1, :, :, ti] = _sum_all(prod)
+                if tiled:
+                    ts[:, b0:b1] += _block_sums(prod, tap_starts[ti]).real
             del z, z2
         b[:, b0:b1] = parts[0].sum(axis=-1)
         scale2[:, b0:b1] += parts[1].real.sum(axis=-1)
         del xm, xm2
 
-    return a, b, scale2
+    if not tiled and p_out:
+        ones = (1,) * len(s_out)
+        ta, tb, ts = (m.reshape(k, batch, *ones) for m in (a, b, scale2))
+    return a, b, scale2, (ta, tb, ts)
+
+
+TILE_ELEMENTS = 1 << 18  # output values per tile at most (a batch element's whole image when it is smaller)
+
+
+def tile_sizes(out_spatial, out_channels: int) -> tuple[int, ...]:
+    """Block sizes per spatial axis for verify's tiles: whole trailing axes while a tile stays within
+    TILE_ELEMENTS values, the next axis cut to fit, the ones before it 1 (a tile is then rows of whole rows).
+
+    >>> tile_sizes((128, 128), 64), tile_sizes((16, 16), 8), tile_sizes((512, 512, 512), 16)
+    ((32, 128), (16, 16), (1, 32, 512))
+    """
+    positions = max(1, TILE_ELEMENTS // max(1, out_channels))
+    sizes, inner = [max(1, int(n)) for n in out_spatial], 1
+    for axis in range(len(sizes) - 1, -1, -1):
+        if inner * sizes[axis] <= positions:
+            inner *= sizes[axis]
+            continue
+        sizes[axis] = max(1, positions // inner)
+        sizes[:axis] = [1] * axis
+        break
+    return tuple(sizes)
+
+
+def _tap_starts(plan: Plan, tap, blocks, nblocks) -> list[np.ndarray]:
+    """Per spatial axis, the first input position whose term (for this tap) lands in each output block: input i
+    reaches output o = i*s + t*d - lo, increasing in i. Block 0 also takes the terms before the output (they
+    meet the probe's zero padding), the last block those after it."""
+    starts = []
+    for (lo, _), t, s, d, n_in, size, m in zip(plan.pads, tap, plan.spec.strides, plan.spec.dilations,
+                                              plan.input_spatial, blocks, nblocks):
+        edges = np.arange(1, m) * size + lo - t * d  # o = edge - lo + ... : first i with i*s >= edge
+        first = np.clip(-(-edges // s), 0, n_in)
+        starts.append(np.concatenate([[0], first]).astype(np.intp))
+    return starts
+
+
+def _sum_all(prod: np.ndarray) -> np.ndarray:
+    """(K, nb, *spatial) -> (K, nb): the sum over positions, pairwise."""
+    return prod.reshape(prod.shape[0], prod.shape[1], -1).sum(axis=-1)
+
+
+def _block_sums(prod: np.ndarray, starts) -> np.ndarray:
+    """(K, nb, *spatial) -> (K, nb, *blocks): sums over the ranges [starts[m], starts[m+1]) of each spatial axis
+    (the last to the axis' end). A range may be empty (equal starts, or a start at the axis' end): its sum is 0."""
+    for axis, first in enumerate(starts, start=2):
+        n = prod.shape[axis]
+        nonempty = (first < n) & np.append(first[1:] != first[:-1], True)
+        if nonempty.all():
+            prod = np.add.reduceat(prod, first, axis=axis)
+            continue
+        shape = list(prod.shape)
+        shape[axis] = len(first)
+        summed = np.zeros(shape, dtype=prod.dtype)
+        index = [slice(None)] * prod.ndim
+        index[axis] = nonempty
+        if nonempty.any():  # the next non-empty start ends each range, as reduceat reads them
+            summed[tuple(index)] = np.add.reduceat(prod, first[nonempty], axis=axis)
+        prod = summed
+    return prod
 
 
 def _channel_matrix(chunk, first: bool, c: int, p: int, cdt) -> np.ndarray:
@@ -491,12 +590,6 @@ def _over_channels(weights: np.ndarray, m: np.ndarray, first: bool, spatial) -> 
     else:
         z = np.matmul(m, weights.T).transpose(2, 0, 1)  # (nb, P, c) -> (nb, P, R) -> (R, nb, P)
     return z.reshape(len(weights), m.shape[0], *spatial)
-
-
-def _sum_positions(u: np.ndarray, z: np.ndarray) -> np.ndarray:
-    """sum(u * z) over the positions of two (K, nb, *spatial) arrays -> (K, nb), pairwise along positions."""
-    prod = u * z
-    return prod.reshape(prod.shape[0], prod.shape[1], -1).sum(axis=-1)
 
 
 def _fsum_rows(m: np.ndarray) -> list:

@@ -195,3 +195,70 @@ def test_correct_outputs_pass_in_every_batch_element(dtype):
     for seed in range(5):
         report = verify_conv_transpose(x, w, y, strides=2, seed=seed)
         assert report.passed and report.failing_tiles == (), report.summary()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Spatial tiles: each a part of one image, its own a, b and S^2
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_with_tiny_tiles_a_correct_output_passes_in_every_tile_and_an_error_is_boxed(seed, monkeypatch):
+    """Random configurations (rank 1-3, strides, dilations, every padding, both layouts) cut into tiles of a few
+    values: a tile's b gathers exactly the terms that land in it, so a correct output passes everywhere, and one
+    wrong value fails in the tile whose box holds it."""
+    from conftest import random_shapes
+
+    from convt_cli import conv_transpose, verify
+
+    monkeypatch.setattr(verify, "TILE_ELEMENTS", 6)
+    x_shape, w_shape, out_sizes, flags = random_shapes(seed)
+    rng = np.random.default_rng(seed)
+    x, w = rng.standard_normal(x_shape), rng.standard_normal(w_shape)
+    y = conv_transpose(x, w, out_sizes, **flags)
+    report = verify.verify_conv_transpose(x, w, y, **flags)
+    assert report.passed, report.summary()
+    first = flags["data_format"] == "channels_first"
+    spatial = y.shape[2:] if first else y.shape[1:-1]
+    if 0 in y.shape:
+        return
+    where = tuple(int(rng.integers(n)) for n in y.shape)
+    bad = y.copy()
+    bad[where] += 1.0 + abs(y).max()
+    report = verify.verify_conv_transpose(x, w, bad, **flags)
+    pos = where[2:] if first else where[1:-1]
+    assert not report.passed
+    assert report.failing_tiles, report.summary()
+    assert all(t.batch == where[0] and all(lo <= p < hi for p, (lo, hi) in zip(pos, t.box))
+               for t in report.failing_tiles), (where, report.failing_tiles)
+    assert report.tile_count >= len(spatial) and len(report.failing_tiles) == 1
+
+
+def test_a_tile_is_rows_of_whole_rows_within_the_budget():
+    from convt_cli.verify import TILE_ELEMENTS, tile_sizes
+
+    for spatial, channels in (((128, 128), 64), ((512, 512, 512), 16), ((7,), 3), ((1000, 3), 1000)):
+        sizes = tile_sizes(spatial, channels)
+        assert all(1 <= s <= n for s, n in zip(sizes, spatial))
+        assert int(np.prod(sizes)) * channels <= max(TILE_ELEMENTS, channels)
+        cut = [i for i, (s, n) in enumerate(zip(sizes, spatial)) if s < n]
+        assert not cut or all(s == 1 for s in sizes[: cut[-1]]) and all(
+            s == n for s, n in zip(sizes[cut[-1] + 1:], spatial[cut[-1] + 1:]))
+
+
+def test_one_wrong_value_in_a_large_image_is_caught_and_boxed():
+    """2,097,152 values in one image, one of them off by 1% of max|output|: the one inner product over the whole
+    output is diluted, its 8,192-position tile (32 whole rows) is not."""
+    from convt_cli import conv_transpose
+    from convt_cli.verify import verify_conv_transpose
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((1, 128, 128, 32)).astype(np.float32)
+    w = rng.standard_normal((4, 4, 32, 32)).astype(np.float32)
+    y = conv_transpose(x, w, strides=2)
+    y[0, 200, 17, 5] += 0.01 * np.abs(y).max()
+    for seed in range(5):
+        report = verify_conv_transpose(x, w, y, strides=2, seed=seed)
+        assert [(t.batch, t.box) for t in report.failing_tiles] == [(0, ((192, 224), (0, 256)))]
+        assert report.tile_count == 8
+        assert report.summary().endswith("; wrong in batch element 0 of 1, first at [192:224, 0:256] of element 0 "
+                                         f"(float32 output (1, 256, 256, 32), seed {seed})")
