@@ -277,7 +277,14 @@ def verify_files(input_ref, filters_ref, output_ref=None, *, output_shape=None, 
                 del x, y
                 report(b1 - b0, b1, plan.batch)
                 stop_if_signalled()
-        result = check.report()
+            result = check.report()
+            if y_src is not None and result.failing_tiles:  # someone else's output: say what it looks like
+                b = result.failing_tiles[0].batch
+                x = cast_to(x_ref, x_src.read(b, b + 1), out_dtype, b, True)
+                hint = likely_cause(plan, x, w, y_src.read(b, b + 1), b, dict(
+                    strides=strides, padding=padding, data_format=data_format, dilations=dilations,
+                    probes=probes, seed=seed, rtol=rtol, dtype=out_dtype.name))
+                result = dataclasses.replace(result, hint=hint)
     finally:
         for src in sources:
             src.close()
@@ -286,6 +293,34 @@ def verify_files(input_ref, filters_ref, output_ref=None, *, output_shape=None, 
         del info[key]
     info.update(wall_seconds=round(time.perf_counter() - began, 6), batch_per_chunk=min(chunk, plan.batch))
     return dataclasses.replace(result, context=info)
+
+
+def likely_cause(plan, x, w, y, batch_index: int, flags: dict) -> str:
+    """What a failing batch element's output matches instead, among the usual mix-ups (a flipped kernel, the
+    filters' two channel axes swapped, the padding's odd pad on the other side), each checked by verify's own
+    identity on that element alone; or that none of them explains it. (When SAME and VALID both reach an output
+    size their pads are the same, so that is never the cause.)"""
+    from .verify import AdjointCheck
+
+    one = dataclasses.replace(plan, batch=1)
+    candidates = [("the kernel flipped (a correlation where a convolution was meant, or the reverse)", one,
+                   w[tuple(slice(None, None, -1) for _ in plan.kernel)])]
+    if plan.in_channels == plan.out_channels and plan.in_channels > 1:
+        candidates.append(("the filters' last two axes swapped ([*k, in, out] read as [*k, out, in])", one,
+                           np.swapaxes(w, -1, -2)))
+    if any(lo != hi for lo, hi in plan.pads):  # SAME's odd pad at the start, as some frameworks put it
+        swapped = [(hi, lo) for lo, hi in plan.pads]
+        spelled = ",".join(f"{lo}:{hi}" for lo, hi in swapped)
+        candidates.append((f"the padding split the other way (--padding {spelled})", plan_conv_transpose(
+            x.shape, w.shape, y.shape, flags["strides"], swapped, flags["data_format"], flags["dilations"]), w))
+    for label, candidate, filters in candidates:
+        check = AdjointCheck(candidate, filters, flags["dtype"], probes=flags["probes"], seed=flags["seed"],
+                             rtol=flags["rtol"])
+        check.add(x, y, batch_offset=batch_index)
+        if check.report().passed:
+            return f"batch element {batch_index} matches with {label}"
+    tried = ", ".join(label.split(" (")[0] for label, _, _ in candidates)
+    return f"none of the usual mix-ups explains batch element {batch_index} (tried: {tried})"
 
 
 def plan_files(input_ref, filters_ref, *, output_shape=None, strides=1, padding="SAME", data_format=None,

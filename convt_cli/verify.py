@@ -138,6 +138,7 @@ class VerifyReport:
     tile_count: int = 0
     failing_tiles: tuple[Tile, ...] = ()
     output_spatial: tuple[int, ...] = ()  # the image a tile's box is in
+    hint: str | None = None  # what a failing output matches instead (stream.likely_cause), when it was looked for
 
     @property
     def max_residual(self) -> float:
@@ -166,6 +167,7 @@ class VerifyReport:
                 {key: _json_number(getattr(p, key)) for key in ("a", "b", "scale", "residual")}
                 for p in self.probes
             ],
+            "hint": self.hint,
             "tile_count": self.tile_count,
             "failing_tiles": [{"batch": t.batch, "box": [list(b) for b in t.box], "residual": _json_number(t.residual)}
                               for t in self.failing_tiles],
@@ -190,7 +192,8 @@ class VerifyReport:
         worst = max([worst, *tiles])
         over = f"{_times(worst / tol)} the tolerance" if tol > 0 else "over a tolerance of"
         probes = f", in {bad} of {probes}" if bad else ""
-        return f"FAIL: max residual {worst:.1e}, {over} {tol:.1e}{probes}{self._where_wrong()} ({where})"
+        hint = f"; {self.hint}" if self.hint else ""
+        return f"FAIL: max residual {worst:.1e}, {over} {tol:.1e}{probes}{self._where_wrong()} ({where}){hint}"
 
     def _where_wrong(self) -> str:
         """'; wrong in batch element 3 of 8', '; wrong in batch elements 3, 5 and 7 of 8', '... and 12 more'."""

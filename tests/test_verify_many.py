@@ -262,3 +262,41 @@ def test_one_wrong_value_in_a_large_image_is_caught_and_boxed():
         assert report.tile_count == 8
         assert report.summary().endswith("; wrong in batch element 0 of 1, first at [192:224, 0:256] of element 0 "
                                          f"(float32 output (1, 256, 256, 32), seed {seed})")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# What a failing output matches instead
+
+
+@pytest.mark.parametrize("made,hint", [
+    ("flipped", "batch element 0 matches with the kernel flipped (a correlation where a convolution was meant, or "
+                "the reverse)"),
+    ("swapped", "batch element 0 matches with the filters' last two axes swapped ([*k, in, out] read as [*k, out, "
+                "in])"),
+    ("other side", "batch element 0 matches with the padding split the other way (--padding 1:0,1:0)"),
+    ("one value", "none of the usual mix-ups explains batch element 2 (tried: the kernel flipped, the filters' "
+                  "last two axes swapped, the padding split the other way)"),
+])
+def test_a_fail_says_which_usual_mix_up_it_matches(work, made, hint):
+    from convt_cli import conv_transpose
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((4, 8, 8, 6)).astype(np.float32)
+    w = rng.standard_normal((3, 3, 6, 6)).astype(np.float32)
+    if made == "flipped":
+        y = conv_transpose(x, w[::-1, ::-1], strides=2)
+    elif made == "swapped":
+        y = conv_transpose(x, np.swapaxes(w, -1, -2), strides=2)
+    elif made == "other side":
+        y = conv_transpose(x, w, [16, 16], strides=2, padding=[(1, 0), (1, 0)])
+    else:
+        y = conv_transpose(x, w, strides=2)
+        y[2, 3, 3, 1] += 1.0
+    np.save("hx.npy", x)
+    np.save("hw.npy", w)
+    np.save("hy.npy", y)
+    r = invoke("verify", "hx.npy", "hw.npy", "hy.npy", "--strides", "2")
+    assert r.exit_code == 1 and r.stdout.rstrip("\n").endswith(f"seed 0); {hint}")
+    assert json.loads(invoke("verify", "hx.npy", "hw.npy", "hy.npy", "--strides", "2", "--json").stdout)["hint"] == hint
+    assert json.loads(invoke("run", "hx.npy", "hw.npy", "--strides", "2", "-o", "ok.npy").stdout or "{}") == {}
+    assert json.loads(invoke("verify", "hx.npy", "hw.npy", "ok.npy", "--strides", "2", "--json").stdout)["hint"] is None
