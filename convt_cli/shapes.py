@@ -489,3 +489,21 @@ def axis_phases(i: int, o: int, k: int, s: int, d: int, lo: int) -> tuple[AxisPh
         taps = tuple(by_residue[residue])
         phases.append(AxisPhase(residue, taps, tuple(t * d // s for t in taps), *span))
     return tuple(phases)
+
+
+def block_sizes(sizes, budget: int) -> tuple[int, ...]:
+    """Per axis, a block of at most `budget` cells of an array of `sizes`: trailing axes whole as far as they fit,
+    the next one cut to fit, the ones before it 1 (rows of whole rows). HDF5 chunks and verify's tiles.
+
+    >>> block_sizes((128, 128), 4096), block_sizes((512, 512, 512), 16384), block_sizes((7,), 100)
+    ((32, 128), (1, 32, 512), (7,))
+    """
+    sizes, inner = [max(1, int(n)) for n in sizes], 1
+    for axis in range(len(sizes) - 1, -1, -1):
+        if inner * sizes[axis] <= budget:
+            inner *= sizes[axis]
+            continue
+        sizes[axis] = max(1, budget // inner)
+        sizes[:axis] = [1] * axis
+        break
+    return tuple(sizes)

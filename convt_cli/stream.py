@@ -172,12 +172,17 @@ def run_many(items, filters_ref, **options):
         try:
             info = run_files(item_in, filters_ref, item_out, **options)
         except ConvtError as e:
-            message = " ".join(str(e).split())
-            if not message.startswith(("INPUT '", "OUTPUT '", "FILTERS '")):
-                message = f"INPUT '{item_in}': {message}"  # which of the many it was
-            info = {"input": item_in, "output": item_out, "error": message}
+            info = _item_error(item_in, item_out, e)
         yield info
     stop_if_signalled()
+
+
+def _item_error(item_in, item_out, error: ConvtError) -> dict:
+    """One item's mistake as run_many and verify_many yield it, its message naming the item."""
+    message = " ".join(str(error).split())
+    if not message.startswith(("INPUT '", "OUTPUT '", "FILTERS '")):
+        message = f"INPUT '{item_in}': {message}"  # which of the many it was
+    return {"input": item_in, "output": item_out, "error": message}
 
 
 def verify_many(items, filters_ref, **options):
@@ -193,10 +198,7 @@ def verify_many(items, filters_ref, **options):
         try:
             info = verify_files(item_in, filters_ref, item_out, **options).to_dict()
         except ConvtError as e:
-            message = " ".join(str(e).split())
-            if not message.startswith(("INPUT '", "OUTPUT '", "FILTERS '")):
-                message = f"INPUT '{item_in}': {message}"
-            info = {"input": item_in, "output": item_out, "error": message}
+            info = _item_error(item_in, item_out, e)
         yield info
     stop_if_signalled()
 
@@ -454,7 +456,7 @@ def check_memory(op: str, needs, batch: int, max_memory: int | None, available_m
     more = "a larger --max-memory" if max_memory is not None else "--max-memory SIZE if more can be had (swap)"
     one = needs(1)
     listed = ", ".join(f"{name} {bytes_text(n)}" for name, n in one.items())
-    held = [ref for part, ref in (whole or {}).items() if ref is not None and _held_whole(ref)]
+    held = [ref for part, ref in (whole or {}).items() if ref is not None and io.read_whole(ref)]
     if held:
         which = " and ".join(f"{ref.label} '{ref}'" for ref in held)
         raise ConvtError(
@@ -635,10 +637,6 @@ def _refs(input_ref, filters_ref):
     if x_ref.is_std and w_ref.is_std:
         raise ConvtError("FILTERS '-': stdin is already the INPUT; give FILTERS as a file")
     return x_ref, w_ref
-
-
-def _held_whole(ref) -> bool:
-    return ref.is_std or io.read_whole(ref)
 
 
 def _plan(x_ref, x_shape, w_shape, output_shape, strides, padding, data_format, dilations):

@@ -66,7 +66,7 @@ import numpy as np
 
 from .engine.dtypes import as_arrays
 from .errors import ConvtError
-from .shapes import Plan, plan_conv_transpose
+from .shapes import Plan, block_sizes, plan_conv_transpose
 
 DEFAULT_PROBES = 8
 SAFETY = 4.0
@@ -525,16 +525,7 @@ def tile_sizes(out_spatial, out_channels: int) -> tuple[int, ...]:
     >>> tile_sizes((128, 128), 64), tile_sizes((16, 16), 8), tile_sizes((512, 512, 512), 16)
     ((32, 128), (16, 16), (1, 32, 512))
     """
-    positions = max(1, TILE_ELEMENTS // max(1, out_channels))
-    sizes, inner = [max(1, int(n)) for n in out_spatial], 1
-    for axis in range(len(sizes) - 1, -1, -1):
-        if inner * sizes[axis] <= positions:
-            inner *= sizes[axis]
-            continue
-        sizes[axis] = max(1, positions // inner)
-        sizes[:axis] = [1] * axis
-        break
-    return tuple(sizes)
+    return block_sizes(out_spatial, max(1, TILE_ELEMENTS // max(1, out_channels)))
 
 
 def _tap_starts(plan: Plan, tap, blocks, nblocks) -> list[np.ndarray]:

@@ -21,6 +21,7 @@ import numpy as np
 
 from ..errors import ConvtError
 from ..interrupts import deferred
+from ..shapes import block_sizes
 from .base import (Format, Reader, WriteOptions, Writer, check_plain, fix_dtype, fix_header_dtype, np_guard,
                    reason)
 
@@ -154,15 +155,7 @@ def chunk_shape(shape: tuple[int, ...], itemsize: int, batch_per_piece: int) -> 
         b = max(d for d in _divisors(batch_per_piece) if d <= fit)
     if b > 1 or math.prod(rest) * itemsize <= CHUNK_BYTES:
         return (b, *rest)
-    chunk, inner = list(rest), itemsize
-    for axis in range(len(rest) - 1, -1, -1):
-        if inner * rest[axis] <= CHUNK_BYTES:
-            inner *= rest[axis]
-            continue
-        chunk[axis] = max(1, CHUNK_BYTES // inner)
-        chunk[:axis] = [1] * axis
-        break
-    return (1, *chunk)
+    return (1, *block_sizes(rest, CHUNK_BYTES // itemsize))
 
 
 def _divisors(n: int) -> list[int]:
