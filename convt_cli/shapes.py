@@ -491,9 +491,38 @@ def axis_phases(i: int, o: int, k: int, s: int, d: int, lo: int) -> tuple[AxisPh
     return tuple(phases)
 
 
+def input_window(o0: int, o1: int, i: int, k: int, s: int, d: int, lo: int) -> tuple[int, int]:
+    """The input positions [i0, i1) whose terms can land in the output positions [o0, o1) on one axis (term
+    (j, t) lands at o = j*s + t*d - lo); every term that lands there is from that window. Empty (i0 == i1) when
+    no term lands there.
+
+    >>> input_window(0, 4, 8, 3, 2, 1, 1), input_window(4, 8, 8, 3, 2, 1, 1), input_window(0, 16, 8, 3, 2, 1, 1)
+    ((0, 3), (2, 5), (0, 8))
+    """
+    first = max(0, -(-(o0 + lo - (k - 1) * d) // s))  # j*s + (k-1)*d - lo >= o0
+    last = min(i, (o1 - 1 + lo) // s + 1)  # j*s - lo <= o1 - 1
+    return first, max(first, last)
+
+
+def split_sizes(sizes, budget: int) -> tuple[int, ...]:
+    """Per axis, a block of at most `budget` cells of an array of `sizes`, as close to a cube as halving
+    allows: the largest block (the first of equals) is halved, rounding up, until the block fits. Blocks cut
+    this way have the least surface for their volume: the halo a block needs from its neighbours stays small.
+
+    >>> split_sizes((128, 128), 4096), split_sizes((512, 512, 512), 16384), split_sizes((7,), 100)
+    ((64, 64), (16, 32, 32), (7,))
+    """
+    blocks = [max(1, int(n)) for n in sizes]
+    budget = max(1, int(budget))
+    while math.prod(blocks) > budget:
+        axis = blocks.index(max(blocks))
+        blocks[axis] = -(-blocks[axis] // 2)
+    return tuple(blocks)
+
+
 def block_sizes(sizes, budget: int) -> tuple[int, ...]:
     """Per axis, a block of at most `budget` cells of an array of `sizes`: trailing axes whole as far as they fit,
-    the next one cut to fit, the ones before it 1 (rows of whole rows). HDF5 chunks and verify's tiles.
+    the next one cut to fit, the ones before it 1 (rows of whole rows): HDF5 chunks.
 
     >>> block_sizes((128, 128), 4096), block_sizes((512, 512, 512), 16384), block_sizes((7,), 100)
     ((32, 128), (1, 32, 512), (7,))

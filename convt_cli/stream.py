@@ -265,10 +265,11 @@ def verify_files(input_ref, filters_ref, output_ref=None, *, output_shape=None, 
         whole = tuple(name for name, src in (("input", x_src), ("output", y_src)) if src is not None and src.whole)
         needs = run_needs(plan, x_src.dtype, w_dtype, out_dtype, None if y_src is None else (y_src.shape, y_src.dtype),
                           whole=whole, threads=threads)
-        chunk = check_memory("verify", with_verify_work(needs, plan, out_dtype, probes), plan.batch, max_memory,
-                             available_memory, whole={"input": x_ref, "output": y_ref})
+        chunk = check_memory("verify", with_verify_work(needs, plan, out_dtype, probes, threads), plan.batch,
+                             max_memory, available_memory, whole={"input": x_ref, "output": y_ref})
+        chunk = min(chunk, piece_batch(plan, x_src.dtype, out_dtype))
         w = cast_to(w_ref, w_load(), out_dtype)
-        check = AdjointCheck(plan, w, out_dtype.name, probes=probes, seed=seed, rtol=rtol)
+        check = AdjointCheck(plan, w, out_dtype.name, probes=probes, seed=seed, rtol=rtol, threads=threads)
         compute = _conv_transpose_of(plan, w, threads) if y_src is None else None
         with quiet_arithmetic():
             for b0 in range(0, plan.batch, chunk):
@@ -495,23 +496,15 @@ def run_needs(plan, x_dtype, w_dtype, dtype, output=None, whole=(), threads=None
     return needs
 
 
-def with_verify_work(needs, plan, dtype, probes):
-    """needs plus verify's own arrays, roughly: in float64 (complex128 for complex data) about five arrays the
-    size of a group of batch elements (about 2**20 values, at least one element of OUTPUT, INPUT or the probe
-    field), two of about 2**20 values, and the filters contracted with the probes."""
-    from .verify import DEFAULT_PROBES
+def with_verify_work(needs, plan, dtype, probes, threads):
+    """needs plus verify's own arrays: each of its threads works on one tile at a time (verify.work_bytes)."""
+    from .verify import work_bytes
 
-    k = probes or DEFAULT_PROBES
-    item = 16 if dtype.kind == "c" else 8
-    per_element = max(1, math.prod(plan.output_shape[1:]), math.prod(plan.input_shape[1:]),
-                      k * math.prod(plan.output_spatial))
-    taps_by_c_in = math.prod(plan.kernel) * plan.in_channels
+    fixed = work_bytes(plan, dtype, probes, threads)
 
     def with_work(batch):
         parts = needs(batch)
-        group = min(batch, max(1, 2**20 // per_element)) * per_element
-        parts["verify's work"] = item * (5 * group + 2 * 2**20 + 3 * math.prod(plan.filters_shape)
-                                         + 2 * k * taps_by_c_in) if batch else 0
+        parts["verify's work"] = fixed if batch else 0
         return parts
 
     return with_work

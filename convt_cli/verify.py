@@ -66,7 +66,7 @@ import numpy as np
 
 from .engine.dtypes import as_arrays
 from .errors import ConvtError
-from .shapes import Plan, block_sizes, plan_conv_transpose
+from .shapes import Plan, input_window, plan_conv_transpose, split_sizes
 
 DEFAULT_PROBES = 8
 SAFETY = 4.0
@@ -81,7 +81,6 @@ EPS = {
     "complex128": (2.0**-52, 2.0**-52),
 }
 _EPS_VERIFY = 2.0**-52
-_BUDGET = 1 << 20  # elements per working array: bounds memory to a few output-sized arrays at most
 
 
 @dataclass(frozen=True)
@@ -259,6 +258,8 @@ def verify_conv_transpose(
     probes=None,
     seed=0,
     rtol=None,
+    *,
+    threads=None,
 ) -> VerifyReport:
     """Check that `output` is conv_transpose(input, filters, output.shape, ...) without computing it.
 
@@ -271,6 +272,7 @@ def verify_conv_transpose(
         probes: number of probes K (default 8).
         seed: a non-negative int; the probes are a function of (seed, K, shapes) only.
         rtol: overrides the default tolerance on the residual.
+        threads: as for conv_transpose (the tiles are shared out; the report is the same for any number).
 
     Returns:
         A VerifyReport; it prints nothing.
@@ -294,7 +296,7 @@ def verify_conv_transpose(
         raise ConvtError(
             f"verify: output dtype {y.dtype.name} must match the input and filters dtype {x.dtype.name}"
         )
-    check = AdjointCheck(plan, w, x.dtype.name, probes=probes, seed=seed, rtol=rtol)
+    check = AdjointCheck(plan, w, x.dtype.name, probes=probes, seed=seed, rtol=rtol, threads=threads)
     check.add(x, y)
     return check.report()
 
@@ -308,12 +310,18 @@ class AdjointCheck:
         for b0 in range(0, plan.batch, 4):
             check.add(x[b0:b0 + 4], y[b0:b0 + 4], batch_offset=b0)
         report = check.report()
+
+    Each chunk is checked tile by tile on up to `threads` threads (as the engine resolves them); every tile's
+    numbers are its own, computed the same way whatever the chunk, the grouping or the threads.
     """
 
-    def __init__(self, plan: Plan, filters: np.ndarray, dtype: str, probes=None, seed=0, rtol=None):
-        self.plan, self.w, self.dtype = plan, filters, dtype
+    def __init__(self, plan: Plan, filters: np.ndarray, dtype: str, probes=None, seed=0, rtol=None, threads=None):
+        from .engine import runtime
+
+        self.plan, self.dtype = plan, dtype
         self.k = DEFAULT_PROBES if probes is None else _positive_int("probes", probes)
         self.seed = _seed(seed)
+        self.threads = runtime.resolve_threads(threads)
         if rtol is None:
             self.tol = default_tolerance(dtype, plan)
         else:
@@ -321,20 +329,36 @@ class AdjointCheck:
                 raise ConvtError(f"verify: rtol must be a finite number >= 0, got {rtol!r}")
             self.tol = float(rtol)
         self.rtol = rtol
+        self.blocks = tile_sizes(plan, self.k)
+        self.grid = tuple(-(-n // size) for n, size in zip(plan.output_spatial, self.blocks))
+        self.probe = _Probes(plan, filters, dtype, self.k, self.seed)
         self.nonfinite = 0
-        self.parts: list[tuple] = []  # per chunk: (K, nb) arrays of a, b, S^2
-        self.offsets: list[int] = []  # per chunk: the batch index of its first element
-        self.tiles: list[tuple] = []  # per chunk: (K, nb, *blocks) arrays of a, b, S^2 per tile
-        self.blocks = tile_sizes(plan.output_spatial, plan.out_channels)
+        self.parts: list[tuple] = []  # per chunk: its batch offset and (K, nb, tiles) arrays of a, b, S^2
 
     def add(self, x: np.ndarray, y: np.ndarray, batch_offset: int = 0) -> None:
         """Batch elements [batch_offset, batch_offset + len(x)) of input and output."""
-        self.nonfinite += _count_nonfinite(y)
-        if not self.nonfinite:
-            a, b, scale2, tiles = _identity(self.plan, x, self.w, y, self.k, self.seed, batch_offset)
-            self.parts.append((a, b, scale2))
-            self.tiles.append(tiles)
-            self.offsets.append(batch_offset)
+        from .engine import runtime
+
+        nb, tiles = y.shape[0], math.prod(self.grid)
+        cdt = np.complex128 if self.probe.complex else np.float64
+        sums = _Sums(np.zeros((self.k, nb, tiles), cdt), np.zeros((self.k, nb, tiles), cdt),
+                     np.zeros((self.k, nb, tiles)), np.zeros((nb, tiles), np.int64))
+        group = 1 if tiles > 1 else self.probe.group
+        jobs = [(n0, min(nb, n0 + group), m) for n0 in range(0, nb, group) for m in range(tiles)]
+
+        def work(some):
+            for n0, n1, m in some:
+                self.probe.tile(x, y, n0, n1, m, self._box(m), batch_offset, sums)
+
+        if nb and tiles:
+            runtime.over_jobs(jobs, work, self.threads)
+        self.nonfinite += int(sums.nonfinite.sum())
+        self.parts.append((batch_offset, sums))
+
+    def _box(self, m: int) -> tuple[tuple[int, int], ...]:
+        where = np.unravel_index(m, self.grid)
+        return tuple((int(j) * size, min((int(j) + 1) * size, n))
+                     for j, size, n in zip(where, self.blocks, self.plan.output_spatial))
 
     def report(self) -> VerifyReport:
         common = {
@@ -348,24 +372,33 @@ class AdjointCheck:
         }
         if self.nonfinite:
             return VerifyReport(passed=False, probes=(), nonfinite_output=self.nonfinite, **common)
-        a, b, scale2 = ([np.concatenate([p[i] for p in self.parts], axis=1) for i in range(3)]
-                        if self.parts else [np.zeros((self.k, 0))] * 3)
+        parts = sorted(self.parts, key=lambda part: part[0])
+        a, b, scale2 = ([np.concatenate([getattr(p, key).reshape(self.k, -1) for _, p in parts], axis=1)
+                         for key in ("a", "b", "scale2")] if parts else [np.zeros((self.k, 0))] * 3)
         results = []
         for ak, bk, sk in zip(_fsum_rows(a), _fsum_rows(b), [math.fsum(row) for row in scale2]):
-            r = _residual(abs(ak - bk), sk)
-            results.append(Probe(ak, bk, math.sqrt(sk), r))
-        spatial = self.plan.output_spatial
+            results.append(Probe(ak, bk, math.sqrt(sk), _residual(abs(ak - bk), sk)))
         tiles = []
-        for offset, (ta, tb, ts) in sorted(zip(self.offsets, self.tiles), key=lambda item: item[0]):
-            worst = _residuals(np.abs(ta - tb), ts).max(axis=0)  # (nb, *blocks): each tile's worst probe
-            for where in np.argwhere(~(worst <= self.tol)):
-                box = tuple((int(m) * size, min(int(m + 1) * size, n))
-                            for m, size, n in zip(where[1:], self.blocks, spatial))
-                tiles.append(Tile(offset + int(where[0]), box, float(worst[tuple(where)])))
-        count = self.plan.batch * math.prod(-(-n // size) for n, size in zip(spatial, self.blocks))
+        for offset, p in parts:
+            worst = _residuals(np.abs(p.a - p.b), p.scale2).max(axis=0)  # (nb, tiles): each tile's worst probe
+            for n, m in np.argwhere(~(worst <= self.tol)):
+                tiles.append(Tile(offset + int(n), self._box(int(m)), float(worst[n, m])))
+        count = self.plan.batch * math.prod(self.grid)
         passed = all(p.residual <= self.tol for p in results) and not tiles
         return VerifyReport(passed=passed, probes=tuple(results), nonfinite_output=0, tile_count=count,
-                            failing_tiles=tuple(tiles), output_spatial=tuple(int(n) for n in spatial), **common)
+                            failing_tiles=tuple(tiles), output_spatial=tuple(int(n) for n in self.plan.output_spatial),
+                            **common)
+
+
+@dataclass(frozen=True)
+class _Sums:
+    """What the tiles of one chunk found: a, b and S^2 per (probe, batch element, tile), and the non-finite
+    output values per (batch element, tile). Each tile job writes its own cells."""
+
+    a: np.ndarray
+    b: np.ndarray
+    scale2: np.ndarray
+    nonfinite: np.ndarray
 
 
 def _residual(diff: float, scale2: float) -> float:
@@ -393,197 +426,326 @@ def _seed(value) -> int:
     return int(value)
 
 
-def _count_nonfinite(y: np.ndarray) -> int:
-    if y.dtype.kind in "iu" or y.size == 0:
-        return 0
-    flat = y.reshape(y.shape[0], -1)
-    rows = max(1, _BUDGET // max(1, flat.shape[1]))
-    return sum(
-        int(flat[r : r + rows].size - np.count_nonzero(np.isfinite(flat[r : r + rows])))
-        for r in range(0, flat.shape[0], rows)
-    )
+# The probes' random numbers: splitmix64 (Steele, Lea and Flood 2014), a counter hashed, here on NumPy arrays:
+# word j of the stream keyed `key` is mix(key + (j + 1) * GOLDEN mod 2**64). (NumPy's own generators would cost
+# verify the import of numpy.random: 8 MB of memory, more than a piece of its work.)
+GOLDEN = 0x9E3779B97F4A7C15
+_M64 = (1 << 64) - 1
 
 
-def _draw(seed_key, shape, complex_probes: bool) -> np.ndarray:
-    rng = np.random.default_rng(seed_key)
+def _mix(z):
+    """splitmix64's finalizer, on a Python int or a uint64 array (wrapping mod 2**64)."""
+    if isinstance(z, int):
+        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _M64
+        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _M64
+        return z ^ (z >> 31)
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return z ^ (z >> np.uint64(31))
+
+
+def _key(parts) -> int:
+    """The stream key of a tuple of ints >= 0: key = 0, then key = mix(key + (part + 1) * GOLDEN) for each part."""
+    key = 0
+    for part in parts:
+        key = _mix((key + (part + 1) * GOLDEN) & _M64)
+    return key
+
+
+def _words(parts, n: int) -> np.ndarray:
+    """The first n uint64 words of the stream keyed by parts."""
+    count = np.arange(1, n + 1, dtype=np.uint64) * np.uint64(GOLDEN)
+    return _mix(count + np.uint64(_key(parts)))
+
+
+def _normal(parts, shape, complex_probes: bool) -> np.ndarray:
+    """Standard normals (complex: (re + i im) / sqrt(2)) by Box-Muller, normal j from words 2j and 2j + 1:
+    sqrt(-2 ln u1) * cos(2 pi u2), with u = ((word >> 11) + 0.5) / 2**53."""
+    n = math.prod(shape) * (2 if complex_probes else 1)
+    u = ((_words(parts, 2 * n) >> np.uint64(11)).astype(np.float64) + 0.5) * 2.0**-53
+    g = np.sqrt(-2 * np.log(u[0::2])) * np.cos(2 * math.pi * u[1::2])
     if not complex_probes:
-        return rng.standard_normal(shape)
-    re_im = rng.standard_normal((2, *shape))
-    return (re_im[0] + 1j * re_im[1]) / math.sqrt(2)
+        return g.reshape(shape)
+    return ((g[0::2] + 1j * g[1::2]) / math.sqrt(2)).reshape(shape)
+
+
+_SIGNS = np.array([1, -1], np.int8)
+_PHASES = np.array([1, -1, 1j, -1j], np.complex64)
+
+
+def _signs(parts, shape, complex_probes: bool) -> np.ndarray:
+    """Random signs +-1 (int8), or for complex probes random phases 1, -1, i, -i (complex64), of `shape`: the bits
+    of the stream keyed by parts, the lowest bit of each word first, one bit per sign (bit 1: -1), two per phase
+    (the first bit + 2 * the second indexes [1, -1, i, -i])."""
+    n = math.prod(shape) * (2 if complex_probes else 1)
+    bits = np.unpackbits(_words(parts, -(-n // 64)).astype("<u8").view(np.uint8), count=n, bitorder="little")
+    if not complex_probes:
+        return _SIGNS[bits].reshape(shape)
+    return _PHASES[bits[0::2] + 2 * bits[1::2]].reshape(shape)
 
 
 def _abs2(a: np.ndarray) -> np.ndarray:
     return a.real**2 + a.imag**2 if np.iscomplexobj(a) else a * a
 
 
-def _identity(plan: Plan, x, w, y, k: int, seed: int, batch_offset: int = 0):
-    """Per probe and batch element: a = <OUT, x_k>, b = <IN, conv(x_k, conj W)> and S_k^2, (K, nb) float64."""
-    first = plan.spec.channels_first
-    batch, c_in, c_out = x.shape[0], plan.in_channels, plan.out_channels
-    s_in, s_out = plan.input_spatial, plan.output_spatial
-    p_in, p_out = math.prod(s_in), math.prod(s_out)
-    cplx = x.dtype.kind == "c"
-    cdt = np.complex128 if cplx else np.float64
-    taps = list(np.ndindex(*plan.kernel))
-
-    v = _draw([seed, 0], (k, c_out), cplx)  # (K, c_out)
-    v2 = _abs2(v)
-    wc = np.array(w, dtype=cdt).reshape(len(taps), c_out, c_in)  # (T, c_out, c_in)
-    wv = np.matmul(v, wc.conj()).reshape(len(taps) * k, c_in)  # (T*K, c_in): W contracted with each v_k
-    wv2 = np.matmul(v2, _abs2(wc)).reshape(len(taps) * k, c_in)
-
-    # the probe field zero-padded as the forward conv pads its input; wide enough for every tap's window
-    lows = [lo for lo, _ in plan.pads]
-    size = [
-        max(lo + o + hi, (i - 1) * s + (kk - 1) * d + 1)
-        for (lo, hi), o, i, kk, s, d in zip(plan.pads, s_out, s_in, plan.kernel, plan.spec.strides,
-                                            plan.spec.dilations)
-    ]
-    interior = tuple(slice(lo, lo + o) for lo, o in zip(lows, s_out))
-    windows = [
-        tuple(slice(t * d, t * d + (i - 1) * s + 1, s) for t, d, s, i in zip(tap, plan.spec.dilations,
-                                                                          plan.spec.strides, s_in))
-        for tap in taps
-    ]
-    per_element = max(1, p_out * c_out, p_in * c_in, k * math.prod(size))
-    group = max(1, _BUDGET // per_element)
-    tap_group = max(1, _BUDGET // max(1, min(group, batch) * k * p_in))
-
-    a = np.zeros((k, batch), dtype=cdt)  # per probe, per batch element
-    b = np.zeros((k, batch), dtype=cdt)
-    scale2 = np.zeros((k, batch))
-    blocks = tile_sizes(s_out, c_out)
-    nblocks = [-(-o // size) for o, size in zip(s_out, blocks)]
-    ta = np.zeros((k, batch, *nblocks), dtype=cdt)  # per probe, batch element and tile
-    tb = np.zeros((k, batch, *nblocks), dtype=cdt)
-    ts = np.zeros((k, batch, *nblocks))
-    tiled = p_out > 0 and math.prod(nblocks) > 1  # else each batch element is one tile: its sums are a, b, S^2
-    out_starts = [np.arange(0, o, size) for o, size in zip(s_out, blocks)]
-    tap_starts = [_tap_starts(plan, tap, blocks, nblocks) for tap in taps] if tiled else []
-    for b0 in range(0, batch, group):
-        b1 = min(batch, b0 + group)
-        nb = b1 - b0
-        upad = np.zeros((k, nb, *size), dtype=cdt)  # (K, nb, *padded)
-        for j in range(nb):
-            upad[(slice(None), j, *interior)] = _draw([seed, 1, batch_offset + b0 + j], (k, *s_out), cplx)
-        upad2 = _abs2(upad)
-        u = upad[(slice(None), slice(None), *interior)]  # (K, nb, *s_out), a view
-        u2 = upad2[(slice(None), slice(None), *interior)]
-
-        # a side: conj(OUT) contracted with v over channels, then with u over positions
-        ym = _channel_matrix(y[b0:b1], first, c_out, p_out, cdt)  # conj(OUT) per element
-        prod = u * _over_channels(v, ym, first, s_out)
-        a[:, b0:b1] = _sum_all(prod)
-        if tiled:
-            ta[:, b0:b1] = _block_sums(prod, out_starts)
-        ym = _abs2(ym)
-        prod = u2 * _over_channels(v2, ym, first, s_out)
-        scale2[:, b0:b1] += _sum_all(prod)
-        if tiled:
-            ts[:, b0:b1] += _block_sums(prod, out_starts)
-        del ym, prod
-
-        if p_in == 0 or c_in == 0 or not taps:
-            continue
-        # b side: conj(IN) contracted with Wv per tap, then with the tap's gather of u over positions
-        xm = _channel_matrix(x[b0:b1], first, c_in, p_in, cdt)  # conj(IN) per element
-        xm2 = _abs2(xm)
-        parts = np.zeros((2, k, nb, len(taps)), dtype=cdt)  # b and S^2 per tap, summed pairwise below
-        for t0 in range(0, len(taps), tap_group):
-            t1 = min(len(taps), t0 + tap_group)
-            z = _over_channels(wv[t0 * k : t1 * k], xm, first, s_in)  # (taps*K, nb, *s_in)
-            z2 = _over_channels(wv2[t0 * k : t1 * k], xm2, first, s_in)
-            for ti in range(t0, t1):
-                win = (slice(None), slice(None), *windows[ti])
-                rows = slice((ti - t0) * k, (ti - t0 + 1) * k)
-                prod = upad[win] * z[rows]
-                parts[0, :, :, ti] = _sum_all(prod)
-                if tiled:
-                    tb[:, b0:b1] += _block_sums(prod, tap_starts[ti])
-                prod = upad2[win] * z2[rows]
-                parts[1, :, :, ti] = _sum_all(prod)
-                if tiled:
-                    ts[:, b0:b1] += _block_sums(prod, tap_starts[ti]).real
-            del z, z2
-        b[:, b0:b1] = parts[0].sum(axis=-1)
-        scale2[:, b0:b1] += parts[1].real.sum(axis=-1)
-        del xm, xm2
-
-    if not tiled and p_out:
-        ones = (1,) * len(s_out)
-        ta, tb, ts = (m.reshape(k, batch, *ones) for m in (a, b, scale2))
-    return a, b, scale2, (ta, tb, ts)
+TILE_VALUES = 1 << 18  # output values per tile at most (a batch element's whole image when it is smaller)
+PROBE_VALUES = 1 << 17  # probe values per tile at most (probes x positions), for each tile's float64 arrays
+WINDOW_VALUES = 1 << 18  # input values a tile reads, roughly (its window, before the halo)
+PRODUCT_VALUES = 1 << 17  # values of one GEMM result on the input side (probes x taps x window positions)
+SHORT = {"float16", "bfloat16", "float32", "complex64"}  # contracted over channels in float32 (complex64)
+EXPONENT_RANGE = 50  # a block whose largest |value| is beyond 2**+-50 is contracted in float64 instead
 
 
-TILE_ELEMENTS = 1 << 18  # output values per tile at most (a batch element's whole image when it is smaller)
+def tile_sizes(plan: Plan, probes: int = DEFAULT_PROBES) -> tuple[int, ...]:
+    """Block sizes per spatial axis for verify's tiles: as near a cube as halving makes it (shapes.split_sizes),
+    with at most TILE_VALUES output values, PROBE_VALUES probe values and about WINDOW_VALUES input values.
 
-
-def tile_sizes(out_spatial, out_channels: int) -> tuple[int, ...]:
-    """Block sizes per spatial axis for verify's tiles: whole trailing axes while a tile stays within
-    TILE_ELEMENTS values, the next axis cut to fit, the ones before it 1 (a tile is then rows of whole rows).
-
-    >>> tile_sizes((128, 128), 64), tile_sizes((16, 16), 8), tile_sizes((512, 512, 512), 16)
-    ((32, 128), (16, 16), (1, 32, 512))
+    >>> plan = plan_conv_transpose((1, 64, 64, 32), (4, 4, 32, 32), None, 2, "SAME")
+    >>> tile_sizes(plan)
+    (64, 128)
     """
-    return block_sizes(out_spatial, max(1, TILE_ELEMENTS // max(1, out_channels)))
+    positions = min(TILE_VALUES // max(1, plan.out_channels), PROBE_VALUES // probes,
+                    WINDOW_VALUES * math.prod(plan.spec.strides) // max(1, plan.in_channels))
+    return split_sizes(plan.output_spatial, max(1, positions))
 
 
-def _tap_starts(plan: Plan, tap, blocks, nblocks) -> list[np.ndarray]:
-    """Per spatial axis, the first input position whose term (for this tap) lands in each output block: input i
-    reaches output o = i*s + t*d - lo, increasing in i. Block 0 also takes the terms before the output (they
-    meet the probe's zero padding), the last block those after it."""
-    starts = []
-    for (lo, _), t, s, d, n_in, size, m in zip(plan.pads, tap, plan.spec.strides, plan.spec.dilations,
-                                              plan.input_spatial, blocks, nblocks):
-        edges = np.arange(1, m) * size + lo - t * d  # o = edge - lo + ... : first i with i*s >= edge
-        first = np.clip(-(-edges // s), 0, n_in)
-        starts.append(np.concatenate([[0], first]).astype(np.intp))
-    return starts
+def work_bytes(plan: Plan, dtype, probes=None, threads=1) -> int:
+    """About the most memory verify's own arrays take at once, besides the data: a tile's (or a group of small
+    images') arrays on each of `threads` threads, the probes' channel parts and one tap of the filters."""
+    k = probes or DEFAULT_PROBES
+    name = np.dtype(dtype).name if not isinstance(dtype, str) else dtype
+    cplx = name.startswith("complex")
+    size = (8 if cplx else 4) if name in SHORT else (16 if cplx else 8)
+    blocks = tile_sizes(plan, k)
+    positions = math.prod(blocks)
+    window = math.prod(min(i, -(-b // s) + (kk - 1) * d // s + 2) for b, i, s, kk, d in zip(
+        blocks, plan.input_spatial, plan.spec.strides, plan.kernel, plan.spec.dilations))
+    taps, rest = math.prod(plan.kernel), math.prod(plan.kernel[1:])
+    product = min(k * taps * window, max(PRODUCT_VALUES, k * rest * window))  # one GEMM's result: kernel rows
+    a_side = positions * (2 * plan.out_channels * size + k * (2 * size + 1))
+    b_side = (k * positions * (2 + 2 * size) + 2 * window * plan.in_channels * size + 2 * product * size
+              + taps * window * 4)
+    tile = max(a_side, b_side)
+    if math.prod(-(-n // b) for n, b in zip(plan.output_spatial, blocks)) == 1:  # whole images, grouped
+        tile *= _Probes.group_of(plan, k)
+    channels = 2 * k * taps * plan.in_channels * size + plan.out_channels * plan.in_channels * size
+    return tile * max(1, threads) + channels
 
 
-def _sum_all(prod: np.ndarray) -> np.ndarray:
-    """(K, nb, *spatial) -> (K, nb): the sum over positions, pairwise."""
-    return prod.reshape(prod.shape[0], prod.shape[1], -1).sum(axis=-1)
+class _Probes:
+    """The probes' channel parts and each tile's sums.
+
+    Made once, in float64 (complex128): conj(v) (K, c_out), conj(Wv) = conj(v) contracted with the filters
+    (K, *kernel, c_in), and |W|^2 summed over out_channels (*kernel, c_in) for Q; then also in float32 (complex64)
+    for SHORT dtypes, the last two scaled by a power of two to a largest value near 1 (v is +-1 or +-i: exact in
+    both). A tile contracts channels in float32 when its data's dtype is SHORT and its largest |value| lies
+    within 2**+-EXPONENT_RANGE (the output side also needs out_channels <= n: the rounding of a sum of c terms
+    grows as sqrt(c), and stays below the producer's own over n terms); in float64 otherwise. A product with a
+    probe sign is exact in either; every sum over positions and taps is float64.
+    """
+
+    def __init__(self, plan: Plan, filters, dtype: str, k: int, seed: int):
+        self.plan, self.k, self.seed = plan, k, seed
+        self.complex = dtype.startswith("complex")
+        wide = np.complex128 if self.complex else np.float64
+        short = (np.complex64 if self.complex else np.float32) if dtype in SHORT else None
+        taps = math.prod(plan.kernel)
+        w = np.asarray(filters).reshape(taps, plan.out_channels, plan.in_channels)
+        v = _normal([seed, 0], (k, plan.out_channels), self.complex)
+        if short is not None:
+            v = v.astype(short).astype(wide)  # one v for both precisions
+        vc = np.conj(v)
+        self.v2 = _abs2(v)  # (K, c_out)
+        wv = np.empty((k, taps, plan.in_channels), wide)  # conj(Wv)
+        self.wv2 = np.empty((k, taps, plan.in_channels))  # sum_co |v|^2 |W|^2
+        for t in range(taps):  # a tap at a time: no float64 copy of all the filters
+            wt = w[t].astype(wide)
+            wv[:, t] = vc @ wt
+            self.wv2[:, t] = self.v2 @ _abs2(wt)
+        wv = wv.reshape(k, *plan.kernel, plan.in_channels)
+        e_w = _exponent(np.abs(wv))
+        self.wide = _Channels(vc, wv, 0)
+        self.short = None if short is None else _Channels(vc.astype(short), _scaled(wv, e_w).astype(short), e_w)
+        self.n = terms_per_output(plan)
+        self.group = self.group_of(plan, k)
+
+    @staticmethod
+    def group_of(plan: Plan, k: int) -> int:
+        """Whole images per job when an image is one tile: as many as keep the job's arrays within the budgets."""
+        p_in, p_out = max(1, math.prod(plan.input_spatial)), max(1, math.prod(plan.output_spatial))
+        per_element = max(p_out * plan.out_channels / TILE_VALUES, k * p_out / PROBE_VALUES,
+                          p_in * plan.in_channels / WINDOW_VALUES,
+                          k * math.prod(plan.kernel) * p_in / PRODUCT_VALUES)
+        return max(1, int(1 / per_element)) if per_element > 0 else 1
+
+    def tile(self, x, y, n0: int, n1: int, m: int, box, offset: int, sums: _Sums) -> None:
+        """a, b and S^2 of tile m (spatial box) of batch elements n0..n1 of the chunk, into sums."""
+        plan, k, first, nb = self.plan, self.k, self.plan.spec.channels_first, n1 - n0
+        shape = tuple(o1 - o0 for o0, o1 in box)
+        ym = _matrix(y[_index(n0, n1, tuple(slice(o0, o1) for o0, o1 in box), first)], first, plan.out_channels)
+        top = _largest(ym)
+        if not math.isfinite(top):
+            sums.nonfinite[n0, m] = ym.size - np.count_nonzero(np.isfinite(ym))
+            return
+        e_out = _exponent_of(top)
+        u = np.stack([_signs([self.seed, 1, offset + n, m], (k, *shape), self.complex) for n in range(n0, n1)])
+        # a side: OUT's channels against conj(v), conj'd, against u over positions
+        fast = self.short is not None and plan.out_channels <= self.n and abs(e_out) <= EXPONENT_RANGE
+        ch = self.short if fast else self.wide
+        ym = ym.astype(ch.v.dtype, copy=False)
+        za = _contract(ch.v, ym, first)  # (nb, K, P)
+        sums.a[:, n0:n1, m] = _sum_products(u.reshape(za.shape).astype(za.dtype), _conj(za)).T
+        scale2 = _per_element(_channel_norms2(ym, e_out, first), self.v2)  # (nb, K): sum |v|^2 |OUT|^2 there
+        del ym, za
+        # b side: IN's channels against conj(Wv) per tap, conj'd, against the probe where each term lands
+        window = [input_window(o0, o1, i, kk, s, d, lo) for (o0, o1), i, kk, s, d, (lo, _) in zip(
+            box, plan.input_spatial, plan.kernel, plan.spec.strides, plan.spec.dilations, plan.pads)]
+        if any(i1 == i0 for i0, i1 in window) or plan.in_channels == 0:
+            sums.scale2[:, n0:n1, m] = scale2.T
+            return
+        xm = _matrix(x[_index(n0, n1, tuple(slice(i0, i1) for i0, i1 in window), first)], first, plan.in_channels)
+        top = _largest(xm)
+        e_in = _exponent_of(top) if math.isfinite(top) else 0
+        fast = self.short is not None and math.isfinite(top) and abs(e_in) <= EXPONENT_RANGE
+        ch = self.short if fast else self.wide
+        xm = xm.astype(ch.v.dtype, copy=False)
+        # the tile's probe, zero-padded so that every term of the window lands inside it: term (j, t) of an axis
+        # lands at buffer index j*s + t*d + base, where base = off - lo_t and lo_t = lo + o0 - i0*s is the
+        # tile's own low pad
+        counts = [i1 - i0 for i0, i1 in window]
+        lows = [lo + o0 - i0 * s for (o0, _), (i0, _), s, (lo, _) in zip(box, window, plan.spec.strides, plan.pads)]
+        offs = [max(0, lo_t) for lo_t in lows]
+        sizes = [off + max(n, (c - 1) * s + (kk - 1) * d + 1 - lo_t) for off, n, c, s, kk, d, lo_t in zip(
+            offs, shape, counts, plan.spec.strides, plan.kernel, plan.spec.dilations, lows)]
+        upad = np.zeros((nb, k, *sizes), dtype=ch.v.dtype)
+        upad[(slice(None), slice(None), *(slice(off, off + n) for off, n in zip(offs, shape)))] = u
+        bases = [off - lo_t for off, lo_t in zip(offs, lows)]
+        b = np.zeros((nb, k), dtype=sums.b.dtype)
+        rest = math.prod(plan.kernel[1:])
+        step = max(1, PRODUCT_VALUES // max(1, k * rest * math.prod(counts)))  # kernel rows per GEMM
+        for t0 in range(0, plan.kernel[0], step):
+            t1 = min(plan.kernel[0], t0 + step)
+            z = _contract(ch.wv[:, t0:t1].reshape(-1, plan.in_channels), xm, first)  # (nb, K * taps, P_in)
+            z = z.reshape(nb, k, t1 - t0, *plan.kernel[1:], *counts)
+            b += _sum_products(_reach(upad, bases, t0, t1, plan, counts), _conj(z))
+            del z
+        sums.b[:, n0:n1, m] = (b * 2.0**ch.e_w).T
+        # Q: |IN|^2 summed over the window positions whose term lands in the tile, per tap and channel, against
+        # sum_co |v|^2 |W|^2
+        scaled = abs(e_in) > EXPONENT_RANGE
+        x2 = _abs2(_scaled(xm, e_in) if scaled else xm)
+        landing = _landing(plan, shape, counts, lows).reshape(-1, math.prod(counts)).astype(x2.dtype)  # (T, P)
+        reached = np.matmul(x2, landing.T) if first else np.matmul(landing, x2).transpose(0, 2, 1)  # (nb, c, T)
+        q = _per_element(reached.astype(np.float64).reshape(nb, -1), self.wv2.transpose(0, 2, 1).reshape(k, -1))
+        sums.scale2[:, n0:n1, m] = (scale2 + np.ldexp(q, 2 * e_in if scaled else 0)).T
 
 
-def _block_sums(prod: np.ndarray, starts) -> np.ndarray:
-    """(K, nb, *spatial) -> (K, nb, *blocks): sums over the ranges [starts[m], starts[m+1]) of each spatial axis
-    (the last to the axis' end). A range may be empty (equal starts, or a start at the axis' end): its sum is 0."""
-    for axis, first in enumerate(starts, start=2):
-        n = prod.shape[axis]
-        nonempty = (first < n) & np.append(first[1:] != first[:-1], True)
-        if nonempty.all():
-            prod = np.add.reduceat(prod, first, axis=axis)
-            continue
-        shape = list(prod.shape)
-        shape[axis] = len(first)
-        summed = np.zeros(shape, dtype=prod.dtype)
-        index = [slice(None)] * prod.ndim
-        index[axis] = nonempty
-        if nonempty.any():  # the next non-empty start ends each range, as reduceat reads them
-            summed[tuple(index)] = np.add.reduceat(prod, first[nonempty], axis=axis)
-        prod = summed
-    return prod
+@dataclass(frozen=True)
+class _Channels:
+    """conj(v) and conj(Wv) * 2**-e_w, in one precision."""
+
+    v: np.ndarray
+    wv: np.ndarray
+    e_w: int
 
 
-def _channel_matrix(chunk, first: bool, c: int, p: int, cdt) -> np.ndarray:
-    """conj(chunk) in the compute dtype, one matrix per batch element: (nb, P, c), or (nb, c, P) channels-first."""
-    nb = chunk.shape[0]
-    m = np.array(chunk, dtype=cdt).reshape((nb, c, p) if first else (nb, p, c))
+def _index(n0: int, n1: int, span, first: bool) -> tuple:
+    return (slice(n0, n1), slice(None), *span) if first else (slice(n0, n1), *span, slice(None))
+
+
+def _matrix(block, first: bool, c: int) -> np.ndarray:
+    """(nb, *spatial, c) -> (nb, P, c), or (nb, c, *spatial) -> (nb, c, P); a view when the block allows."""
+    nb = block.shape[0]
+    p = math.prod(block.shape[2:] if first else block.shape[1:-1])
+    m = block.reshape((nb, c, p) if first else (nb, p, c))
+    return m.astype(np.float32) if m.dtype.name in ("float16", "bfloat16") else m
+
+
+def _largest(m: np.ndarray) -> float:
+    """max |value| (inf or nan when any value is not finite), in two passes that copy nothing."""
+    if m.size == 0:
+        return 0.0
     if m.dtype.kind == "c":
-        np.conjugate(m, out=m)
-    return m
+        return max(_largest(m.real), _largest(m.imag))
+    hi, lo = m.max(), m.min()
+    if m.dtype.kind in "iu":
+        return float(max(abs(int(hi)), abs(int(lo))))
+    return float(max(abs(hi), abs(lo))) if not (np.isnan(hi) or np.isnan(lo)) else math.nan
 
 
-def _over_channels(weights: np.ndarray, m: np.ndarray, first: bool, spatial) -> np.ndarray:
-    """(R, c) contracted with each element's channels -> (R, nb, *spatial), one GEMM per batch element: a GEMM
-    across elements would round each column by its place in the matrix, and the result must not depend on how
-    the batch is grouped."""
-    if first:
-        z = np.matmul(weights, m).transpose(1, 0, 2)  # (nb, c, P) -> (nb, R, P) -> (R, nb, P)
-    else:
-        z = np.matmul(m, weights.T).transpose(2, 0, 1)  # (nb, P, c) -> (nb, P, R) -> (R, nb, P)
-    return z.reshape(len(weights), m.shape[0], *spatial)
+def _exponent_of(top: float) -> int:
+    return math.frexp(top)[1] if top > 0 else 0
+
+
+def _exponent(a: np.ndarray) -> int:
+    return _exponent_of(float(a.max())) if a.size and np.isfinite(a).all() else 0
+
+
+def _scaled(a: np.ndarray, e: int) -> np.ndarray:
+    """a * 2**-e, exactly (a power of two), for real or complex a."""
+    if np.iscomplexobj(a):
+        return np.ldexp(a.real, -e) + 1j * np.ldexp(a.imag, -e)
+    return np.ldexp(a, -e)
+
+
+def _contract(weights: np.ndarray, m: np.ndarray, first: bool) -> np.ndarray:
+    """(R, c) against each element's channels -> (nb, R, P), one GEMM per batch element (the stacked matmul): a
+    GEMM across elements would round each column by its place in the matrix."""
+    return np.matmul(weights, m if first else m.transpose(0, 2, 1))
+
+
+def _conj(a: np.ndarray) -> np.ndarray:
+    return np.conj(a) if a.dtype.kind == "c" else a
+
+
+def _sum_products(signs: np.ndarray, q: np.ndarray) -> np.ndarray:
+    """(nb, K, ...) x (nb, K, ...) -> (nb, K): sum of signs * q over the rest. The products are exact (signs are
+    +-1, +-i or 0, in q's dtype); the sum is float64 (complex128), pairwise, each (element, probe) row on its
+    own, so the result does not depend on how many rows there are."""
+    prod = np.multiply(signs, q)
+    wide = np.complex128 if prod.dtype.kind == "c" else np.float64
+    return prod.reshape(prod.shape[0], prod.shape[1], -1).sum(axis=-1, dtype=wide)
+
+
+def _per_element(rows: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """(nb, L) against (K, L) -> (nb, K), one GEMM per element (the same bits for any nb)."""
+    return np.matmul(rows[:, None, :], weights.T)[:, 0, :]
+
+
+def _channel_norms2(m: np.ndarray, e: int, first: bool) -> np.ndarray:
+    """(nb, P, c) or (nb, c, P) -> (nb, c) float64: sum |m|^2 over positions per channel, scaled by 2**-e first
+    when its squares could overflow or underflow in its dtype (a GEMV per element: a scale, where float32's
+    rounding does not matter)."""
+    limit = EXPONENT_RANGE if m.dtype in (np.float32, np.complex64) else 400
+    back = 2 * e if abs(e) > limit else 0
+    m2 = _abs2(_scaled(m, e) if back else m)
+    ones = np.ones((m2.shape[2 if first else 1], 1), dtype=m2.dtype)
+    summed = np.matmul(m2, ones)[..., 0] if first else np.matmul(ones.T, m2)[:, 0, :]
+    return np.ldexp(summed.astype(np.float64), back)
+
+
+def _landing(plan: Plan, shape, counts, lows) -> np.ndarray:
+    """(*kernel, *counts) 0/1: whether term (tap, window position) lands inside the tile's box (of `shape`)."""
+    r = len(shape)
+    mask = np.ones((1,) * (2 * r), dtype=np.float32)
+    for a, (n, c, kk, s, d, lo_t) in enumerate(zip(shape, counts, plan.kernel, plan.spec.strides,
+                                                   plan.spec.dilations, lows)):
+        q = np.arange(c)[None, :] * s + np.arange(kk)[:, None] * d - lo_t  # (k, c): where the term lands
+        fits = ((q >= 0) & (q < n)).astype(np.float32)
+        mask = mask * fits.reshape([kk if j == a else c if j == r + a else 1 for j in range(2 * r)])
+    return mask
+
+
+def _reach(upad: np.ndarray, bases, t0: int, t1: int, plan: Plan, counts) -> np.ndarray:
+    """The probe at every term's landing place, for kernel rows t0..t1 on the first axis: a view
+    (nb, K, t1 - t0, *kernel[1:], *counts) of upad, entry [n, k, *t, *j] = upad[n, k, *(j*s + t*d + base)]."""
+    st = upad.strides
+    taps = [t1 - t0, *plan.kernel[1:]]
+    start = upad[(slice(None), slice(None), *(slice(base + (t0 * d if axis == 0 else 0), None)
+                                               for axis, (base, d) in enumerate(zip(bases, plan.spec.dilations))))]
+    strides = (st[0], st[1], *(d * st[2 + a] for a, d in enumerate(plan.spec.dilations)),
+               *(s * st[2 + a] for a, s in enumerate(plan.spec.strides)))
+    return np.lib.stride_tricks.as_strided(start, (*upad.shape[:2], *taps, *counts), strides, writeable=False)
 
 
 def _fsum_rows(m: np.ndarray) -> list:

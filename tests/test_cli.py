@@ -455,8 +455,10 @@ def test_a_run_over_the_memory_budget_streams_and_writes_the_same_bytes(work, mo
     with h5py.File("whole.h5") as a, h5py.File("pieces.h5") as b:
         assert a["y"][()].tobytes() == b["y"][()].tobytes()
     plan = plan_conv_transpose(x.shape, (3, 3, 4, 3), strides=2)
+    from convt_cli.engine import runtime
+
     verify_needs = stream.with_verify_work(stream.run_needs(plan, f32, f32, f32, (plan.output_shape, f32)),
-                                           plan, f32, None)
+                                           plan, f32, None, runtime.resolve_threads())
     r = invoke("verify", "x8.npy", "w.npy", "pieces.npy", "--strides", "2", "--max-memory",
                sum(verify_needs(3).values()), "--json")
     assert r.exit_code == 0, r.output

@@ -25,6 +25,7 @@ import convt_cli
 from convt_cli import ConvtError, conv_transpose, run_files
 from convt_cli import stream
 from convt_cli.cli import cli
+from convt_cli.engine import runtime
 from convt_cli.shapes import plan_conv_transpose
 from convt_cli.stream import run_many, verify_files
 from convt_cli.verify import verify_conv_transpose
@@ -254,7 +255,8 @@ def test_verify_files_reports_what_the_array_check_reports(work, pieces):
     x, w = work
     f32 = np.dtype(np.float32)
     plan = plan_conv_transpose(x.shape, w.shape, strides=2)
-    needs = stream.with_verify_work(stream.run_needs(plan, f32, f32, f32, (plan.output_shape, f32)), plan, f32, 5)
+    needs = stream.with_verify_work(stream.run_needs(plan, f32, f32, f32, (plan.output_shape, f32)), plan, f32, 5,
+                                    runtime.resolve_threads())
     max_memory = sum(needs(3).values()) if pieces else None
     y = conv_transpose(x, w, strides=2)
     y[3, 4, 5, 2] += 0.01 * np.abs(y).max()

@@ -29,6 +29,7 @@ import pytest
 
 import convt_cli.verify as verify_module
 from convt_cli import ConvtError, conv, conv_transpose
+from convt_cli.shapes import plan_conv_transpose
 from convt_cli.verify import VerifyReport, verify_conv_transpose
 from conftest import GOLDEN_DIR, load_golden, random_shapes
 from loop_reference import conv_transpose_loop
@@ -255,9 +256,44 @@ def test_channels_first_read_as_channels_last_is_always_caught(stride, n, dtype)
 # The math.
 
 
+def _splitmix_words(parts, n):
+    """The documented stream, in plain Python ints: key = 0, key = mix(key + (part + 1) * G) per part; word j =
+    mix(key + (j + 1) * G), all mod 2**64."""
+    mask, golden = (1 << 64) - 1, 0x9E3779B97F4A7C15
+
+    def mix(z):
+        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & mask
+        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & mask
+        return z ^ (z >> 31)
+
+    key = 0
+    for part in parts:
+        key = mix((key + (part + 1) * golden) & mask)
+    return [mix((key + (j + 1) * golden) & mask) for j in range(n)]
+
+
+def _hand_normals(parts, count, complex_probes):
+    n = count * (2 if complex_probes else 1)
+    words = _splitmix_words(parts, 2 * n)
+    u = [((word >> 11) + 0.5) / 2**53 for word in words]
+    g = [math.sqrt(-2 * math.log(u[2 * j])) * math.cos(2 * math.pi * u[2 * j + 1]) for j in range(n)]
+    return g if not complex_probes else [(g[2 * j] + 1j * g[2 * j + 1]) / math.sqrt(2) for j in range(count)]
+
+
+def _hand_signs(parts, count, complex_probes):
+    n = count * (2 if complex_probes else 1)
+    words = _splitmix_words(parts, -(-n // 64))
+    bits = [(words[j // 64] >> (j % 64)) & 1 for j in range(n)]
+    if not complex_probes:
+        return [1 - 2 * bit for bit in bits]
+    return [(1, -1, 1j, -1j)[bits[2 * j] + 2 * bits[2 * j + 1]] for j in range(count)]
+
+
 @pytest.mark.parametrize("first", [False, True])
-@pytest.mark.parametrize("dtype", ["float64", "complex128"])
-def test_documented_probe_stream_rebuilt_by_hand(dtype, first):
+@pytest.mark.parametrize("dtype", ["float32", "float64", "complex128"])
+def test_documented_probe_stream_rebuilt_by_hand(dtype, first, monkeypatch):
+    """v from the normals of stream (seed, 0), u of tile m of batch element b from the signs of (seed, 1, b, m),
+    rebuilt in plain Python; each tile's a, b and S^2 from the whole probe restricted to the tile."""
     rng = np.random.default_rng(9)
     flags = dict(strides=(2, 3), padding=[(1, 0), (2, 1)], dilations=(1, 2),
                  data_format="NCHW" if first else "NHWC")
@@ -266,29 +302,38 @@ def test_documented_probe_stream_rebuilt_by_hand(dtype, first):
     y = conv_transpose(x, w, **flags)
     out_spatial = y.shape[2:] if first else y.shape[1:-1]
     seed, k = 17, 3
+    monkeypatch.setattr(verify_module, "TILE_VALUES", 5 * 6)  # 6 positions of 5 channels: several tiles
     report = verify_conv_transpose(x, w, y, probes=k, seed=seed, **flags)
+    plan = plan_conv_transpose(x.shape, w.shape, y.shape, **flags)
+    blocks = verify_module.tile_sizes(plan, k)
+    grid = [-(-n // size) for n, size in zip(out_spatial, blocks)]
+    assert math.prod(grid) > 1 and report.tile_count == 3 * math.prod(grid)
 
-    def draw(key, shape):
-        g = np.random.default_rng(key)
-        if dtype == "float64":
-            return g.standard_normal(shape)
-        re_im = g.standard_normal((2, *shape))
-        return (re_im[0] + 1j * re_im[1]) / math.sqrt(2)
-
-    v = draw([seed, 0], (k, 5))
-    u = np.stack([draw([seed, 1, b], (k, *out_spatial)) for b in range(3)])  # (batch, K, *out_spatial)
+    cplx = dtype.startswith("complex")
+    v = np.array(_hand_normals([seed, 0], k * 5, cplx)).reshape(k, 5)
+    if dtype == "float32":
+        v = v.astype(np.float32).astype(np.float64)
+    u = np.zeros((3, k, *out_spatial), complex if cplx else float)  # (batch, K, *out_spatial)
+    for b in range(3):
+        for m, where in enumerate(np.ndindex(*grid)):
+            box = tuple(slice(j * size, min((j + 1) * size, n)) for j, size, n in zip(where, blocks, out_spatial))
+            shape = tuple(sl.stop - sl.start for sl in box)
+            u[(b, slice(None), *box)] = np.array(_hand_signs([seed, 1, b, m], k * math.prod(shape), cplx)
+                                                 ).reshape(k, *shape)
+    q = conv_transpose(np.abs(x).astype(np.float64) ** 2, np.abs(w).astype(np.float64) ** 2, y.shape, **flags)
+    x64, w64, y64 = (a.astype(np.complex128 if cplx else np.float64) for a in (x, w, y))
     for j, probe in enumerate(report.probes):
         if first:
             probe_field = u[:, j][:, None] * v[j][None, :, None, None]
         else:
             probe_field = u[:, j][..., None] * v[j]
-        a = np.vdot(y, probe_field)
-        b = np.vdot(x, conv(probe_field, np.conj(w), **flags))
-        q = conv_transpose(np.abs(x) ** 2, np.abs(w) ** 2, y.shape, **flags)  # sum of |terms|^2 per element
-        scale = math.sqrt(np.sum(np.abs(probe_field) ** 2 * (np.abs(y) ** 2 + q)))
-        assert probe.a == pytest.approx(a, rel=1e-12)
-        assert probe.b == pytest.approx(b, rel=1e-12)
-        assert probe.scale == pytest.approx(scale, rel=1e-12)
+        a = np.vdot(y64, probe_field)
+        b = np.vdot(x64, conv(probe_field, np.conj(w64), **flags))
+        scale = math.sqrt(np.sum(np.abs(probe_field) ** 2 * (np.abs(y64) ** 2 + q)))
+        rel = 1e-5 if dtype == "float32" else 1e-12
+        assert probe.a == pytest.approx(a, rel=rel, abs=rel * scale)
+        assert probe.b == pytest.approx(b, rel=rel, abs=rel * scale)
+        assert probe.scale == pytest.approx(scale, rel=1e-5)
         assert probe.residual == abs(probe.a - probe.b) / probe.scale
 
 
@@ -343,17 +388,27 @@ def test_cancelling_terms_do_not_fail_a_right_output():
     assert np.median(relative / np.abs(y)) > 10 * report.tolerance  # the output itself is that inexact
 
 
-def test_chunking_does_not_change_the_result(monkeypatch):
+def test_chunks_their_order_and_threads_do_not_change_a_bit(monkeypatch):
+    from convt_cli.shapes import plan_conv_transpose
+    from convt_cli.verify import AdjointCheck
+
     rng = np.random.default_rng(15)
     flags = dict(strides=2, padding="SAME", data_format="NCHW")
     x, w = _normal(rng, (5, 3, 6, 7), np.float64), _normal(rng, (3, 2, 4, 3), np.float64)
     y = conv_transpose(x, w, **flags)
-    whole = verify_conv_transpose(x, w, y, seed=1, **flags)
-    monkeypatch.setattr(verify_module, "_BUDGET", 1)  # one batch element and one tap at a time
-    pieces = verify_conv_transpose(x, w, y, seed=1, **flags)
-    for p, q in zip(whole.probes, pieces.probes):
-        assert q.a == pytest.approx(p.a, rel=1e-13)
-        assert q.b == pytest.approx(p.b, rel=1e-13)
+    y[3, 1, 4, 5] += 1e-9  # a failing tile too
+    whole = verify_conv_transpose(x, w, y, seed=1, threads=1, **flags)
+    plan = plan_conv_transpose(x.shape, w.shape, y.shape, **flags)
+    check = AdjointCheck(plan, w, "float64", seed=1, threads=2)
+    for b in (3, 0, 4, 1, 2):
+        check.add(x[b : b + 1], y[b : b + 1], batch_offset=b)
+    pieces = check.report()
+    assert pieces.probes == whole.probes and pieces.failing_tiles == whole.failing_tiles
+    assert whole.failing_tiles and not whole.passed
+    monkeypatch.setattr(verify_module, "PRODUCT_VALUES", 1)  # one kernel row per GEMM: other sums, same value
+    rows = verify_conv_transpose(x, w, y, seed=1, **flags)
+    for p, q in zip(whole.probes, rows.probes):
+        assert q.a == p.a and q.b == pytest.approx(p.b, rel=1e-13)
 
 
 def test_seed_reproduces_and_changes_the_probes():
