@@ -185,7 +185,8 @@ class VerifyReport:
                       else f"max residual 0 (exact), within the tolerance {tol:.1e}")
             return f"PASS: {inside} ({probes}, {where})"
         if math.isnan(worst):
-            return f"FAIL: a probe's residual is nan (inf or nan in INPUT or FILTERS?) ({probes}, {where})"
+            return (f"FAIL: a probe's residual is nan (inf or nan in INPUT or FILTERS, or values too large to square in "
+                    f"float64?) ({probes}, {where})")
         bad = sum(1 for p in self.probes if not p.residual <= tol)
         tiles = [t.residual for t in self.failing_tiles]
         worst = max([worst, *tiles])
@@ -347,8 +348,9 @@ class AdjointCheck:
         jobs = [(n0, min(nb, n0 + group), m) for n0 in range(0, nb, group) for m in range(tiles)]
 
         def work(some):
-            for n0, n1, m in some:
-                self.probe.tile(x, y, n0, n1, m, self._box(m), batch_offset, sums)
+            with np.errstate(all="ignore"):  # overflows are looked for, and non-finite values fail the check
+                for n0, n1, m in some:
+                    self.probe.tile(x, y, n0, n1, m, self._box(m), batch_offset, sums)
 
         if nb and tiles:
             runtime.over_jobs(jobs, work, self.threads)
@@ -402,6 +404,8 @@ class _Sums:
 
 
 def _residual(diff: float, scale2: float) -> float:
+    if math.isinf(scale2):  # squares beyond float64's range: nothing can be told
+        return math.nan
     if scale2 > 0:
         return float(diff / math.sqrt(scale2))
     return 0.0 if diff == 0 else (math.nan if math.isnan(diff) else math.inf)
@@ -411,7 +415,8 @@ def _residuals(diff: np.ndarray, scale2: np.ndarray) -> np.ndarray:
     """_residual elementwise (nan stays nan, and max() keeps it)."""
     with np.errstate(divide="ignore", invalid="ignore"):
         r = diff / np.sqrt(np.where(scale2 > 0, scale2, 1.0))
-    return np.where(scale2 > 0, r, np.where(diff == 0, 0.0, np.where(np.isnan(diff), np.nan, np.inf)))
+    r = np.where(scale2 > 0, r, np.where(diff == 0, 0.0, np.where(np.isnan(diff), np.nan, np.inf)))
+    return np.where(np.isinf(scale2), np.nan, r)
 
 
 def _positive_int(label, value) -> int:
@@ -469,19 +474,20 @@ def _normal(parts, shape, complex_probes: bool) -> np.ndarray:
     return ((g[0::2] + 1j * g[1::2]) / math.sqrt(2)).reshape(shape)
 
 
-_SIGNS = np.array([1, -1], np.int8)
-_PHASES = np.array([1, -1, 1j, -1j], np.complex64)
-
-
 def _signs(parts, shape, complex_probes: bool) -> np.ndarray:
-    """Random signs +-1 (int8), or for complex probes random phases 1, -1, i, -i (complex64), of `shape`: the bits
-    of the stream keyed by parts, the lowest bit of each word first, one bit per sign (bit 1: -1), two per phase
-    (the first bit + 2 * the second indexes [1, -1, i, -i])."""
+    """Random signs +-1 (float32), or for complex probes random phases 1, -1, i, -i (complex64), of `shape`: the
+    bits of the stream keyed by parts, the lowest bit of each word first, one bit per sign (bit 1: -1), two per
+    phase (bits b0, b1: (1 - 2*b0) * (i if b1 else 1))."""
     n = math.prod(shape) * (2 if complex_probes else 1)
     bits = np.unpackbits(_words(parts, -(-n // 64)).astype("<u8").view(np.uint8), count=n, bitorder="little")
     if not complex_probes:
-        return _SIGNS[bits].reshape(shape)
-    return _PHASES[bits[0::2] + 2 * bits[1::2]].reshape(shape)
+        return (1 - np.multiply(bits, 2, dtype=np.float32)).reshape(shape)
+    sign = 1 - np.multiply(bits[0::2], 2, dtype=np.float32)
+    turn = bits[1::2].astype(bool)
+    out = np.empty(n // 2, np.complex64)
+    out.real = np.where(turn, 0, sign)
+    out.imag = np.where(turn, sign, 0)
+    return out.reshape(shape)
 
 
 def _abs2(a: np.ndarray) -> np.ndarray:
@@ -491,7 +497,7 @@ def _abs2(a: np.ndarray) -> np.ndarray:
 TILE_VALUES = 1 << 18  # output values per tile at most (a batch element's whole image when it is smaller)
 PROBE_VALUES = 1 << 17  # probe values per tile at most (probes x positions), for each tile's float64 arrays
 WINDOW_VALUES = 1 << 18  # input values a tile reads, roughly (its window, before the halo)
-PRODUCT_VALUES = 1 << 17  # values of one GEMM result on the input side (probes x taps x window positions)
+PRODUCT_VALUES = 1 << 18  # values of one GEMM result on the input side (probes x taps x window positions)
 SHORT = {"float16", "bfloat16", "float32", "complex64"}  # contracted over channels in float32 (complex64)
 EXPONENT_RANGE = 50  # a block whose largest |value| is beyond 2**+-50 is contracted in float64 instead
 
@@ -557,11 +563,13 @@ class _Probes:
         vc = np.conj(v)
         self.v2 = _abs2(v)  # (K, c_out)
         wv = np.empty((k, taps, plan.in_channels), wide)  # conj(Wv)
-        self.wv2 = np.empty((k, taps, plan.in_channels))  # sum_co |v|^2 |W|^2
+        wv2 = np.empty((k, taps, plan.in_channels))  # sum_co |v|^2 |W|^2
         for t in range(taps):  # a tap at a time: no float64 copy of all the filters
             wt = w[t].astype(wide)
             wv[:, t] = vc @ wt
-            self.wv2[:, t] = self.v2 @ _abs2(wt)
+            wv2[:, t] = self.v2 @ _abs2(wt)
+        self.wv2t = wv2.transpose(0, 2, 1).reshape(k, -1)  # (K, c_in * taps), as Q's sums are laid out
+        self.landings: dict = {}
         wv = wv.reshape(k, *plan.kernel, plan.in_channels)
         e_w = _exponent(np.abs(wv))
         self.wide = _Channels(vc, wv, 0)
@@ -583,37 +591,50 @@ class _Probes:
         plan, k, first, nb = self.plan, self.k, self.plan.spec.channels_first, n1 - n0
         shape = tuple(o1 - o0 for o0, o1 in box)
         ym = _matrix(y[_index(n0, n1, tuple(slice(o0, o1) for o0, o1 in box), first)], first, plan.out_channels)
-        top = _largest(ym)
-        if not math.isfinite(top):
-            sums.nonfinite[n0, m] = ym.size - np.count_nonzero(np.isfinite(ym))
-            return
-        e_out = _exponent_of(top)
-        u = np.stack([_signs([self.seed, 1, offset + n, m], (k, *shape), self.complex) for n in range(n0, n1)])
         # a side: OUT's channels against conj(v), conj'd, against u over positions
-        fast = self.short is not None and plan.out_channels <= self.n and abs(e_out) <= EXPONENT_RANGE
-        ch = self.short if fast else self.wide
+        ch = self.short if self.short is not None and plan.out_channels <= self.n else self.wide
         ym = ym.astype(ch.v.dtype, copy=False)
+        norms, back = _channel_norms2(ym, first), 0  # (nb, c): sum |OUT|^2 over the tile
+        if not _fits(norms, ym):  # an overflow or underflow, or a value not finite: look closer
+            top = _largest(ym)
+            if not math.isfinite(top):
+                sums.nonfinite[n0, m] = ym.size - np.count_nonzero(np.isfinite(ym))
+                return
+            back = 2 * _exponent_of(top)
+            if abs(back) > 2 * EXPONENT_RANGE and ch is self.short:
+                ch, ym = self.wide, ym.astype(self.wide.v.dtype)
+            norms = _channel_norms2(_scaled(ym, back // 2), first)
+        u = np.empty((nb, k, *shape), dtype=ch.v.dtype)
+        for n in range(n0, n1):
+            u[n - n0] = _signs([self.seed, 1, offset + n, m], (k, *shape), self.complex)
         za = _contract(ch.v, ym, first)  # (nb, K, P)
-        sums.a[:, n0:n1, m] = _sum_products(u.reshape(za.shape).astype(za.dtype), _conj(za)).T
-        scale2 = _per_element(_channel_norms2(ym, e_out, first), self.v2)  # (nb, K): sum |v|^2 |OUT|^2 there
-        del ym, za
+        sums.a[:, n0:n1, m] = _sum_products(u.reshape(za.shape), _conj(za)).T
+        scale2 = _per_element(np.ldexp(norms.astype(np.float64), back), self.v2)  # (nb, K): sum |v|^2 |OUT|^2
+        del ym, za, norms
         # b side: IN's channels against conj(Wv) per tap, conj'd, against the probe where each term lands
         window = [input_window(o0, o1, i, kk, s, d, lo) for (o0, o1), i, kk, s, d, (lo, _) in zip(
             box, plan.input_spatial, plan.kernel, plan.spec.strides, plan.spec.dilations, plan.pads)]
         if any(i1 == i0 for i0, i1 in window) or plan.in_channels == 0:
             sums.scale2[:, n0:n1, m] = scale2.T
             return
+        counts = [i1 - i0 for i0, i1 in window]
+        lows = [lo + o0 - i0 * s for (o0, _), (i0, _), s, (lo, _) in zip(box, window, plan.spec.strides, plan.pads)]
+        landing = self._landing(shape, counts, lows)  # (taps, P_in)
         xm = _matrix(x[_index(n0, n1, tuple(slice(i0, i1) for i0, i1 in window), first)], first, plan.in_channels)
-        top = _largest(xm)
-        e_in = _exponent_of(top) if math.isfinite(top) else 0
-        fast = self.short is not None and math.isfinite(top) and abs(e_in) <= EXPONENT_RANGE
-        ch = self.short if fast else self.wide
+        ch = self.short if self.short is not None else self.wide
         xm = xm.astype(ch.v.dtype, copy=False)
+        reached, back = _reached(xm, landing, first), 0  # (nb, c, taps): sum |IN|^2 over landing positions
+        if not _fits(reached, xm):
+            top = _largest(xm)
+            back = 2 * _exponent_of(top) if math.isfinite(top) else 0
+            if (abs(back) > 2 * EXPONENT_RANGE or not math.isfinite(top)) and ch is self.short:
+                ch, xm = self.wide, xm.astype(self.wide.v.dtype)
+            reached = _reached(_scaled(xm, back // 2), landing, first)
+        q = _per_element(np.ldexp(reached.astype(np.float64), back).reshape(nb, -1), self.wv2t)
+        sums.scale2[:, n0:n1, m] = (scale2 + q).T
         # the tile's probe, zero-padded so that every term of the window lands inside it: term (j, t) of an axis
         # lands at buffer index j*s + t*d + base, where base = off - lo_t and lo_t = lo + o0 - i0*s is the
         # tile's own low pad
-        counts = [i1 - i0 for i0, i1 in window]
-        lows = [lo + o0 - i0 * s for (o0, _), (i0, _), s, (lo, _) in zip(box, window, plan.spec.strides, plan.pads)]
         offs = [max(0, lo_t) for lo_t in lows]
         sizes = [off + max(n, (c - 1) * s + (kk - 1) * d + 1 - lo_t) for off, n, c, s, kk, d, lo_t in zip(
             offs, shape, counts, plan.spec.strides, plan.kernel, plan.spec.dilations, lows)]
@@ -621,8 +642,7 @@ class _Probes:
         upad[(slice(None), slice(None), *(slice(off, off + n) for off, n in zip(offs, shape)))] = u
         bases = [off - lo_t for off, lo_t in zip(offs, lows)]
         b = np.zeros((nb, k), dtype=sums.b.dtype)
-        rest = math.prod(plan.kernel[1:])
-        step = max(1, PRODUCT_VALUES // max(1, k * rest * math.prod(counts)))  # kernel rows per GEMM
+        step = max(1, PRODUCT_VALUES // max(1, k * math.prod(plan.kernel[1:]) * math.prod(counts)))  # kernel rows
         for t0 in range(0, plan.kernel[0], step):
             t1 = min(plan.kernel[0], t0 + step)
             z = _contract(ch.wv[:, t0:t1].reshape(-1, plan.in_channels), xm, first)  # (nb, K * taps, P_in)
@@ -630,14 +650,24 @@ class _Probes:
             b += _sum_products(_reach(upad, bases, t0, t1, plan, counts), _conj(z))
             del z
         sums.b[:, n0:n1, m] = (b * 2.0**ch.e_w).T
-        # Q: |IN|^2 summed over the window positions whose term lands in the tile, per tap and channel, against
-        # sum_co |v|^2 |W|^2
-        scaled = abs(e_in) > EXPONENT_RANGE
-        x2 = _abs2(_scaled(xm, e_in) if scaled else xm)
-        landing = _landing(plan, shape, counts, lows).reshape(-1, math.prod(counts)).astype(x2.dtype)  # (T, P)
-        reached = np.matmul(x2, landing.T) if first else np.matmul(landing, x2).transpose(0, 2, 1)  # (nb, c, T)
-        q = _per_element(reached.astype(np.float64).reshape(nb, -1), self.wv2.transpose(0, 2, 1).reshape(k, -1))
-        sums.scale2[:, n0:n1, m] = (scale2 + np.ldexp(q, 2 * e_in if scaled else 0)).T
+
+    def _landing(self, shape, counts, lows) -> np.ndarray:
+        """(taps, P_in) 0/1 float32: whether term (tap, window position) lands inside the tile's box of `shape`
+        (cached: a tiling has few kinds of tile)."""
+        key = (tuple(shape), tuple(counts), tuple(lows))
+        found = self.landings.get(key)
+        if found is None:
+            plan, r = self.plan, len(shape)
+            mask = np.ones((1,) * (2 * r), dtype=np.float32)
+            for a, (n, c, kk, s, d, lo_t) in enumerate(zip(shape, counts, plan.kernel, plan.spec.strides,
+                                                           plan.spec.dilations, lows)):
+                q = np.arange(c)[None, :] * s + np.arange(kk)[:, None] * d - lo_t  # (k, c): where terms land
+                fits = ((q >= 0) & (q < n)).astype(np.float32)
+                mask = mask * fits.reshape([kk if j == a else c if j == r + a else 1 for j in range(2 * r)])
+            found = mask.reshape(math.prod(plan.kernel), math.prod(counts))
+            if len(self.landings) < 64:
+                self.landings[key] = found
+        return found
 
 
 @dataclass(frozen=True)
@@ -712,28 +742,34 @@ def _per_element(rows: np.ndarray, weights: np.ndarray) -> np.ndarray:
     return np.matmul(rows[:, None, :], weights.T)[:, 0, :]
 
 
-def _channel_norms2(m: np.ndarray, e: int, first: bool) -> np.ndarray:
-    """(nb, P, c) or (nb, c, P) -> (nb, c) float64: sum |m|^2 over positions per channel, scaled by 2**-e first
-    when its squares could overflow or underflow in its dtype (a GEMV per element: a scale, where float32's
-    rounding does not matter)."""
-    limit = EXPONENT_RANGE if m.dtype in (np.float32, np.complex64) else 400
-    back = 2 * e if abs(e) > limit else 0
-    m2 = _abs2(_scaled(m, e) if back else m)
+def _channel_norms2(m: np.ndarray, first: bool) -> np.ndarray:
+    """(nb, P, c) or (nb, c, P) -> (nb, c): sum |m|^2 over positions per channel, in m's precision (a GEMV per
+    element: a scale, where float32's rounding does not matter)."""
+    m2 = _abs2(m)
     ones = np.ones((m2.shape[2 if first else 1], 1), dtype=m2.dtype)
-    summed = np.matmul(m2, ones)[..., 0] if first else np.matmul(ones.T, m2)[:, 0, :]
-    return np.ldexp(summed.astype(np.float64), back)
+    return np.matmul(m2, ones)[..., 0] if first else np.matmul(ones.T, m2)[:, 0, :]
 
 
-def _landing(plan: Plan, shape, counts, lows) -> np.ndarray:
-    """(*kernel, *counts) 0/1: whether term (tap, window position) lands inside the tile's box (of `shape`)."""
-    r = len(shape)
-    mask = np.ones((1,) * (2 * r), dtype=np.float32)
-    for a, (n, c, kk, s, d, lo_t) in enumerate(zip(shape, counts, plan.kernel, plan.spec.strides,
-                                                   plan.spec.dilations, lows)):
-        q = np.arange(c)[None, :] * s + np.arange(kk)[:, None] * d - lo_t  # (k, c): where the term lands
-        fits = ((q >= 0) & (q < n)).astype(np.float32)
-        mask = mask * fits.reshape([kk if j == a else c if j == r + a else 1 for j in range(2 * r)])
-    return mask
+def _reached(xm: np.ndarray, landing: np.ndarray, first: bool) -> np.ndarray:
+    """(nb, c, taps): |IN|^2 summed over the window positions whose term (for the tap) lands in the tile."""
+    x2 = _abs2(xm)
+    landing = landing.astype(x2.dtype, copy=False)
+    return np.matmul(x2, landing.T) if first else np.matmul(landing, x2).transpose(0, 2, 1)
+
+
+_RANGE = {np.dtype(np.float32): 2.0**-100, np.dtype(np.float64): 2.0**-1000}
+
+
+def _fits(sums2: np.ndarray, data: np.ndarray) -> bool:
+    """Whether data's sums of squares in float32 (float64) neither overflowed nor came near underflow: all finite,
+    and the largest within 2**+-100 (2**+-1000), or 0 with the data all zero."""
+    if sums2.size == 0:
+        return True
+    top = float(sums2.max())
+    small = _RANGE[sums2.dtype]
+    if top == 0:
+        return not data.any()
+    return math.isfinite(top) and small < top < 1 / small and bool(np.isfinite(sums2).all())
 
 
 def _reach(upad: np.ndarray, bases, t0: int, t1: int, plan: Plan, counts) -> np.ndarray:

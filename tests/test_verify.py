@@ -591,3 +591,21 @@ def test_chunked_check_equals_the_whole_check_exactly():
     check.add(x[:5], y[:5])
     check.add(x[5:], y[5:], batch_offset=5)
     assert not check.report().passed
+
+
+@pytest.mark.parametrize("dtype, exponent", [(d, e) for d in ("float32", "complex64") for e in (-120, -60, 0, 60, 118)]
+                         + [("float64", e) for e in (-480, -300, 0, 300, 480)])
+def test_data_near_the_ends_of_its_dtype_is_checked_as_well(dtype, exponent):
+    """Values scaled by 2**exponent (exactly): sums of squares that would overflow or underflow in float32 send the
+    tile down the careful path (scaled, and float64 where float32 cannot hold it); the verdicts stay the same."""
+    rng = np.random.default_rng(30)
+    x = (_normal(rng, (2, 9, 9, 3), dtype) * 2.0**exponent).astype(dtype)
+    w = _normal(rng, (3, 3, 4, 3), dtype)
+    y = conv_transpose(x, w, strides=2)
+    assert np.isfinite(y).all() and np.abs(y).max() > 0
+    report = verify_conv_transpose(x, w, y, strides=2)
+    assert report.passed, report.summary()
+    bad = y.copy()
+    bad[1, 7, 3, 2] += 0.01 * np.abs(y).max()
+    report = verify_conv_transpose(x, w, bad, strides=2)
+    assert not report.passed and [t.batch for t in report.failing_tiles] == [1], report.summary()

@@ -167,8 +167,15 @@ def test_the_failing_elements_are_the_same_whatever_the_pieces(work):
     np.save("wd.npy", w)
     np.save("yd.npy", y)
     whole = verify_files("xd.npy", "wd.npy", "yd.npy", strides=2)
-    pieces = verify_files("xd.npy", "wd.npy", "yd.npy", strides=2, max_memory="5M")
-    assert pieces.context["batch_per_chunk"] < 256
+    from convt_cli import stream
+    from convt_cli.engine import runtime
+    from convt_cli.shapes import plan_conv_transpose
+
+    plan, f32 = plan_conv_transpose(x.shape, w.shape, y.shape, strides=2), np.dtype(np.float32)
+    needs = stream.with_verify_work(stream.run_needs(plan, f32, f32, f32, (y.shape, f32)), plan, f32, None,
+                                    runtime.resolve_threads())
+    pieces = verify_files("xd.npy", "wd.npy", "yd.npy", strides=2, max_memory=sum(needs(100).values()))
+    assert pieces.context["batch_per_chunk"] == 100
     assert [t.batch for t in whole.failing_tiles] == [t.batch for t in pieces.failing_tiles] == [3, 200]
     r = invoke("verify", "xd.npy", "wd.npy", "yd.npy", "--strides", "2", "--json")
     report = json.loads(r.stdout)
