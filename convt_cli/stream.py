@@ -268,6 +268,9 @@ def verify_files(input_ref, filters_ref, output_ref=None, *, output_shape=None, 
         chunk = check_memory("verify", with_verify_work(needs, plan, out_dtype, probes, threads), plan.batch,
                              max_memory, available_memory, whole={"input": x_ref, "output": y_ref})
         chunk = min(chunk, piece_batch(plan, x_src.dtype, out_dtype))
+        if y_src is not None and max_memory is not None:  # pieces no larger than run's under the same budget
+            run = run_needs(plan, x_src.dtype, w_dtype, out_dtype, whole=whole, threads=threads)
+            chunk = min(chunk, max(1, _most_that_fit(run, chunk, max_memory)))
         w = cast_to(w_ref, w_load(), out_dtype)
         check = AdjointCheck(plan, w, out_dtype.name, probes=probes, seed=seed, rtol=rtol, threads=threads)
         compute = _conv_transpose_of(plan, w, threads) if y_src is None else None
@@ -448,10 +451,7 @@ def check_memory(op: str, needs, batch: int, max_memory: int | None, available_m
         why = f"--max-memory is {bytes_text(max_memory)}{seen}"
     else:
         why = f"only {bytes_text(available)} is available"
-    fits, too_many = 0, batch + 1  # the largest batch that fits, by bisection: needs() may not be linear
-    while too_many - fits > 1:
-        mid = (fits + too_many) // 2
-        fits, too_many = (mid, too_many) if sum(needs(mid).values()) <= limit else (fits, mid)
+    fits = _most_that_fit(needs, batch, limit)
     if fits >= 1:
         return fits
     more = "a larger --max-memory" if max_memory is not None else "--max-memory SIZE if more can be had (swap)"
@@ -474,6 +474,15 @@ def check_memory(op: str, needs, batch: int, max_memory: int | None, available_m
         f"{op} needs about {bytes_text(sum(one.values()))} for even one batch element ({listed}) but {why}: "
         f"use a lower-precision --dtype, smaller arrays, or {more}"
     )
+
+
+def _most_that_fit(needs, batch: int, limit: int) -> int:
+    """The largest b <= batch with sum(needs(b)) <= limit (0 if none), by bisection: needs() may not be linear."""
+    fits, too_many = 0, batch + 1
+    while too_many - fits > 1:
+        mid = (fits + too_many) // 2
+        fits, too_many = (mid, too_many) if sum(needs(mid).values()) <= limit else (fits, mid)
+    return fits
 
 
 def run_needs(plan, x_dtype, w_dtype, dtype, output=None, whole=(), threads=None):

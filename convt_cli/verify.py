@@ -497,7 +497,7 @@ def _abs2(a: np.ndarray) -> np.ndarray:
 TILE_VALUES = 1 << 18  # output values per tile at most (a batch element's whole image when it is smaller)
 PROBE_VALUES = 1 << 17  # probe values per tile at most (probes x positions), for each tile's float64 arrays
 WINDOW_VALUES = 1 << 18  # input values a tile reads, roughly (its window, before the halo)
-PRODUCT_VALUES = 1 << 18  # values of one GEMM result on the input side (probes x taps x window positions)
+PRODUCT_VALUES = 1 << 16  # values of one GEMM result on the input side (probes x taps x window positions)
 SHORT = {"float16", "bfloat16", "float32", "complex64"}  # contracted over channels in float32 (complex64)
 EXPONENT_RANGE = 50  # a block whose largest |value| is beyond 2**+-50 is contracted in float64 instead
 
@@ -743,11 +743,11 @@ def _per_element(rows: np.ndarray, weights: np.ndarray) -> np.ndarray:
 
 
 def _channel_norms2(m: np.ndarray, first: bool) -> np.ndarray:
-    """(nb, P, c) or (nb, c, P) -> (nb, c): sum |m|^2 over positions per channel, in m's precision (a GEMV per
-    element: a scale, where float32's rounding does not matter)."""
-    m2 = _abs2(m)
-    ones = np.ones((m2.shape[2 if first else 1], 1), dtype=m2.dtype)
-    return np.matmul(m2, ones)[..., 0] if first else np.matmul(ones.T, m2)[:, 0, :]
+    """(nb, P, c) or (nb, c, P) -> (nb, c): sum |m|^2 over positions per channel, in m's precision (a scale, where
+    float32's rounding does not matter), without a squared copy."""
+    parts = (m.real, m.imag) if m.dtype.kind == "c" else (m,)
+    spec = "ncp,ncp->nc" if first else "npc,npc->nc"
+    return sum(np.einsum(spec, part, part) for part in parts)
 
 
 def _reached(xm: np.ndarray, landing: np.ndarray, first: bool) -> np.ndarray:
