@@ -533,7 +533,7 @@ def work_bytes(plan: Plan, dtype, probes=None, threads=1) -> int:
               + taps * window * 4)
     tile = max(a_side, b_side)
     if math.prod(-(-n // b) for n, b in zip(plan.output_spatial, blocks)) == 1:  # whole images, grouped
-        tile *= _Probes.group_of(plan, k)
+        tile *= max(1, min(plan.batch, _Probes.group_of(plan, k)))
     channels = 2 * k * taps * plan.in_channels * size + plan.out_channels * plan.in_channels * size
     return tile * max(1, threads) + channels
 

@@ -175,7 +175,7 @@ def test_the_failing_elements_are_the_same_whatever_the_pieces(work):
     needs = stream.with_verify_work(stream.run_needs(plan, f32, f32, f32, (y.shape, f32)), plan, f32, None,
                                     runtime.resolve_threads())
     pieces = verify_files("xd.npy", "wd.npy", "yd.npy", strides=2, max_memory=sum(needs(100).values()))
-    assert pieces.context["batch_per_chunk"] == 100
+    assert 1 <= pieces.context["batch_per_chunk"] <= 100  # and no more than run's pieces under that budget
     assert [t.batch for t in whole.failing_tiles] == [t.batch for t in pieces.failing_tiles] == [3, 200]
     r = invoke("verify", "xd.npy", "wd.npy", "yd.npy", "--strides", "2", "--json")
     report = json.loads(r.stdout)
