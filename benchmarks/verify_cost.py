@@ -1,6 +1,6 @@
 """`convt verify` against `convt run` on the same files, in one run: wall time and peak memory.
 
-    python benchmarks/verify_cost.py [--cases W1,decoder] [--repeat 3] [--max-memory none,64M,256M,1G]
+    python benchmarks/verify_cost.py [--cases W1,decoder] [--repeat 3] [--max-memory none,24M,64M,256M,1G]
                                      [--json results.json]
 
 Per case the input and filters are saved as .npy files in a temporary folder and `convt run` writes the output
@@ -34,15 +34,21 @@ CASES = {
 CONVT = [sys.executable, "-m", "convt_cli"]
 
 
+class Refused(Exception):
+    pass
+
+
 def measure(args) -> tuple[float, int]:
-    """(wall seconds, peak RSS in bytes) of one convt command, which must succeed, run from a small parent that
-    only waits for it (a child forked from this process would start with this process's RSS as its peak)."""
+    """(wall seconds, peak RSS in bytes) of one convt command, run from a small parent that only waits for it (a
+    child forked from this process would start with this process's RSS as its peak). Refused: exit code 2."""
     probe = ("import resource, subprocess, sys, time; t = time.perf_counter(); "
              "r = subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True); "
              "t = time.perf_counter() - t; "
              "print(t, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, r.returncode, r.stderr.strip())")
     out = subprocess.run([sys.executable, "-c", probe, *CONVT, *args], capture_output=True, text=True, check=True)
     wall, rss_kb, code, *err = out.stdout.split(maxsplit=3)
+    if code == "2":
+        raise Refused(" ".join(err))
     if code != "0":
         raise SystemExit(f"convt {' '.join(args)} failed ({code}): {' '.join(err)}")
     return float(wall), int(rss_kb) * 1024
@@ -62,6 +68,11 @@ def run_case(name, folder, limits, repeat):
     for limit in limits:
         memory = [] if limit == "none" else ["--max-memory", limit]
         run_t, run_m, ver_t, ver_m = [], [], [], []
+        try:
+            measure(["run", x, w, "-o", y2, "--force", *flags, *memory])
+        except Refused as e:
+            print(f"{name:8} --max-memory {limit:5}  run refuses: {e}", flush=True)
+            continue
         for _ in range(repeat):
             t, m = measure(["run", x, w, "-o", y2, "--force", *flags, *memory])
             run_t.append(t)
@@ -86,7 +97,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cases", default="W1,decoder")
     parser.add_argument("--repeat", type=int, default=3)
-    parser.add_argument("--max-memory", default="none,64M,256M,1G")
+    parser.add_argument("--max-memory", default="none,24M,64M,256M,1G")
     parser.add_argument("--json")
     args = parser.parse_args()
     print(f"BLAS: {bench.blas_info()}; threads: default ({os.cpu_count()} cores seen)")

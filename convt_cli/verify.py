@@ -10,35 +10,60 @@ with <p, q> = sum(conj(p) * q). conv_transpose is bilinear (no conjugation): OUT
 the (i, t) pairs that reach j, so conj(OUT[j]) = sum conj(IN[i]) conj(W[t]) and
 <OUT, x> = sum conj(IN[i]) conj(W[t]) x[j] = <IN, conv(x, conj(W))>. For real dtypes conj is the identity.
 
-Probes are rank one over channels: x_k[batch, pos, c] = u_k[batch, pos] * v_k[c], so for any error E of the
-output E[|<E, x_k>|^2] = ||E||^2, while both sides stay cheap:
-    a_k = sum_pos u_k[pos] * (conj(OUT[pos, :]) @ v_k)                      one GEMM over OUT for all K probes
-    b_k = sum_taps sum_pos U_k,tap[pos] * (conj(IN[pos, :]) @ Wv_k[tap, :])  one GEMM over IN per tap group
-where Wv_k[tap, ci] = sum_co v_k[co] conj(W[tap, co, ci]) and U_k,tap is the stride/dilation gather of u_k
-zero-padded by the forward conv's pads (plan.pads) for that tap. Every product and sum is done in float64
-(complex128 for complex data), whatever the data's dtype; sums over positions are pairwise, and the per batch
-element results are added exactly (math.fsum).
+Probes are rank one over channels and live in tiles. The output of each batch element is cut into tiles
+(tile_sizes: blocks as near a cube as halving makes them, with at most TILE_VALUES output values); probe k of
+tile T is x_k[pos, c] = u_k[pos] * v_k[c] on T's positions and 0 elsewhere, with u_k random signs (+-1; complex:
+1, -1, i, -i) drawn per tile and v_k standard normal per channel, shared by every tile. For any error E of the
+output, E[|<E, x_k>|^2] = ||E restricted to T||^2, and a single wrong value E_j is seen at exactly |E_j| |v_kc|.
+Each tile is checked on its own, and the global probe (the sum over tiles) too:
+    a_k = sum_pos u_k[pos] * conj(OUT[pos, :] @ conj(v_k))                    one GEMM over the tile of OUT
+    b_k = sum_taps sum_i U_k,tap[i] * conj(IN[i, :] @ conj(Wv_k[tap, :]))     one GEMM per kernel row over IN
+where Wv_k[tap, ci] = sum_co v_k[co] conj(W[tap, co, ci]), i runs over the tile's input window (the positions
+whose terms can land in the tile, shapes.input_window: the halo is the only work done twice) and U_k,tap[i] is
+the tile's probe where term (i, tap) lands (o = i*s + tap*d - lo), 0 outside the tile.
 
-Cost: the GEMMs (each with its twin on squared magnitudes, for S below) are 2K / out_channels + 2K * prod(s) /
-(taps * in_channels) of the run's FLOPs (W1: 0.14); the rest is elementwise work on K * (output positions +
-taps * input positions) probe values, which dominates when in_channels * out_channels is small.
-Python loops over tap groups and batch groups only (and over batch elements to seed their probes). The batch
-is processed in groups of about 2**20 elements per working array, at least one batch element; besides the
-group's float64 copies of output and input, the probe field (K x padded output positions, float64) is the
-largest array, smaller than the output while out_channels * itemsize > 8 * K.
+Precision, and where float64 goes: channels are contracted by GEMMs in float32 (complex64) for float16,
+bfloat16, float32 and complex64 data, whose values float32 holds exactly; in float64 (complex128) for the others.
+The rounding of such a sum of c terms grows as sqrt(c), so the output side does it in float32 only when
+out_channels <= n (the terms per output element, below): verify's own rounding then stays within the producer's,
+which summed n terms. A product with a probe sign is exact in any precision; every sum over positions and taps
+is float64, pairwise; tiles and batch elements are added exactly (math.fsum). Sums of squares (S, below) are
+scales and stay in float32, checked: when they overflow or come near underflow (values beyond about 2**+-50), the
+tile is redone scaled by a power of two, in float64 where float32 cannot hold it.
 
-Probe stream (reproducible; independent of how the batch is chunked):
-    v = default_rng([seed, 0]).standard_normal((K, out_channels))
-    u[b] = default_rng([seed, 1, b]).standard_normal((K, *out_spatial))     for batch element b
-For complex dtypes each draw is standard_normal((2, *shape)) and the probe is (draw[0] + 1j*draw[1]) / sqrt(2).
+Cost: the GEMMs are K / out_channels (input side) + K * prod(s) / (taps * in_channels) (output side) of the
+run's multiply-adds, times the halo, in the run's own precision; the rest is elementwise work on K * taps * input
+positions (exact products, float64 sums) and a pass over OUT's squares. Tiles are shared out on the caller's
+threads (engine.runtime, as run shares its work), each thread on one tile at a time; whole small images are
+grouped. Working space per thread: a tile's arrays (work_bytes), bounded by TILE_VALUES, PROBE_VALUES,
+WINDOW_VALUES and PRODUCT_VALUES whatever the data's size.
 
-Residual (per probe; free of the problem's size and of the data's scale, since both sides grow alike):
-    r_k = |a_k - b_k| / S_k,   S_k^2 = sum_j |x_k[j]|^2 * (|OUT[j]|^2 + Q[j]),
+Probe stream (reproducible; independent of how the batch is chunked, grouped or threaded): splitmix64 (a
+counter hashed), keyed by a tuple of ints (_key, _words):
+    v = the standard normals of stream (seed, 0), shape (K, out_channels), by Box-Muller; rounded to float32
+        (complex64) for data contracted in float32, so that every path uses the same v
+    u of tile m (row-major over the tile grid) of batch element b = the signs of stream (seed, 1, b, m), shape
+        (K, *tile shape), one bit each (1: -1); complex: two bits each, (1 - 2*b0) * (i if b1 else 1)
+No numpy.random: its import alone costs more memory (8 MB) than a tile's work.
+
+Residual (per probe and per tile; free of the problem's size and of the data's scale, since both sides grow
+alike):
+    r_k = |a_k - b_k| / S_k,   S_k^2 = sum_j |x_k[j]|^2 * (|OUT[j]|^2 + Q[j]) = sum_j |v_kc|^2 (|OUT[j]|^2 + Q[j]),
     Q[j] = the sum of |IN[i] * W[t]|^2 over the terms summed into OUT[j]
-S_k is computed by the same two passes on squared magnitudes (|OUT|^2, |IN|^2, |W|^2, |u|^2, |v|^2). If each
+(|u| = 1: S needs |OUT|^2 per channel over the tile, and |IN|^2 per channel summed over the window positions
+whose term lands in the tile, per tap, against sum_co |v_kco|^2 |W[t, co, ci]|^2: no GEMM per probe.) If each
 output element is off by at most e * sqrt(|OUT[j]|^2 + Q[j]), with independent signs, then r_k ~ e: rounding
 the result costs e = eps_out, and accumulating n terms costs e ~ eps_acc * sqrt(n) (a random walk whose steps
-are the partial sums, bounded by |OUT[j]| when the terms share a sign and by sqrt(Q[j]) when they cancel).
+are the partial sums, bounded by |OUT[j]| when the terms share a sign and by sqrt(Q[j]) when they cancel). By
+Cauchy-Schwarz a tile's residual is at most the worst relative error of its values: a correct output passes
+whatever the tiling.
+
+What a probe catches, with ||T||^2 = sum over the tile of (|OUT[j]|^2 + Q[j]) (E[S_k^2] = ||T||^2): one wrong
+value E_j in channel c gives r_k = |E_j| |v_kc| / S_k, so with eps = |E_j| / ||T|| and S_k near ||T|| a probe
+misses it with probability P(|g| <= tol / eps) (g standard normal): 0.08 at eps = 10 tol, 0.008 at 100 tol; all
+K = 8 miss with that to the 8th power. For any error E of the tile (Z = <E, x_k>: E[Z^2] = ||E||^2 and
+E[Z^4] <= 9 ||E||^4), Paley-Zygmund gives P(|Z| >= ||E|| / 2) >= 1/16 per probe, whatever E's pattern; an error
+spread over many values (a row, a channel, a shift) makes Z close to normal, as for one value.
 
 Tolerance (overridden by `rtol`):
     tol = 4 * (eps_out + eps_acc * sqrt(n) + 2**-52 * sqrt(out_channels))
@@ -46,10 +71,11 @@ Tolerance (overridden by `rtol`):
 eps_out is the output dtype's machine epsilon (float16 2**-10, bfloat16 2**-7, float32 and complex64 2**-23,
 float64 and complex128 2**-52; int32 0, its results are exact); eps_acc that of the precision the producer
 accumulates in: float32 for float16, bfloat16, float32 and complex64 (as TF and convt do), float64 for the
-others (int32: verify's own float64 arithmetic). The last term is verify's own float64 rounding in its sums
-over out_channels. On TF's goldens and on convt's outputs (float16 to float64, complex64, int32; zero-mean and
-all-positive data; n up to 9216) no residual exceeded 0.3 * tol in over 200,000 probes: the factor 4 leaves room
-for the tails of the probe statistics. The tolerance is statistical, not a
+others (int32: verify's own float64 arithmetic). The last term is a float64 rounding over out_channels; verify's
+float32 GEMMs sum at most n terms, within the producer's own allowance. On TF's goldens and on convt's outputs
+(a sample of 24, float16 to float64, 100 seeds each, every probe and tile) the largest residual was 0.30 * tol
+(float16; float32 0.11, float64 0.25): the factor 4 leaves room for the tails of the probe statistics and the
+many tiles of a large output. The tolerance is statistical, not a
 worst-case bound: pass `rtol` for a producer that accumulates in float16/bfloat16, or for data whose partial
 sums dwarf both |OUT| and sqrt(Q).
 
