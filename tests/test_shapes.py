@@ -1,7 +1,8 @@
 """Argument normalization and per-axis shape math, without arrays.
 
 Matrix: hypothesis over (I, O, K, s, d, padding) for legal_output_range / forward_size / pads_for against
-brute force; every spelling of strides, dilations, padding, data_format and output_shape; every error rule,
+brute force; input_window (the input positions that reach an output block) and split_sizes (verify's tile
+blocks) against brute force; every spelling of strides, dilations, padding, data_format and output_shape; every error rule,
 with its exact message.
 """
 
@@ -14,10 +15,12 @@ from convt_cli import ConvtError
 from convt_cli.shapes import (
     default_output_size,
     forward_size,
+    input_window,
     legal_output_range,
     pads_for,
     plan_conv,
     plan_conv_transpose,
+    split_sizes,
     tap_span,
 )
 
@@ -257,3 +260,40 @@ def test_conv_errors(kwargs, message):
     with pytest.raises(ConvtError) as e:
         plan_conv(**args)
     assert str(e.value).startswith(message), str(e.value)
+
+
+@settings(max_examples=1000)
+@given(st.integers(0, 12), st.integers(1, 6), st.integers(1, 5), st.integers(1, 4), st.integers(-3, 8), st.data())
+def test_input_window_holds_every_term_that_lands_in_the_block(i, k, s, d, lo, data):
+    """Term (j, t) lands at o = j*s + t*d - lo; the window of [o0, o1) is exactly the j with a term there, up to
+    the j in between whose taps all jump over the block (a dilation wider than the block)."""
+    o0 = data.draw(st.integers(-5, 40))
+    o1 = data.draw(st.integers(o0, o0 + 20))
+    i0, i1 = input_window(o0, o1, i, k, s, d, lo)
+    assert 0 <= i0 <= i1 <= max(i, i0) and (i1 == i0 or i1 <= i)
+    reaching = {j for j in range(i) for t in range(k) if o0 <= j * s + t * d - lo < o1}
+    assert reaching <= set(range(i0, i1))
+    slack = (k - 1) * d // s + 1  # a dilated kernel's taps can step over a narrow block
+    if reaching:
+        assert min(reaching) - i0 <= slack and i1 - 1 - max(reaching) <= slack
+        if d == 1:  # consecutive taps: no gaps, the window is exactly the terms' inputs
+            assert (i0, i1) == (min(reaching), max(reaching) + 1)
+    else:
+        assert i1 - i0 <= slack
+    if i1 > i0:
+        lo_t = lo + o0 - i0 * s  # the block's own low pad: term (j, t) at local o - o0 = (j - i0)*s + t*d - lo_t
+        assert all(o - o0 == (j - i0) * s + t * d - lo_t for j in range(i0, i1) for t in range(k)
+                   for o in [j * s + t * d - lo])
+
+
+@given(st.lists(st.integers(0, 300), min_size=1, max_size=4), st.integers(1, 5000))
+def test_split_sizes_fits_the_budget_and_stays_near_a_cube(sizes, budget):
+    blocks = split_sizes(sizes, budget)
+    assert len(blocks) == len(sizes)
+    assert all(1 <= b <= max(1, n) for b, n in zip(blocks, sizes))
+    assert np.prod(blocks) <= budget
+    cut = [b for b, n in zip(blocks, sizes) if b < max(1, n)]
+    assert not cut or max(blocks) <= 2 * min(cut) + 1  # only the largest blocks are halved
+    # halving stopped as soon as it fit: doubling the last cut back would not fit
+    if cut:
+        assert any(np.prod(blocks) * 2 > budget or b * 2 > max(1, n) for b, n in zip(blocks, sizes) if b == max(cut))
