@@ -11,6 +11,9 @@ time of --repeat runs each, and the largest peak RSS (os.wait4). RSS is counted 
 measured from a small parent process that only waits for it. The bars of the issue:
 verify/run time at most 1.0, and verify's RSS above the baseline at most 1.1 x run's.
 
+Then the same in memory: conv_transpose against verify_conv_transpose on the same arrays (the API, no files and
+no start-up), alternating, best of --repeat.
+
 Cases: W1 of benchmarks/bench.py (8x32x32x256 -> 128 channels, 4x4 filters, stride 2) and `decoder`
 (256x64x64x32 -> 32 channels, 4x4 filters, stride 2: a 512 MiB float32 output).
 """
@@ -93,6 +96,31 @@ def run_case(name, folder, limits, repeat):
     return rows
 
 
+def in_memory(name, repeat):
+    from convt_cli import conv_transpose
+    from convt_cli.verify import verify_conv_transpose
+
+    x_shape, w_shape, stride = CASES[name]
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal(x_shape, dtype=np.float32)
+    w = (rng.standard_normal(w_shape) / 8).astype(np.float32)
+    y = conv_transpose(x, w, strides=stride)
+    run_t, ver_t = [], []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        conv_transpose(x, w, strides=stride)
+        run_t.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        report = verify_conv_transpose(x, w, y, strides=stride)
+        ver_t.append(time.perf_counter() - start)
+        assert report.passed, report.summary()
+    row = {"case": name, "in_memory": True, "run_s": round(min(run_t), 3), "verify_s": round(min(ver_t), 3),
+           "time_ratio": round(min(ver_t) / min(run_t), 3)}
+    print(f"{name:8} in memory           run {row['run_s']:.2f} s  verify {row['verify_s']:.2f} s  "
+          f"(x{row['time_ratio']:.2f})", flush=True)
+    return row
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cases", default="W1,decoder")
@@ -105,6 +133,8 @@ def main():
     with tempfile.TemporaryDirectory() as folder:
         for name in args.cases.split(","):
             results["rows"] += run_case(name, folder, args.max_memory.split(","), args.repeat)
+    for name in args.cases.split(","):
+        results["rows"].append(in_memory(name, args.repeat))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)

@@ -308,6 +308,10 @@ def likely_cause(plan, x, w, y, batch_index: int, flags: dict) -> str:
     size their pads are the same, so that is never the cause.)"""
     from .verify import AdjointCheck
 
+    if not np.isfinite(w).all():
+        return "FILTERS hold values that are not finite (inf or nan)"
+    if not np.isfinite(x).all():
+        return f"INPUT's batch element {batch_index} holds values that are not finite (inf or nan)"
     one = dataclasses.replace(plan, batch=1)
     candidates = [("the kernel flipped (a correlation where a convolution was meant, or the reverse)", one,
                    w[tuple(slice(None, None, -1) for _ in plan.kernel)])]

@@ -29,7 +29,9 @@ out_channels <= n (the terms per output element, below): verify's own rounding t
 which summed n terms. A product with a probe sign is exact in any precision; every sum over positions and taps
 is float64, pairwise; tiles and batch elements are added exactly (math.fsum). Sums of squares (S, below) are
 scales and stay in float32, checked: when they overflow or come near underflow (values beyond about 2**+-50), the
-tile is redone scaled by a power of two, in float64 where float32 cannot hold it.
+tile is redone scaled by a power of two, in float64 where float32 cannot hold it, and its a, b and S^2 are kept
+scaled by that power (S^2 by its square) until the report puts the tiles on one scale: float64 data is checked up
+to the ends of its range.
 
 Cost: the GEMMs are K / out_channels (input side) + K * prod(s) / (taps * in_channels) (output side) of the
 run's multiply-adds, times the halo, in the run's own precision; the rest is elementwise work on K * taps * input
@@ -48,8 +50,10 @@ No numpy.random: its import alone costs more memory (8 MB) than a tile's work.
 
 Residual (per probe and per tile; free of the problem's size and of the data's scale, since both sides grow
 alike):
-    r_k = |a_k - b_k| / S_k,   S_k^2 = sum_j |x_k[j]|^2 * (|OUT[j]|^2 + Q[j]) = sum_j |v_kc|^2 (|OUT[j]|^2 + Q[j]),
+    r_k = |a_k - b_k| / S_k,   S_k^2 = sum_j |x_k[j]|^2 * (|OUT[j]|^2 + Q[j] + tiny^2),
     Q[j] = the sum of |IN[i] * W[t]|^2 over the terms summed into OUT[j]
+(|x_k[j]|^2 = |v_kc|^2.) tiny is the output dtype's smallest normal value (TINY): below it values are rounded to
+a fixed step, eps_out * tiny, not a relative one, and tol * tiny covers that step.
 (|u| = 1: S needs |OUT|^2 per channel over the tile, and |IN|^2 per channel summed over the window positions
 whose term lands in the tile, per tap, against sum_co |v_kco|^2 |W[t, co, ci]|^2: no GEMM per probe.) If each
 output element is off by at most e * sqrt(|OUT[j]|^2 + Q[j]), with independent signs, then r_k ~ e: rounding
@@ -107,6 +111,9 @@ EPS = {
     "complex128": (2.0**-52, 2.0**-52),
 }
 _EPS_VERIFY = 2.0**-52
+# dtype -> its smallest normal value: below it a value is rounded to a fixed step, not a relative one
+TINY = {"float16": 2.0**-14, "bfloat16": 2.0**-126, "float32": 2.0**-126, "float64": 2.0**-1022, "int32": 0.0,
+        "complex64": 2.0**-126, "complex128": 2.0**-1022}
 
 
 @dataclass(frozen=True)
@@ -203,7 +210,8 @@ class VerifyReport:
         float32 output (2, 16, 16, 4), seed 0)`: how far inside or outside the bound the worst probe is."""
         where = f"{self.dtype} output {tuple(self.output_shape)}, seed {self.seed}"
         if self.nonfinite_output:
-            return f"FAIL: the output holds {_count(self.nonfinite_output, 'non-finite value')} (inf or nan) ({where})"
+            return (f"FAIL: the output holds {_count(self.nonfinite_output, 'non-finite value')} (inf or nan)"
+                    f"{self._where_wrong()} ({where})")
         worst, tol = self.max_residual, self.tolerance
         probes = _count(self.probe_count, "probe")
         if self.passed:
@@ -212,7 +220,7 @@ class VerifyReport:
             return f"PASS: {inside} ({probes}, {where})"
         if math.isnan(worst):
             return (f"FAIL: a probe's residual is nan (inf or nan in INPUT or FILTERS, or values too large to square in "
-                    f"float64?) ({probes}, {where})")
+                    f"float64?){self._where_wrong()} ({probes}, {where})" + (f"; {self.hint}" if self.hint else ""))
         bad = sum(1 for p in self.probes if not p.residual <= tol)
         tiles = [t.residual for t in self.failing_tiles]
         worst = max([worst, *tiles])
@@ -369,7 +377,7 @@ class AdjointCheck:
         nb, tiles = y.shape[0], math.prod(self.grid)
         cdt = np.complex128 if self.probe.complex else np.float64
         sums = _Sums(np.zeros((self.k, nb, tiles), cdt), np.zeros((self.k, nb, tiles), cdt),
-                     np.zeros((self.k, nb, tiles)), np.zeros((nb, tiles), np.int64))
+                     np.zeros((self.k, nb, tiles)), np.zeros((nb, tiles), np.int64), np.zeros((nb, tiles), np.int64))
         group = 1 if tiles > 1 else self.probe.group
         jobs = [(n0, min(nb, n0 + group), m) for n0 in range(0, nb, group) for m in range(tiles)]
 
@@ -398,35 +406,48 @@ class AdjointCheck:
             "terms_per_output": terms_per_output(self.plan),
             "output_shape": tuple(int(v) for v in self.plan.output_shape),
         }
-        if self.nonfinite:
-            return VerifyReport(passed=False, probes=(), nonfinite_output=self.nonfinite, **common)
         parts = sorted(self.parts, key=lambda part: part[0])
-        a, b, scale2 = ([np.concatenate([getattr(p, key).reshape(self.k, -1) for _, p in parts], axis=1)
-                         for key in ("a", "b", "scale2")] if parts else [np.zeros((self.k, 0))] * 3)
+        count = self.plan.batch * math.prod(self.grid)
+        where = {"tile_count": count, "output_spatial": tuple(int(n) for n in self.plan.output_spatial)}
+        if self.nonfinite:  # the tiles that hold them
+            tiles = tuple(Tile(offset + int(n), self._box(int(m)), math.nan)
+                          for offset, p in parts for n, m in np.argwhere(p.nonfinite > 0))
+            return VerifyReport(passed=False, probes=(), nonfinite_output=self.nonfinite, failing_tiles=tiles,
+                                **where, **common)
+        top = max((int(p.exponent.max()) for _, p in parts if p.exponent.size), default=0)
+        # every tile on the largest tile's scale (2**-top), then summed exactly
+        shift = [np.ldexp(1.0, p.exponent - top) for _, p in parts]
+        a, b, scale2 = ([np.concatenate([(getattr(p, key) * f ** (2 if key == "scale2" else 1)).reshape(self.k, -1)
+                                         for (_, p), f in zip(parts, shift)], axis=1) for key in ("a", "b", "scale2")]
+                         if parts else [np.zeros((self.k, 0))] * 3)
         results = []
         for ak, bk, sk in zip(_fsum_rows(a), _fsum_rows(b), [math.fsum(row) for row in scale2]):
-            results.append(Probe(ak, bk, math.sqrt(sk), _residual(abs(ak - bk), sk)))
+            residual = _residual(abs(ak - bk), sk)
+            with np.errstate(over="ignore"):
+                ak, bk = (complex(np.ldexp(v.real, top), np.ldexp(v.imag, top)) if isinstance(v, complex)
+                          else float(np.ldexp(v, top)) for v in (ak, bk))
+                results.append(Probe(ak, bk, float(np.ldexp(math.sqrt(sk), top)), residual))
         tiles = []
         for offset, p in parts:
             worst = _residuals(np.abs(p.a - p.b), p.scale2).max(axis=0)  # (nb, tiles): each tile's worst probe
             for n, m in np.argwhere(~(worst <= self.tol)):
                 tiles.append(Tile(offset + int(n), self._box(int(m)), float(worst[n, m])))
-        count = self.plan.batch * math.prod(self.grid)
         passed = all(p.residual <= self.tol for p in results) and not tiles
-        return VerifyReport(passed=passed, probes=tuple(results), nonfinite_output=0, tile_count=count,
-                            failing_tiles=tuple(tiles), output_spatial=tuple(int(n) for n in self.plan.output_spatial),
-                            **common)
+        return VerifyReport(passed=passed, probes=tuple(results), nonfinite_output=0, failing_tiles=tuple(tiles),
+                            **where, **common)
 
 
 @dataclass(frozen=True)
 class _Sums:
-    """What the tiles of one chunk found: a, b and S^2 per (probe, batch element, tile), and the non-finite
-    output values per (batch element, tile). Each tile job writes its own cells."""
+    """What the tiles of one chunk found: a, b and S^2 per (probe, batch element, tile), each tile's stored scaled
+    by 2**-e (S^2 by 2**-2e; e is 0 unless its values' squares leave float64's range), and the non-finite output
+    values per (batch element, tile). Each tile job writes its own cells."""
 
     a: np.ndarray
     b: np.ndarray
     scale2: np.ndarray
     nonfinite: np.ndarray
+    exponent: np.ndarray
 
 
 def _residual(diff: float, scale2: float) -> float:
@@ -588,6 +609,7 @@ class _Probes:
             v = v.astype(short).astype(wide)  # one v for both precisions
         vc = np.conj(v)
         self.v2 = _abs2(v)  # (K, c_out)
+        self.tiny2 = TINY[dtype] ** 2
         wv = np.empty((k, taps, plan.in_channels), wide)  # conj(Wv)
         wv2 = np.empty((k, taps, plan.in_channels))  # sum_co |v|^2 |W|^2
         for t in range(taps):  # a tap at a time: no float64 copy of all the filters
@@ -624,7 +646,8 @@ class _Probes:
         if not _fits(norms, ym):  # an overflow or underflow, or a value not finite: look closer
             top = _largest(ym)
             if not math.isfinite(top):
-                sums.nonfinite[n0, m] = ym.size - np.count_nonzero(np.isfinite(ym))
+                finite = np.isfinite(ym).reshape(nb, -1)
+                sums.nonfinite[n0:n1, m] = finite.shape[1] - np.count_nonzero(finite, axis=1)
                 return
             back = 2 * _exponent_of(top)
             if abs(back) > 2 * EXPONENT_RANGE and ch is self.short:
@@ -633,9 +656,13 @@ class _Probes:
         u = np.empty((nb, k, *shape), dtype=ch.v.dtype)
         for n in range(n0, n1):
             u[n - n0] = _signs([self.seed, 1, offset + n, m], (k, *shape), self.complex)
+        e = back // 2  # the tile's numbers are stored scaled by 2**-e (see _Sums)
+        sums.exponent[n0:n1, m] = e
         za = _contract(ch.v, ym, first)  # (nb, K, P)
-        sums.a[:, n0:n1, m] = _sum_products(u.reshape(za.shape), _conj(za)).T
-        scale2 = _per_element(np.ldexp(norms.astype(np.float64), back), self.v2)  # (nb, K): sum |v|^2 |OUT|^2
+        sums.a[:, n0:n1, m] = _scaled(_sum_products(u.reshape(za.shape), _conj(za)), e).T
+        # (nb, K): sum |v|^2 (|OUT|^2 + tiny^2) over the tile, tiny the dtype's smallest normal value
+        scale2 = (_per_element(np.ldexp(norms.astype(np.float64), back - 2 * e), self.v2)
+                  + np.ldexp(self.tiny2 * math.prod(shape), -2 * e) * self.v2.sum(axis=1))
         del ym, za, norms
         # b side: IN's channels against conj(Wv) per tap, conj'd, against the probe where each term lands
         window = [input_window(o0, o1, i, kk, s, d, lo) for (o0, o1), i, kk, s, d, (lo, _) in zip(
@@ -656,7 +683,7 @@ class _Probes:
             if (abs(back) > 2 * EXPONENT_RANGE or not math.isfinite(top)) and ch is self.short:
                 ch, xm = self.wide, xm.astype(self.wide.v.dtype)
             reached = _reached(_scaled(xm, back // 2), landing, first)
-        q = _per_element(np.ldexp(reached.astype(np.float64), back).reshape(nb, -1), self.wv2t)
+        q = _per_element(np.ldexp(reached.astype(np.float64), back - 2 * e).reshape(nb, -1), self.wv2t)
         sums.scale2[:, n0:n1, m] = (scale2 + q).T
         # the tile's probe, zero-padded so that every term of the window lands inside it: term (j, t) of an axis
         # lands at buffer index j*s + t*d + base, where base = off - lo_t and lo_t = lo + o0 - i0*s is the
@@ -675,7 +702,7 @@ class _Probes:
             z = z.reshape(nb, k, t1 - t0, *plan.kernel[1:], *counts)
             b += _sum_products(_reach(upad, bases, t0, t1, plan, counts), _conj(z))
             del z
-        sums.b[:, n0:n1, m] = (b * 2.0**ch.e_w).T
+        sums.b[:, n0:n1, m] = _scaled(b, e - ch.e_w).T
 
     def _landing(self, shape, counts, lows) -> np.ndarray:
         """(taps, P_in) 0/1 float32: whether term (tap, window position) lands inside the tile's box of `shape`

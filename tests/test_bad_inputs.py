@@ -722,8 +722,8 @@ def test_nan_and_inf_propagate_without_error_and_verify_reports_them(work, dtype
     for args in (["y.npy"], []):  # a given OUTPUT, and convt's own
         r = invoke("verify", "xn.npy", "wn.npy", *args)
         assert r.exit_code == 1, r.output
-        assert r.stdout.startswith(f"FAIL: the output holds {bad} non-finite values (inf or nan) "
-                                   f"({np.dtype(dtype).name} output (1, 5, 6, 2)")
+        assert r.stdout.startswith(f"FAIL: the output holds {bad} non-finite values (inf or nan); wrong in batch "
+                                   f"element 0 of 1 ({np.dtype(dtype).name} output (1, 5, 6, 2)")
 
 
 # ---------------------------------------------------------------------------------------------------------

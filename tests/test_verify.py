@@ -509,9 +509,41 @@ def test_nonfinite_output_is_counted_and_fails():
     assert not report.passed
     assert report.nonfinite_output == 3
     assert report.probes == ()
-    assert report.summary().startswith("FAIL: the output holds 3 non-finite values (inf or nan)")
+    assert report.summary().startswith("FAIL: the output holds 3 non-finite values (inf or nan); wrong in batch "
+                                       "elements 0 and 1 of 2")
     d = json.loads(json.dumps(report.to_dict(), allow_nan=False))
     assert d["nonfinite_output"] == 3 and d["max_residual"] is None and d["probes"] == []
+    assert d["tile_count"] == 2 and [t["batch"] for t in d["failing_tiles"]] == [0, 1]
+
+
+def test_nonfinite_values_are_located_by_tile(monkeypatch):
+    monkeypatch.setattr(verify_module, "TILE_VALUES", 7 * 12)  # 12 positions of 7 channels
+    x, w, y = _float32_case()
+    flags = dict(strides=(2, 3), padding="VALID")
+    y[1, 9, 13, 2] = np.nan
+    report = verify_conv_transpose(x, w, y, **flags)
+    assert report.nonfinite_output == 1 and report.tile_count > 2
+    [tile] = report.failing_tiles
+    assert tile.batch == 1 and all(lo <= p < hi for p, (lo, hi) in zip((9, 13), tile.box)), tile
+
+
+def test_outputs_in_the_subnormal_range_pass_when_right():
+    """Below the dtype's smallest normal value rounding is a fixed step, not a relative one: S counts every value
+    as at least that size. Outputs rounded exactly from float64, and convt's own, pass; a wrong one fails."""
+    for dtype, size in (("float16", 2e-6), ("float16", 3e-5), ("float32", 3e-40), ("float32", 3e-39)):
+        for seed in range(10):
+            rng = np.random.default_rng([31, seed])
+            x = rng.standard_normal((2, 8, 8, 4)).astype(dtype)
+            w64 = rng.standard_normal((3, 3, 3, 4))
+            w64 *= size / np.abs(conv_transpose(x.astype(np.float64), w64, strides=2)).max()
+            w = w64.astype(dtype)
+            exact = conv_transpose(x.astype(np.float64), w.astype(np.float64), strides=2).astype(dtype)
+            for y in (exact, conv_transpose(x, w, strides=2)):
+                report = verify_conv_transpose(x, w, y, strides=2, seed=seed)
+                assert report.passed, (dtype, size, seed, report.summary())
+            bad = exact.copy()
+            bad[1, 3, 3, 1] = 4 * np.abs(exact).max()
+            assert not verify_conv_transpose(x, w, bad, strides=2, seed=seed).passed
 
 
 def test_float16_overflow_is_reported_as_nonfinite():
@@ -594,7 +626,7 @@ def test_chunked_check_equals_the_whole_check_exactly():
 
 
 @pytest.mark.parametrize("dtype, exponent", [(d, e) for d in ("float32", "complex64") for e in (-120, -60, 0, 60, 118)]
-                         + [("float64", e) for e in (-480, -300, 0, 300, 480)])
+                         + [("float64", e) for e in (-1000, -300, 0, 300, 1000)])
 def test_data_near_the_ends_of_its_dtype_is_checked_as_well(dtype, exponent):
     """Values scaled by 2**exponent (exactly): sums of squares that would overflow or underflow in float32 send the
     tile down the careful path (scaled, and float64 where float32 cannot hold it); the verdicts stay the same."""

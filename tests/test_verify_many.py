@@ -288,6 +288,8 @@ def test_one_wrong_value_in_a_large_image_is_caught_and_boxed():
     ("other side", "batch element 0 matches with the padding split the other way (--padding 1:0,1:0)"),
     ("one value", "none of the usual mix-ups explains batch element 2 (tried: the kernel flipped, the filters' "
                   "last two axes swapped, the padding split the other way)"),
+    ("nan input", "INPUT's batch element 1 holds values that are not finite (inf or nan)"),
+    ("inf filters", "FILTERS hold values that are not finite (inf or nan)"),
 ])
 def test_a_fail_says_which_usual_mix_up_it_matches(work, made, hint):
     from convt_cli import conv_transpose
@@ -304,11 +306,17 @@ def test_a_fail_says_which_usual_mix_up_it_matches(work, made, hint):
     else:
         y = conv_transpose(x, w, strides=2)
         y[2, 3, 3, 1] += 1.0
+    if made == "nan input":
+        x[1, 2, 2, 0] = np.nan
+    elif made == "inf filters":
+        w[1, 1, 0, 0] = np.inf
     np.save("hx.npy", x)
     np.save("hw.npy", w)
     np.save("hy.npy", y)
     r = invoke("verify", "hx.npy", "hw.npy", "hy.npy", "--strides", "2")
     assert r.exit_code == 1 and r.stdout.rstrip("\n").endswith(f"seed 0); {hint}")
     assert json.loads(invoke("verify", "hx.npy", "hw.npy", "hy.npy", "--strides", "2", "--json").stdout)["hint"] == hint
+    if "nan" in made or "inf" in made:
+        return
     assert json.loads(invoke("run", "hx.npy", "hw.npy", "--strides", "2", "-o", "ok.npy").stdout or "{}") == {}
     assert json.loads(invoke("verify", "hx.npy", "hw.npy", "ok.npy", "--strides", "2", "--json").stdout)["hint"] is None
