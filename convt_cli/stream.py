@@ -513,11 +513,9 @@ def with_verify_work(needs, plan, dtype, probes, threads):
     """needs plus verify's own arrays: each of its threads works on one tile at a time (verify.work_bytes)."""
     from .verify import work_bytes
 
-    fixed = work_bytes(plan, dtype, probes, threads)
-
     def with_work(batch):
         parts = needs(batch)
-        parts["verify's work"] = fixed if batch else 0
+        parts["verify's work"] = work_bytes(plan, dtype, probes, threads, batch) if batch else 0
         return parts
 
     return with_work

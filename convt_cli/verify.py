@@ -23,22 +23,25 @@ whose terms can land in the tile, shapes.input_window: the halo is the only work
 the tile's probe where term (i, tap) lands (o = i*s + tap*d - lo), 0 outside the tile.
 
 Precision, and where float64 goes: channels are contracted by GEMMs in float32 (complex64) for float16,
-bfloat16, float32 and complex64 data, whose values float32 holds exactly; in float64 (complex128) for the others.
-The rounding of such a sum of c terms grows as sqrt(c), so the output side does it in float32 only when
-out_channels <= n (the terms per output element, below): verify's own rounding then stays within the producer's,
-which summed n terms. A product with a probe sign is exact in any precision; every sum over positions and taps
-is float64, pairwise; tiles and batch elements are added exactly (math.fsum). Sums of squares (S, below) are
-scales and stay in float32, checked: when they overflow or come near underflow (values beyond about 2**+-50), the
-tile is redone scaled by a power of two, in float64 where float32 cannot hold it, and its a, b and S^2 are kept
-scaled by that power (S^2 by its square) until the report puts the tiles on one scale: float64 data is checked up
-to the ends of its range.
+bfloat16, float32 and complex64 data, whose values float32 holds exactly; in float64 (complex128) for the others,
+and for filters whose nonzero values span more than 2**WIDTH (float32 would flush the small ones). The rounding
+of such a sum of c terms grows as sqrt(c), so the output side does it in float32 only when out_channels <= n (the
+terms per output element, below): verify's own rounding then stays within the producer's, which summed n terms.
+A product with a probe sign is exact in any precision; every sum over positions and taps is float64 (pairwise for
+float64 data; einsum's sequential loop for float32-class data, whose tolerances are 2**29 times coarser); tiles
+and batch elements are added exactly (math.fsum). Sums of squares (S, below) are scales and stay in float32,
+checked: when they overflow or come near underflow (values beyond about 2**+-50), the tile is redone on its data
+scaled by a power of two, in float64 where float32 cannot hold it; its a, b and S^2 are kept scaled by that power
+(S^2 by its square) until the report puts the tiles on one scale, and the filters' squares have their own power:
+float64 data is checked to the ends of its range (1e-300 to 1e308 in the tests).
 
 Cost: the GEMMs are K / out_channels (input side) + K * prod(s) / (taps * in_channels) (output side) of the
 run's multiply-adds, times the halo, in the run's own precision; the rest is elementwise work on K * taps * input
 positions (exact products, float64 sums) and a pass over OUT's squares. Tiles are shared out on the caller's
 threads (engine.runtime, as run shares its work), each thread on one tile at a time; whole small images are
 grouped. Working space per thread: a tile's arrays (work_bytes), bounded by TILE_VALUES, PROBE_VALUES,
-WINDOW_VALUES and PRODUCT_VALUES whatever the data's size.
+WINDOW_VALUES and PRODUCT_VALUES whatever the data's size (the landing of terms in a tile is kept per axis, never
+as a taps x window mask), plus the probes' channel parts: K x taps x in_channels.
 
 Probe stream (reproducible; independent of how the batch is chunked, grouped or threaded): splitmix64 (a
 counter hashed), keyed by a tuple of ints (_key, _words):
@@ -112,8 +115,8 @@ EPS = {
 }
 _EPS_VERIFY = 2.0**-52
 # dtype -> its smallest normal value: below it a value is rounded to a fixed step, not a relative one
-TINY = {"float16": 2.0**-14, "bfloat16": 2.0**-126, "float32": 2.0**-126, "float64": 2.0**-1022, "int32": 0.0,
-        "complex64": 2.0**-126, "complex128": 2.0**-1022}
+TINY_EXPONENT = {"float16": -14, "bfloat16": -126, "float32": -126, "float64": -1022, "complex64": -126,
+                 "complex128": -1022}
 
 
 @dataclass(frozen=True)
@@ -150,7 +153,7 @@ class VerifyReport:
     nonfinite_output: how many output elements are nan or +-inf.
     terms_per_output: n, the most products summed into one output element (enters the default tolerance).
     tile_count, failing_tiles: the output is also checked tile by tile (a batch element's image, cut into blocks
-        of at most TILE_ELEMENTS values: tile_sizes), each tile's residual held to the same tolerance (by
+        of at most TILE_VALUES values: tile_sizes), each tile's residual held to the same tolerance (by
         Cauchy-Schwarz a tile's residual is at most the worst relative error of its values, so a correct output
         passes whatever the tiling, while an error is measured against its own tile, not the whole output); the
         tiles over the tolerance, in batch and box order. output_spatial: the image the boxes are in.
@@ -421,7 +424,7 @@ class AdjointCheck:
                                          for (_, p), f in zip(parts, shift)], axis=1) for key in ("a", "b", "scale2")]
                          if parts else [np.zeros((self.k, 0))] * 3)
         results = []
-        for ak, bk, sk in zip(_fsum_rows(a), _fsum_rows(b), [math.fsum(row) for row in scale2]):
+        for ak, bk, sk in zip(_fsum_rows(a), _fsum_rows(b), [_fsum(row) for row in scale2]):
             residual = _residual(abs(ak - bk), sk)
             with np.errstate(over="ignore"):
                 ak, bk = (complex(np.ldexp(v.real, top), np.ldexp(v.imag, top)) if isinstance(v, complex)
@@ -547,6 +550,7 @@ WINDOW_VALUES = 1 << 18  # input values a tile reads, roughly (its window, befor
 PRODUCT_VALUES = 1 << 16  # values of one GEMM result on the input side (probes x taps x window positions)
 SHORT = {"float16", "bfloat16", "float32", "complex64"}  # contracted over channels in float32 (complex64)
 EXPONENT_RANGE = 50  # a block whose largest |value| is beyond 2**+-50 is contracted in float64 instead
+WIDTH = 80  # filters whose nonzero |values| span more than 2**80 are contracted in float64 (float32 would flush)
 
 
 def tile_sizes(plan: Plan, probes: int = DEFAULT_PROBES) -> tuple[int, ...]:
@@ -562,13 +566,16 @@ def tile_sizes(plan: Plan, probes: int = DEFAULT_PROBES) -> tuple[int, ...]:
     return split_sizes(plan.output_spatial, max(1, positions))
 
 
-def work_bytes(plan: Plan, dtype, probes=None, threads=1) -> int:
-    """About the most memory verify's own arrays take at once, besides the data: a tile's (or a group of small
-    images') arrays on each of `threads` threads, the probes' channel parts and one tap of the filters."""
+def work_bytes(plan: Plan, dtype, probes=None, threads=1, batch=None) -> int:
+    """About the most memory verify's own arrays take at once, besides the data, while checking `batch` batch
+    elements (default: plan.batch) at once: a tile's (or a group of small images') arrays on each thread that
+    has a job, and the probes' channel parts."""
     k = probes or DEFAULT_PROBES
+    batch = plan.batch if batch is None else batch
     name = np.dtype(dtype).name if not isinstance(dtype, str) else dtype
     cplx = name.startswith("complex")
-    size = (8 if cplx else 4) if name in SHORT else (16 if cplx else 8)
+    wide = 16 if cplx else 8
+    size = (8 if cplx else 4) if name in SHORT else wide
     blocks = tile_sizes(plan, k)
     positions = math.prod(blocks)
     window = math.prod(min(i, -(-b // s) + (kk - 1) * d // s + 2) for b, i, s, kk, d in zip(
@@ -576,13 +583,16 @@ def work_bytes(plan: Plan, dtype, probes=None, threads=1) -> int:
     taps, rest = math.prod(plan.kernel), math.prod(plan.kernel[1:])
     product = min(k * taps * window, max(PRODUCT_VALUES, k * rest * window))  # one GEMM's result: kernel rows
     a_side = positions * (2 * plan.out_channels * size + k * (2 * size + 1))
-    b_side = (k * positions * (2 + 2 * size) + 2 * window * plan.in_channels * size + 2 * product * size
-              + taps * window * 4)
+    b_side = k * positions * (2 + 2 * size) + 4 * window * plan.in_channels * size + 2 * product * size
     tile = max(a_side, b_side)
-    if math.prod(-(-n // b) for n, b in zip(plan.output_spatial, blocks)) == 1:  # whole images, grouped
-        tile *= max(1, min(plan.batch, _Probes.group_of(plan, k)))
-    channels = 2 * k * taps * plan.in_channels * size + plan.out_channels * plan.in_channels * size
-    return tile * max(1, threads) + channels
+    tiles = math.prod(-(-n // b) for n, b in zip(plan.output_spatial, blocks))
+    if tiles == 1:  # whole images, grouped
+        group = max(1, min(batch, _Probes.group_of(plan, k)))
+        tile, jobs = tile * group, -(-batch // group)
+    else:
+        jobs = batch * tiles
+    channels = k * taps * plan.in_channels * (3 * wide + 16 + size) + 3 * plan.out_channels * plan.in_channels * wide
+    return tile * max(1, min(threads, jobs)) + channels
 
 
 class _Probes:
@@ -609,19 +619,24 @@ class _Probes:
             v = v.astype(short).astype(wide)  # one v for both precisions
         vc = np.conj(v)
         self.v2 = _abs2(v)  # (K, c_out)
-        self.tiny2 = TINY[dtype] ** 2
+        self.tiny = TINY_EXPONENT.get(dtype)  # log2 of the smallest normal value (None: int32, no floor)
+        top = _largest(w)
+        self.e_big = _exponent_of(top) if math.isfinite(top) else 0  # |W| scaled by 2**-e_big before squaring
         wv = np.empty((k, taps, plan.in_channels), wide)  # conj(Wv)
-        wv2 = np.empty((k, taps, plan.in_channels))  # sum_co |v|^2 |W|^2
+        wv2 = np.empty((k, taps, plan.in_channels))  # sum_co |v|^2 |W * 2**-e_big|^2
         for t in range(taps):  # a tap at a time: no float64 copy of all the filters
             wt = w[t].astype(wide)
             wv[:, t] = vc @ wt
-            wv2[:, t] = self.v2 @ _abs2(wt)
+            wv2[:, t] = self.v2 @ _abs2(_scaled(wt, self.e_big))
         self.wv2t = wv2.transpose(0, 2, 1).reshape(k, -1)  # (K, c_in * taps), as Q's sums are laid out
-        self.landings: dict = {}
         wv = wv.reshape(k, *plan.kernel, plan.in_channels)
         e_w = _exponent(np.abs(wv))
         self.wide = _Channels(vc, wv, 0)
+        # float32 for the input side only where the scaled conj(Wv) keeps its small values normal in float32
+        nonzero = np.abs(w[w != 0]) if w.size else w
+        narrow = not nonzero.size or float(nonzero.max()) <= float(nonzero.min()) * 2.0**WIDTH
         self.short = None if short is None else _Channels(vc.astype(short), _scaled(wv, e_w).astype(short), e_w)
+        self.short_in = self.short if narrow else None
         self.n = terms_per_output(plan)
         self.group = self.group_of(plan, k)
 
@@ -642,27 +657,28 @@ class _Probes:
         # a side: OUT's channels against conj(v), conj'd, against u over positions
         ch = self.short if self.short is not None and plan.out_channels <= self.n else self.wide
         ym = ym.astype(ch.v.dtype, copy=False)
-        norms, back = _channel_norms2(ym, first), 0  # (nb, c): sum |OUT|^2 over the tile
+        norms, e = _channel_norms2(ym, first), 0  # (nb, c): sum |OUT|^2 over the tile
         if not _fits(norms, ym):  # an overflow or underflow, or a value not finite: look closer
             top = _largest(ym)
             if not math.isfinite(top):
                 finite = np.isfinite(ym).reshape(nb, -1)
                 sums.nonfinite[n0:n1, m] = finite.shape[1] - np.count_nonzero(finite, axis=1)
                 return
-            back = 2 * _exponent_of(top)
-            if abs(back) > 2 * EXPONENT_RANGE and ch is self.short:
-                ch, ym = self.wide, ym.astype(self.wide.v.dtype)
-            norms = _channel_norms2(_scaled(ym, back // 2), first)
+            e = _exponent_of(top)  # this tile's numbers are worked out and stored scaled by 2**-e (see _Sums)
+            if ch is self.short and abs(e) > EXPONENT_RANGE:
+                ch = self.wide
+            ym = _scaled(ym.astype(ch.v.dtype), e)
+            norms = _channel_norms2(ym, first)
+        sums.exponent[n0:n1, m] = e
         u = np.empty((nb, k, *shape), dtype=ch.v.dtype)
         for n in range(n0, n1):
             u[n - n0] = _signs([self.seed, 1, offset + n, m], (k, *shape), self.complex)
-        e = back // 2  # the tile's numbers are stored scaled by 2**-e (see _Sums)
-        sums.exponent[n0:n1, m] = e
         za = _contract(ch.v, ym, first)  # (nb, K, P)
-        sums.a[:, n0:n1, m] = _scaled(_sum_products(u.reshape(za.shape), _conj(za)), e).T
+        sums.a[:, n0:n1, m] = _sum_products(u.reshape(za.shape), _conj(za)).T
         # (nb, K): sum |v|^2 (|OUT|^2 + tiny^2) over the tile, tiny the dtype's smallest normal value
-        scale2 = (_per_element(np.ldexp(norms.astype(np.float64), back - 2 * e), self.v2)
-                  + np.ldexp(self.tiny2 * math.prod(shape), -2 * e) * self.v2.sum(axis=1))
+        scale2 = _per_element(norms.astype(np.float64), self.v2)
+        if self.tiny is not None:
+            scale2 += np.ldexp(float(math.prod(shape)), 2 * (self.tiny - e)) * self.v2.sum(axis=1)
         del ym, za, norms
         # b side: IN's channels against conj(Wv) per tap, conj'd, against the probe where each term lands
         window = [input_window(o0, o1, i, kk, s, d, lo) for (o0, o1), i, kk, s, d, (lo, _) in zip(
@@ -672,18 +688,20 @@ class _Probes:
             return
         counts = [i1 - i0 for i0, i1 in window]
         lows = [lo + o0 - i0 * s for (o0, _), (i0, _), s, (lo, _) in zip(box, window, plan.spec.strides, plan.pads)]
-        landing = self._landing(shape, counts, lows)  # (taps, P_in)
+        landing = self._landing(shape, counts, lows)  # per axis (k, window)
         xm = _matrix(x[_index(n0, n1, tuple(slice(i0, i1) for i0, i1 in window), first)], first, plan.in_channels)
-        ch = self.short if self.short is not None else self.wide
+        ch = self.short_in if self.short_in is not None else self.wide
         xm = xm.astype(ch.v.dtype, copy=False)
-        reached, back = _reached(xm, landing, first), 0  # (nb, c, taps): sum |IN|^2 over landing positions
+        reached, e_in = _reached(xm, landing, first), 0  # (nb, c, taps): sum |IN|^2 over landing positions
         if not _fits(reached, xm):
             top = _largest(xm)
-            back = 2 * _exponent_of(top) if math.isfinite(top) else 0
-            if (abs(back) > 2 * EXPONENT_RANGE or not math.isfinite(top)) and ch is self.short:
-                ch, xm = self.wide, xm.astype(self.wide.v.dtype)
-            reached = _reached(_scaled(xm, back // 2), landing, first)
-        q = _per_element(np.ldexp(reached.astype(np.float64), back - 2 * e).reshape(nb, -1), self.wv2t)
+            e_in = _exponent_of(top) if math.isfinite(top) else 0
+            if (abs(e_in) > EXPONENT_RANGE or not math.isfinite(top)) and ch is self.short_in:
+                ch = self.wide
+            xm = _scaled(xm.astype(ch.v.dtype), e_in)  # IN scaled by 2**-e_in from here on
+            reached = _reached(xm, landing, first)
+        q = _per_element(np.ldexp(reached.astype(np.float64), 2 * (e_in + self.e_big - e)).reshape(nb, -1),
+                         self.wv2t)
         sums.scale2[:, n0:n1, m] = (scale2 + q).T
         # the tile's probe, zero-padded so that every term of the window lands inside it: term (j, t) of an axis
         # lands at buffer index j*s + t*d + base, where base = off - lo_t and lo_t = lo + o0 - i0*s is the
@@ -702,25 +720,17 @@ class _Probes:
             z = z.reshape(nb, k, t1 - t0, *plan.kernel[1:], *counts)
             b += _sum_products(_reach(upad, bases, t0, t1, plan, counts), _conj(z))
             del z
-        sums.b[:, n0:n1, m] = _scaled(b, e - ch.e_w).T
+        sums.b[:, n0:n1, m] = _scaled(b, e - e_in - ch.e_w).T
 
-    def _landing(self, shape, counts, lows) -> np.ndarray:
-        """(taps, P_in) 0/1 float32: whether term (tap, window position) lands inside the tile's box of `shape`
-        (cached: a tiling has few kinds of tile)."""
-        key = (tuple(shape), tuple(counts), tuple(lows))
-        found = self.landings.get(key)
-        if found is None:
-            plan, r = self.plan, len(shape)
-            mask = np.ones((1,) * (2 * r), dtype=np.float32)
-            for a, (n, c, kk, s, d, lo_t) in enumerate(zip(shape, counts, plan.kernel, plan.spec.strides,
-                                                           plan.spec.dilations, lows)):
-                q = np.arange(c)[None, :] * s + np.arange(kk)[:, None] * d - lo_t  # (k, c): where terms land
-                fits = ((q >= 0) & (q < n)).astype(np.float32)
-                mask = mask * fits.reshape([kk if j == a else c if j == r + a else 1 for j in range(2 * r)])
-            found = mask.reshape(math.prod(plan.kernel), math.prod(counts))
-            if len(self.landings) < 64:
-                self.landings[key] = found
-        return found
+    def _landing(self, shape, counts, lows) -> list:
+        """Per axis, (k, window) 0/1 float32: whether term (tap, window position) lands inside the tile's box of
+        `shape` on that axis (a term lands inside the box when it does on every axis)."""
+        masks = []
+        for n, c, kk, s, d, lo_t in zip(shape, counts, self.plan.kernel, self.plan.spec.strides,
+                                        self.plan.spec.dilations, lows):
+            q = np.arange(c)[None, :] * s + np.arange(kk)[:, None] * d - lo_t  # (k, c): where the terms land
+            masks.append(((q >= 0) & (q < n)).astype(np.float32))
+        return masks
 
 
 @dataclass(frozen=True)
@@ -807,11 +817,18 @@ def _channel_norms2(m: np.ndarray, first: bool) -> np.ndarray:
     return sum(np.einsum(spec, part, part) for part in parts)
 
 
-def _reached(xm: np.ndarray, landing: np.ndarray, first: bool) -> np.ndarray:
-    """(nb, c, taps): |IN|^2 summed over the window positions whose term (for the tap) lands in the tile."""
+def _reached(xm: np.ndarray, masks: list, first: bool) -> np.ndarray:
+    """(nb, c, taps): |IN|^2 summed over the window positions whose term (for the tap) lands in the tile, one axis
+    at a time (the landing is a product over axes), one GEMM per element and axis."""
     x2 = _abs2(xm)
-    landing = landing.astype(x2.dtype, copy=False)
-    return np.matmul(x2, landing.T) if first else np.matmul(landing, x2).transpose(0, 2, 1)
+    nb, counts = x2.shape[0], [mask.shape[1] for mask in masks]
+    arr = x2.reshape(nb, x2.shape[1], *counts) if first else np.moveaxis(x2.reshape(nb, *counts, -1), -1, 1)
+    for a, mask in enumerate(masks):  # arr: (nb, c, *kernel[:a], *counts[a:])
+        arr = np.moveaxis(arr, 2 + a, -1)
+        shape = arr.shape
+        arr = np.matmul(arr.reshape(nb, -1, shape[-1]), mask.T.astype(arr.dtype, copy=False))
+        arr = np.moveaxis(arr.reshape(*shape[:-1], mask.shape[0]), -1, 2 + a)
+    return arr.reshape(nb, arr.shape[1], -1)
 
 
 _RANGE = {np.dtype(np.float32): 2.0**-100, np.dtype(np.float64): 2.0**-1000}
@@ -844,5 +861,14 @@ def _reach(upad: np.ndarray, bases, t0: int, t1: int, plan: Plan, counts) -> np.
 def _fsum_rows(m: np.ndarray) -> list:
     # exact sums over batch elements, so the result does not depend on how the batch is grouped
     if np.iscomplexobj(m):
-        return [complex(math.fsum(row.real), math.fsum(row.imag)) for row in m]
-    return [math.fsum(row) for row in m]
+        return [complex(_fsum(row.real), _fsum(row.imag)) for row in m]
+    return [_fsum(row) for row in m]
+
+
+def _fsum(row: np.ndarray) -> float:
+    """math.fsum, or nan/inf where it cannot say (inf - inf, an overflow)."""
+    try:
+        return math.fsum(row)
+    except (ValueError, OverflowError):
+        with np.errstate(all="ignore"):
+            return float(np.sum(row)) if np.isfinite(row).all() or np.isnan(row).any() else math.nan

@@ -425,9 +425,9 @@ CASES = [
                     r"output and work \d+\.\d PiB\) but only 16\.0 GiB is available: .*")),
     case("max-memory-text", RUN + ["--max-memory", "lots"],
          "Error: --max-memory: expected a size like 512M, 2G, 1.5GiB or a number of bytes, got 'lots'"),
-    case("max-memory-verify", ["verify", "x.npy", "w.npy", "--max-memory", "50K"],
+    case("max-memory-verify", ["verify", "x.npy", "w.npy", "--max-memory", "20K"],
          re.compile(r"Error: verify needs about \d+\.\d KiB for even one batch element \(input 360 B, filters 432 B, "
-                    r"output and work \d+\.\d KiB, verify's work \d+\.\d KiB\) but --max-memory is 50\.0 KiB "
+                    r"output and work \d+\.\d KiB, verify's work \d+\.\d KiB\) but --max-memory is 20\.0 KiB "
                     r"\(available: 16\.0 GiB\): .*")),
     # --- the other commands
     case("shape-truncated", ["shape", "t.npy", "w.npy"],

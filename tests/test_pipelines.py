@@ -320,7 +320,7 @@ def test_an_input_read_whole_is_named_when_it_does_not_fit(work):
 
 
 def test_verify_names_its_own_working_space_when_that_is_what_does_not_fit(work):
-    r = invoke("verify", "x.npy", "w.npy", "--max-memory", "50K")
+    r = invoke("verify", "x.npy", "w.npy", "--max-memory", "20K")
     assert r.exit_code == 2, r.output
     assert "its own working space (" in r.stderr and "does not shrink with the pieces: use --max-memory " in r.stderr
     assert "--dtype" not in r.stderr

@@ -641,3 +641,63 @@ def test_data_near_the_ends_of_its_dtype_is_checked_as_well(dtype, exponent):
     bad[1, 7, 3, 2] += 0.01 * np.abs(y).max()
     report = verify_conv_transpose(x, w, bad, strides=2)
     assert not report.passed and [t.batch for t in report.failing_tiles] == [1], report.summary()
+
+
+@pytest.mark.parametrize("case", ["inf and -inf", "1.5e308", "big input, tiny filters", "tiny input, big filters",
+                                  "float64 subnormal", "float32 filters 2**166 wide"])
+def test_values_at_the_edges_give_a_verdict_not_a_crash(case, monkeypatch):
+    """Each found by a review: a correct output passes (or, with inf - inf, fails as nan) and one wrong value
+    fails."""
+    x, w, flags = np.full((1, 8, 1), 1e155), np.full((3, 2, 1), 1e-155), dict(strides=1)
+    if case == "inf and -inf":
+        x = np.ones((2, 8, 1))
+        x[0, 1], x[1, 1] = np.inf, -np.inf
+        report = verify_conv_transpose(x, np.ones((1, 1, 1)), np.ones((2, 8, 1)), padding="VALID")
+        assert not report.passed and "residual is nan" in report.summary()
+        return
+    if case == "1.5e308":
+        x = np.full((2, 8, 1), 1.5e308)
+        x[1] *= -1
+        w, flags = np.ones((1, 1, 1)), dict(padding="VALID")
+    elif case == "tiny input, big filters":
+        x, w = np.full((1, 8, 3), 1e-155), np.full((3, 2, 3), 1e155)
+    elif case == "float64 subnormal":
+        rng = np.random.default_rng(0)
+        x, w = rng.standard_normal((1, 16, 4)) * 2.0**-1000, rng.standard_normal((3, 4, 4)) * 2.0**-60
+        flags = dict(strides=2)
+    elif case == "float32 filters 2**166 wide":
+        monkeypatch.setattr(verify_module, "TILE_VALUES", 4)
+        x = np.zeros((1, 8, 2), np.float32)
+        x[0, :4, 0], x[0, :, 1] = 1, 1
+        w = np.zeros((1, 1, 2), np.float32)
+        w[0, 0, 0], w[0, 0, 1] = 1e30, 1e-20
+        flags = dict(padding="VALID")
+    y = conv_transpose(x, w, **flags) if case != "1.5e308" else x.copy()
+    report = verify_conv_transpose(x, w, y, **flags)
+    assert report.passed, report.summary()
+    bad = y.copy()
+    bad[0, 3, 0] = bad[0, 3, 0] * 1.01 if bad[0, 3, 0] else 1e-300
+    assert not verify_conv_transpose(x, w, bad, **flags).passed
+
+
+def test_the_working_space_stays_within_its_estimate_for_a_large_kernel():
+    """A 3-D image with a 5x5x5 kernel: a tile's arrays, not a mask per tap and window position, and nothing kept
+    from one tile to the next (tracemalloc counts NumPy's allocations)."""
+    import tracemalloc
+
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((1, 40, 40, 40, 1)).astype(np.float32)
+    w = rng.standard_normal((5, 5, 5, 1, 1)).astype(np.float32)
+    y = conv_transpose(x, w)
+    plan = plan_conv_transpose(x.shape, w.shape, y.shape)
+    tracemalloc.start()
+    try:
+        check = verify_module.AdjointCheck(plan, w, "float32", threads=1)
+        check.add(x, y)
+        _, peak = tracemalloc.get_traced_memory()
+        kept, _ = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert check.report().passed
+    assert peak <= 1.5 * verify_module.work_bytes(plan, "float32", threads=1), peak
+    assert kept < 1 << 20, kept
