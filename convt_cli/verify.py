@@ -629,6 +629,7 @@ class _Probes:
             wv[:, t] = vc @ wt
             wv2[:, t] = self.v2 @ _abs2(_scaled(wt, self.e_big))
         self.wv2t = wv2.transpose(0, 2, 1).reshape(k, -1)  # (K, c_in * taps), as Q's sums are laid out
+        self.landings: dict = {}
         wv = wv.reshape(k, *plan.kernel, plan.in_channels)
         e_w = _exponent(np.abs(wv))
         self.wide = _Channels(vc, wv, 0)
@@ -724,12 +725,17 @@ class _Probes:
 
     def _landing(self, shape, counts, lows) -> list:
         """Per axis, (k, window) 0/1 float32: whether term (tap, window position) lands inside the tile's box of
-        `shape` on that axis (a term lands inside the box when it does on every axis)."""
-        masks = []
-        for n, c, kk, s, d, lo_t in zip(shape, counts, self.plan.kernel, self.plan.spec.strides,
-                                        self.plan.spec.dilations, lows):
-            q = np.arange(c)[None, :] * s + np.arange(kk)[:, None] * d - lo_t  # (k, c): where the terms land
-            masks.append(((q >= 0) & (q < n)).astype(np.float32))
+        `shape` on that axis (a term lands inside the box when it does on every axis). Cached per kind of tile."""
+        key = (tuple(shape), tuple(counts), tuple(lows))
+        masks = self.landings.get(key)
+        if masks is None:
+            masks = []
+            for n, c, kk, s, d, lo_t in zip(shape, counts, self.plan.kernel, self.plan.spec.strides,
+                                            self.plan.spec.dilations, lows):
+                q = np.arange(c)[None, :] * s + np.arange(kk)[:, None] * d - lo_t  # (k, c): where the terms land
+                masks.append(((q >= 0) & (q < n)).astype(np.float32))
+            if len(self.landings) < 256:  # a tiling has few kinds of tile; each is a few small arrays
+                self.landings[key] = masks
         return masks
 
 
@@ -819,16 +825,17 @@ def _channel_norms2(m: np.ndarray, first: bool) -> np.ndarray:
 
 def _reached(xm: np.ndarray, masks: list, first: bool) -> np.ndarray:
     """(nb, c, taps): |IN|^2 summed over the window positions whose term (for the tap) lands in the tile, one axis
-    at a time (the landing is a product over axes), one GEMM per element and axis."""
+    at a time (the landing is a product over axes): a stacked GEMM per axis, over contiguous blocks."""
     x2 = _abs2(xm)
-    nb, counts = x2.shape[0], [mask.shape[1] for mask in masks]
-    arr = x2.reshape(nb, x2.shape[1], *counts) if first else np.moveaxis(x2.reshape(nb, *counts, -1), -1, 1)
-    for a, mask in enumerate(masks):  # arr: (nb, c, *kernel[:a], *counts[a:])
-        arr = np.moveaxis(arr, 2 + a, -1)
-        shape = arr.shape
-        arr = np.matmul(arr.reshape(nb, -1, shape[-1]), mask.T.astype(arr.dtype, copy=False))
-        arr = np.moveaxis(arr.reshape(*shape[:-1], mask.shape[0]), -1, 2 + a)
-    return arr.reshape(nb, arr.shape[1], -1)
+    nb, c = x2.shape[0], x2.shape[1 if first else 2]
+    lead, trail = (nb * c, 1) if first else (nb, c)  # (lead, *window, trail) in memory order
+    counts, taps = [mask.shape[1] for mask in masks], [mask.shape[0] for mask in masks]
+    arr = x2
+    for a, mask in enumerate(masks):
+        block = arr.reshape(lead * math.prod(taps[:a]), counts[a], math.prod(counts[a + 1:]) * trail)
+        arr = np.matmul(mask.astype(block.dtype, copy=False), block)  # (.., k_a, rest)
+    arr = arr.reshape(nb, c, -1) if first else arr.reshape(nb, -1, c).transpose(0, 2, 1)
+    return arr
 
 
 _RANGE = {np.dtype(np.float32): 2.0**-100, np.dtype(np.float64): 2.0**-1000}
