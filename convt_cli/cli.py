@@ -225,6 +225,10 @@ def conv_options(f):
                      help="Like --strides."),
         click.option("--dtype", type=click.Choice(DTYPES, case_sensitive=False),
                      help="Cast input and filters to this dtype before computing."),
+        click.option("--filter-layout", type=click.Choice(["tf", "torch", "onnx"], case_sensitive=False),
+                     default="tf", show_default=True,
+                     help="How FILTERS is stored: tf [*k, out, in]; torch and onnx [in, out, *k] (PyTorch's and "
+                          "ONNX's ConvTranspose weight, not flipped)."),
     ]
     for option in reversed(options):
         f = option(f)
@@ -318,8 +322,9 @@ def cli():
 @click.option("--json", "as_json", is_flag=True,
               help="Print a JSON summary, one line per tensor, {\"error\": ...} for one that failed (on stderr "
                    "when the array goes to stdout).")
-def run(input_ref, filters_ref, output_ref, output_shape, strides, padding, data_format, dilations, dtype, force,
-        max_memory, threads, quiet, fail_fast, compression, compression_level, copy_attrs, as_json):
+def run(input_ref, filters_ref, output_ref, output_shape, strides, padding, data_format, dilations, dtype,
+        filter_layout, force, max_memory, threads, quiet, fail_fast, compression, compression_level, copy_attrs,
+        as_json):
     """Compute conv_transpose(INPUT, FILTERS) and write it to OUTPUT.
 
     FILTERS are spatial + [out_channels, in_channels] (TF's behaviour): the last axis matches INPUT's channels.
@@ -339,7 +344,8 @@ def run(input_ref, filters_ref, output_ref, output_shape, strides, padding, data
 
     with _Bar(quiet, "convt run") as bar:
         options = dict(output_shape=output_shape, strides=strides, padding=padding, data_format=data_format,
-                       dilations=dilations, dtype=dtype, force=force, max_memory=max_memory, threads=threads,
+                       dilations=dilations, dtype=dtype, filter_layout=filter_layout.lower(), force=force,
+                       max_memory=max_memory, threads=threads,
                        progress=bar, available_memory=_available_memory,
                        compression=compression and compression.lower(), compression_level=compression_level,
                        copy_attrs=copy_attrs)
@@ -404,8 +410,8 @@ def _written_before(written: list[str], items: list, tried: int) -> str:
 @max_memory_option
 @threads_option
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
-def shape(input_ref, filters_ref, output_shape, strides, padding, data_format, dilations, dtype, max_memory, threads,
-          as_json):
+def shape(input_ref, filters_ref, output_shape, strides, padding, data_format, dilations, dtype, filter_layout,
+          max_memory, threads, as_json):
     """Print the output shape, legal output sizes, pads, FLOPs, bytes and the memory a run needs, reading headers
     only.
 
@@ -418,8 +424,9 @@ def shape(input_ref, filters_ref, output_shape, strides, padding, data_format, d
     stop_if_signalled()  # one held while NumPy loaded
     with _json_error(as_json, input=input_ref, filters=filters_ref):
         info = plan_files(input_ref, filters_ref, output_shape=output_shape, strides=strides, padding=padding,
-                          data_format=data_format, dilations=dilations, dtype=dtype, max_memory=max_memory,
-                          threads=threads, available_memory=_available_memory)
+                          data_format=data_format, dilations=dilations, dtype=dtype,
+                          filter_layout=filter_layout.lower(), max_memory=max_memory, threads=threads,
+                          available_memory=_available_memory)
     if as_json:
         click.echo(json.dumps(info))
         return
@@ -532,8 +539,8 @@ def _info_line(path: str, a: dict) -> str:
 @threads_option
 @quiet_option
 @click.option("--json", "as_json", is_flag=True, help="Print the whole report as JSON.")
-def verify(input_ref, filters_ref, output_ref, output_shape, strides, padding, data_format, dilations, dtype, probes,
-           seed, rtol, max_memory, threads, quiet, as_json):
+def verify(input_ref, filters_ref, output_ref, output_shape, strides, padding, data_format, dilations, dtype,
+           filter_layout, probes, seed, rtol, max_memory, threads, quiet, as_json):
     """Check that OUTPUT is conv_transpose(INPUT, FILTERS) through the adjoint identity.
 
     For random probes x it compares <OUTPUT, x> with <INPUT, conv(x, FILTERS)>, never computing
@@ -552,7 +559,8 @@ def verify(input_ref, filters_ref, output_ref, output_shape, strides, padding, d
     from .stream import verify_files, verify_many
 
     options = dict(output_shape=output_shape, strides=strides, padding=padding, data_format=data_format,
-                   dilations=dilations, dtype=dtype, probes=probes, seed=seed, rtol=rtol, max_memory=max_memory,
+                   dilations=dilations, dtype=dtype, filter_layout=filter_layout.lower(), probes=probes, seed=seed,
+                   rtol=rtol, max_memory=max_memory,
                    threads=threads, available_memory=_available_memory)
     with _json_error(as_json, input=input_ref, filters=filters_ref, output=output_ref):
         items = io.expand_items(input_ref, output_ref)

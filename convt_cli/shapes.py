@@ -491,6 +491,46 @@ def axis_phases(i: int, o: int, k: int, s: int, d: int, lo: int) -> tuple[AxisPh
     return tuple(phases)
 
 
+# ---------------------------------------------------------------------------------------------------------
+# Filter layouts: how other frameworks store transposed-convolution filters, read as convt's (*kernel, out, in).
+
+FILTER_LAYOUTS = {  # name: (axes, whose)
+    "tf": ("[*k, out, in]", "TensorFlow's tf.nn.conv_transpose, convt's own"),
+    "torch": ("[in, out, *k]", "PyTorch's ConvTranspose weight, no flip"),
+    "onnx": ("[in, out, *k]", "ONNX ConvTranspose's W, no flip"),
+}
+
+
+def filter_layout(op: str, layout) -> str:
+    """The layout's name, checked: one of FILTER_LAYOUTS (any case)."""
+    name = layout.strip().lower() if isinstance(layout, str) else None
+    if name not in FILTER_LAYOUTS:
+        _fail(op, f"filter_layout must be one of {', '.join(repr(k) for k in FILTER_LAYOUTS)}, got {layout!r}")
+    return name
+
+
+def filter_axes(layout: str, ndim: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(perm, flipped): np.transpose(w, perm) brings filters stored in `layout` (of rank ndim = N + 2) to
+    (*kernel, out, in); then the spatial axes in `flipped` are reversed.
+
+    >>> filter_axes("torch", 4), filter_axes("tf", 3)
+    (((2, 3, 1, 0), ()), ((0, 1, 2), ()))
+    """
+    if layout in ("torch", "onnx"):  # [in, out, *k]
+        return (*range(2, ndim), 1, 0), ()
+    return tuple(range(ndim)), ()
+
+
+def filters_shape_as_tf(layout: str, shape) -> tuple[int, ...]:
+    """The (*kernel, out, in) shape of filters of `shape` stored in `layout`.
+
+    >>> filters_shape_as_tf("torch", (8, 4, 3, 3))
+    (3, 3, 4, 8)
+    """
+    perm, _ = filter_axes(layout, len(shape))
+    return tuple(shape[a] for a in perm)
+
+
 def input_window(o0: int, o1: int, i: int, k: int, s: int, d: int, lo: int) -> tuple[int, int]:
     """The input positions [i0, i1) whose terms can land in the output positions [o0, o1) on one axis (term
     (j, t) lands at o = j*s + t*d - lo); every term that lands there is from that window. Empty (i0 == i1) when

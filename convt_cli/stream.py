@@ -31,7 +31,9 @@ from .engine import runtime
 from .dtype_names import DTYPES
 from .errors import ConvtError
 from .interrupts import stop_if_signalled
-from .shapes import plan_conv_transpose
+from .engine.layout import as_tf_filters, plan_with_layout
+from .shapes import filter_layout as filter_layout_name
+from .shapes import filters_shape_as_tf, plan_conv_transpose
 
 PIECE_BYTES = 8 << 20  # input + output of one piece of a run: enough per piece to keep every thread busy
 
@@ -44,7 +46,7 @@ _PROVENANCE = ("output_shape", "strides", "padding", "padding_given", "data_form
 
 
 def run_files(input_ref, filters_ref, output_ref, *, output_shape=None, strides=1, padding="SAME", data_format=None,
-              dilations=None, dtype=None, force=False, max_memory=None, threads=None, progress=None,
+              filter_layout="tf", dilations=None, dtype=None, force=False, max_memory=None, threads=None, progress=None,
               available_memory=None, compression=None, compression_level=None, copy_attrs=False) -> dict:
     """Compute conv_transpose of two arrays in files and write it to a file, as `convt run` does.
 
@@ -56,7 +58,8 @@ def run_files(input_ref, filters_ref, output_ref, *, output_shape=None, strides=
     Args:
         input_ref: "x.npy", "x.npz[:NAME]", "x.h5[:/group/dataset]" or "-" (stdin, read whole); the array is
             (batch, *spatial, in_channels), or (batch, in_channels, *spatial) channels-first.
-        filters_ref: a reference as above to (*kernel, out_channels, in_channels), whatever the data_format.
+        filters_ref: a reference as above to (*kernel, out_channels, in_channels), whatever the data_format;
+            or stored in filter_layout: "torch" or "onnx" ([in, out, *kernel]), read as the former.
         output_ref: where to write: .npy, .npz[:NAME], .h5[:/group/dataset], or "-" for stdout.
         output_shape, strides, padding, data_format, dilations: as for conv_transpose (Python values: strides=2
             or [1, 2, 2, 1], padding="VALID" or [(0, 1), (1, 1)]).
@@ -105,8 +108,9 @@ def run_files(input_ref, filters_ref, output_ref, *, output_shape=None, strides=
         x_ref.fail("--copy-attrs: the input holds no attributes to copy (only .h5 datasets have them)")
     x_src = io.Source(x_ref, whole=io.same_h5_file(out_ref, x_ref))
     try:
-        w_shape, w_dtype, w_load = _open(w_ref)
-        plan = _plan(x_ref, x_src.shape, w_shape, output_shape, strides, padding, data_format, dilations)
+        w_shape, w_dtype, w_load = _open_filters(w_ref, filter_layout)
+        plan = _plan(x_ref, x_src.shape, w_shape, output_shape, strides, padding, data_format, dilations,
+                     filter_layout)
         out_dtype = checked_dtype(cast, (x_ref, x_src.dtype), (w_ref, w_dtype))
         # every mistake the headers and flags show, then the output's own: 'exists' never hides a flag's mistake
         io.check_output(out_ref, [x_ref, w_ref], bool(force), options)
@@ -115,7 +119,7 @@ def run_files(input_ref, filters_ref, output_ref, *, output_shape=None, strides=
         chunk = check_memory("run", needs, plan.batch, max_memory, available_memory, whole={"input": x_ref})
         chunk = min(chunk, piece_batch(plan, x_src.dtype, out_dtype))
         check_space(out_ref, math.prod(plan.output_shape) * out_dtype.itemsize)
-        info = _summary(plan, out_dtype, (x_ref, w_ref, out_ref))
+        info = _summary(plan, out_dtype, (x_ref, w_ref, out_ref), filter_layout)
         attrs = io.attributes(x_ref) if copy_attrs else {}
         compute = _conv_transpose_of(plan, cast_to(w_ref, w_load(), out_dtype), threads)
         provenance = {"convt_version": __version__, "convt_op": "conv_transpose", "convt_input": str(x_ref),
@@ -204,7 +208,8 @@ def verify_many(items, filters_ref, **options):
 
 
 def verify_files(input_ref, filters_ref, output_ref=None, *, output_shape=None, strides=1, padding="SAME",
-                 data_format=None, dilations=None, dtype=None, probes=None, seed=0, rtol=None, max_memory=None,
+                 data_format=None, filter_layout="tf", dilations=None, dtype=None, probes=None, seed=0, rtol=None,
+                 max_memory=None,
                  threads=None, progress=None, available_memory=None):
     """The adjoint check of verify.py on arrays in files, as `convt verify` does, a piece of the batch at a time.
 
@@ -241,7 +246,7 @@ def verify_files(input_ref, filters_ref, output_ref=None, *, output_shape=None, 
     sources = [io.Source(x_ref)]
     try:
         x_src = sources[0]
-        w_shape, w_dtype, w_load = _open(w_ref)
+        w_shape, w_dtype, w_load = _open_filters(w_ref, filter_layout)
         y_src = None if y_ref is None else io.Source(y_ref)
         if y_src is not None:
             sources.append(y_src)
@@ -249,10 +254,11 @@ def verify_files(input_ref, filters_ref, output_ref=None, *, output_shape=None, 
         if shape_of_output:
             output_shape = list(y_src.shape)
         try:
-            plan = plan_conv_transpose(x_src.shape, w_shape, output_shape, strides, padding, data_format, dilations)
+            plan = plan_with_layout(x_src.shape, w_shape, output_shape, strides, padding, data_format, dilations,
+                                    filter_layout)
         except ConvtError as e:  # the output's own shape, when it gave it, is what does not fit
             if shape_of_output:  # unless INPUT and FILTERS do not fit each other whatever the output
-                _plan(x_ref, x_src.shape, w_shape, None, strides, padding, data_format, dilations)
+                _plan(x_ref, x_src.shape, w_shape, None, strides, padding, data_format, dilations, filter_layout)
                 y_ref.fail(f"has shape {tuple(y_src.shape)}, which INPUT '{x_ref}' cannot give under these flags: {e}")
             raise ConvtError(f"{x_ref.label} '{x_ref}': {e}") from None
         if y_src is not None and tuple(y_src.shape) != plan.output_shape:
@@ -294,7 +300,7 @@ def verify_files(input_ref, filters_ref, output_ref=None, *, output_shape=None, 
     finally:
         for src in sources:
             src.close()
-    info = _summary(plan, out_dtype, (x_ref, w_ref, y_ref if y_ref is not None else "(computed)"))
+    info = _summary(plan, out_dtype, (x_ref, w_ref, y_ref if y_ref is not None else "(computed)"), filter_layout)
     for key in ("output_bytes", "flops"):
         del info[key]
     info.update(wall_seconds=round(time.perf_counter() - began, 6), batch_per_chunk=min(chunk, plan.batch))
@@ -334,7 +340,8 @@ def likely_cause(plan, x, w, y, batch_index: int, flags: dict) -> str:
 
 
 def plan_files(input_ref, filters_ref, *, output_shape=None, strides=1, padding="SAME", data_format=None,
-               dilations=None, dtype=None, max_memory=None, threads=None, available_memory=None) -> dict:
+               filter_layout="tf", dilations=None, dtype=None, max_memory=None, threads=None,
+               available_memory=None) -> dict:
     """The plan of run_files from the headers alone (no data is read), as `convt shape --json` prints it.
 
     Args:
@@ -355,10 +362,10 @@ def plan_files(input_ref, filters_ref, *, output_shape=None, strides=1, padding=
     """
     cast, max_memory, threads = _dtype_name(dtype), _memory_limit(max_memory), runtime.resolve_threads(threads)
     x_ref, w_ref = _refs(input_ref, filters_ref)
-    (x_shape, x_dtype, _), (w_shape, w_dtype, _) = _open(x_ref), _open(w_ref)
-    plan = _plan(x_ref, x_shape, w_shape, output_shape, strides, padding, data_format, dilations)
+    (x_shape, x_dtype, _), (w_shape, w_dtype, _) = _open(x_ref), _open_filters(w_ref, filter_layout)
+    plan = _plan(x_ref, x_shape, w_shape, output_shape, strides, padding, data_format, dilations, filter_layout)
     out_dtype = checked_dtype(cast, (x_ref, x_dtype), (w_ref, w_dtype))
-    info = _summary(plan, out_dtype, (x_ref, w_ref))
+    info = _summary(plan, out_dtype, (x_ref, w_ref), filter_layout)
     whole = ("input",) if io.read_whole(x_ref) else ()
     needs = run_needs(plan, x_dtype, w_dtype, out_dtype, whole=whole, threads=threads)
     try:
@@ -643,10 +650,11 @@ def _refs(input_ref, filters_ref):
     return x_ref, w_ref
 
 
-def _plan(x_ref, x_shape, w_shape, output_shape, strides, padding, data_format, dilations):
+def _plan(x_ref, x_shape, w_shape, output_shape, strides, padding, data_format, dilations, filter_layout="tf"):
     """plan_conv_transpose, whose mistakes name the INPUT they are about, for one file as for many."""
     try:
-        return plan_conv_transpose(x_shape, w_shape, output_shape, strides, padding, data_format, dilations)
+        return plan_with_layout(x_shape, w_shape, output_shape, strides, padding, data_format, dilations,
+                                filter_layout)
     except ConvtError as e:
         raise ConvtError(f"{x_ref.label} '{x_ref}': {e}") from None
 
@@ -661,6 +669,15 @@ def _write_options(compression, level) -> io.WriteOptions:
         if not isinstance(level, numbers.Integral) or isinstance(level, bool) or not 0 <= level <= 9:
             raise ConvtError(f"--compression-level: expected an integer 0..9, got {level!r}")
     return io.WriteOptions(compression=compression, level=None if level is None else int(level))
+
+
+def _open_filters(ref, filter_layout):
+    """_open for FILTERS stored in filter_layout: the (*kernel, out, in) shape, and a view in that order."""
+    layout = filter_layout_name("filters", filter_layout)
+    shape, dtype, load = _open(ref)
+    if layout == "tf":
+        return shape, dtype, load
+    return filters_shape_as_tf(layout, shape), dtype, lambda: as_tf_filters(load(), layout)
 
 
 def _open(ref):
@@ -718,12 +735,13 @@ def _conv_transpose_of(plan, w, threads):
 SCHEMA_VERSION = 2  # of the --json summaries; 2: resolved padding pairs, padding_given, wall_seconds, pieces
 
 
-def _summary(plan, dtype, refs) -> dict:
+def _summary(plan, dtype, refs, filter_layout="tf") -> dict:
     given = plan.spec.padding
     info = {
         "schema_version": SCHEMA_VERSION, "convt_version": __version__,
         "input": str(refs[0]), "filters": str(refs[1]),
         "input_shape": list(plan.input_shape), "filters_shape": list(plan.filters_shape),
+        "filter_layout": filter_layout_name("filters", filter_layout),
         "output_shape": list(plan.output_shape), "dtype": dtype.name,
         "strides": list(plan.spec.strides), "dilations": list(plan.spec.dilations),
         "padding": [list(p) for p in plan.pads],

@@ -99,7 +99,7 @@ import numpy as np
 
 from .engine.dtypes import as_arrays
 from .errors import ConvtError
-from .shapes import Plan, input_window, plan_conv_transpose, split_sizes
+from .shapes import Plan, input_window, split_sizes
 
 DEFAULT_PROBES = 8
 SAFETY = 4.0
@@ -222,8 +222,8 @@ class VerifyReport:
                       else f"max residual 0 (exact), within the tolerance {tol:.1e}")
             return f"PASS: {inside} ({probes}, {where})"
         if math.isnan(worst):
-            return (f"FAIL: a probe's residual is nan (inf or nan in INPUT or FILTERS, or values too large to square in "
-                    f"float64?){self._where_wrong()} ({probes}, {where})" + (f"; {self.hint}" if self.hint else ""))
+            return (f"FAIL: a probe's residual is nan (inf or nan in INPUT or FILTERS, or values too large to square "
+                    f"in float64?){self._where_wrong()} ({probes}, {where})" + (f"; {self.hint}" if self.hint else ""))
         bad = sum(1 for p in self.probes if not p.residual <= tol)
         tiles = [t.residual for t in self.failing_tiles]
         worst = max([worst, *tiles])
@@ -298,6 +298,7 @@ def verify_conv_transpose(
     rtol=None,
     *,
     threads=None,
+    filter_layout="tf",
 ) -> VerifyReport:
     """Check that `output` is conv_transpose(input, filters, output.shape, ...) without computing it.
 
@@ -311,6 +312,7 @@ def verify_conv_transpose(
         seed: a non-negative int; the probes are a function of (seed, K, shapes) only.
         rtol: overrides the default tolerance on the residual.
         threads: as for conv_transpose (the tiles are shared out; the report is the same for any number).
+        filter_layout: as for conv_transpose ("tf", "torch", "onnx").
 
     Returns:
         A VerifyReport; it prints nothing.
@@ -329,7 +331,10 @@ def verify_conv_transpose(
             f"verify: output_shape {tuple(y.shape)} must have rank {x.ndim} like the input (batch, spatial and "
             f"channels in data_format order), got rank {y.ndim}"
         )
-    plan = plan_conv_transpose(x.shape, w.shape, y.shape, strides, padding, data_format, dilations)
+    from .engine.layout import plan_with_layout, tf_filters
+
+    w = tf_filters("verify", w, filter_layout)
+    plan = plan_with_layout(x.shape, w.shape, y.shape, strides, padding, data_format, dilations, filter_layout)
     if y.dtype.name != x.dtype.name:
         raise ConvtError(
             f"verify: output dtype {y.dtype.name} must match the input and filters dtype {x.dtype.name}"
@@ -557,6 +562,7 @@ def tile_sizes(plan: Plan, probes: int = DEFAULT_PROBES) -> tuple[int, ...]:
     """Block sizes per spatial axis for verify's tiles: as near a cube as halving makes it (shapes.split_sizes),
     with at most TILE_VALUES output values, PROBE_VALUES probe values and about WINDOW_VALUES input values.
 
+    >>> from convt_cli.shapes import plan_conv_transpose
     >>> plan = plan_conv_transpose((1, 64, 64, 32), (4, 4, 32, 32), None, 2, "SAME")
     >>> tile_sizes(plan)
     (64, 128)

@@ -2,8 +2,8 @@
 
 Matrix: hypothesis over (I, O, K, s, d, padding) for legal_output_range / forward_size / pads_for against
 brute force; input_window (the input positions that reach an output block) and split_sizes (verify's tile
-blocks) against brute force; every spelling of strides, dilations, padding, data_format and output_shape; every error rule,
-with its exact message.
+blocks) against brute force; every spelling of strides, dilations, padding, data_format and output_shape; every
+error rule, with its exact message.
 """
 
 import numpy as np

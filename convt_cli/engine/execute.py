@@ -9,7 +9,7 @@ import threading
 import numpy as np
 
 from ..errors import ConvtError
-from ..shapes import Plan, plan_conv_transpose
+from ..shapes import Plan
 from . import runtime
 from .choose import choose_strategy
 from .dtypes import as_arrays, check_dtypes, check_int32_bound, compute_dtype, largest_magnitude
@@ -20,7 +20,7 @@ _WARM_POSITIONS = 4096  # runs over fewer input positions than this are too smal
 
 
 def conv_transpose(input, filters, output_shape=None, strides=1, padding="SAME", data_format=None, dilations=None,
-                   name=None, *, threads=None) -> np.ndarray:
+                   name=None, *, threads=None, filter_layout="tf") -> np.ndarray:
     """Transposed convolution, the same numbers as TensorFlow's tf.nn.conv_transpose.
 
     Args:
@@ -36,6 +36,8 @@ def conv_transpose(input, filters, output_shape=None, strides=1, padding="SAME",
         data_format: None (channels-last), TF's strings for N <= 3, "channels_last" or "channels_first".
         name: ignored; TF's graph name for the op, taken so that a call written for TF runs unchanged.
         threads: how many threads (None: CONVT_NUM_THREADS, else every usable core); never changes a bit.
+        filter_layout: how `filters` is stored: "tf" (above), or "torch" / "onnx" ([in, out, *kernel], as
+            PyTorch's ConvTranspose weight and ONNX's ConvTranspose W); read as "tf" once, here.
 
     Returns:
         An array of output_shape in data_format order, with the input's dtype.
@@ -46,8 +48,11 @@ def conv_transpose(input, filters, output_shape=None, strides=1, padding="SAME",
     >>> conv_transpose(np.ones((2, 5, 5, 3), np.float32), np.ones((3, 3, 4, 3), np.float32), strides=2).shape
     (2, 10, 10, 4)
     """
+    from .layout import plan_with_layout, tf_filters
+
     x, w = as_arrays("conv_transpose", input, filters)
-    plan = plan_conv_transpose(x.shape, w.shape, output_shape, strides, padding, data_format, dilations)
+    w = tf_filters("conv_transpose", w, filter_layout)
+    plan = plan_with_layout(x.shape, w.shape, output_shape, strides, padding, data_format, dilations, filter_layout)
     return run_conv_transpose(plan, x, w, threads=threads)
 
 
@@ -57,6 +62,7 @@ def run_conv_transpose(plan: Plan, x: np.ndarray, w: np.ndarray, strategy: str |
 
     `strategy` (one of STRATEGIES) overrides the choice by shape; the tests run each.
 
+    >>> from convt_cli.shapes import plan_conv_transpose
     >>> plan = plan_conv_transpose((2, 5, 3), (3, 4, 3), None, 2)
     >>> run_conv_transpose(plan, np.ones((2, 5, 3)), np.ones((3, 4, 3)), strategy="taps").shape
     (2, 10, 4)
@@ -68,6 +74,7 @@ def prepare(plan: Plan, w: np.ndarray, strategy: str | None = None) -> Prepared:
     """The filters converted, checked and rearranged for the strategy that will run them, once: then
     `.run(x)` on any number of batches (pieces of one batch give the same bits as the whole).
 
+    >>> from convt_cli.shapes import plan_conv_transpose
     >>> p = prepare(plan_conv_transpose((1, 8, 8, 16), (4, 4, 8, 16), None, 2), np.ones((4, 4, 8, 16), np.float32))
     >>> p.strategy, p.run(np.ones((3, 8, 8, 16), np.float32)).shape
     ('winograd', (3, 16, 16, 8))
@@ -155,6 +162,7 @@ def estimate_bytes(plan: Plan, dtype, threads=None, strategy: str | None = None)
     the filters converted to the compute dtype; and what the strategies that may run prepare from them. Not
     counted: the 2.25 MiB per thread that the worker threads' first GEMMs take once per process (see runtime).
 
+    >>> from convt_cli.shapes import plan_conv_transpose
     >>> estimate_bytes(plan_conv_transpose((1, 8, 8, 16), (4, 4, 8, 16), None, 2), np.float32, threads=1) > 0
     True
     """

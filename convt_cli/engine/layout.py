@@ -2,12 +2,17 @@
 
 The kernels keep each layout's own GEMM orientation, (c_out, c_in) @ (c_in, rows) channels-first and
 (rows, c_in) @ (c_in, c_out) channels-last: transposing the data to one canonical layout would cost a copy of
-every block and change how BLAS rounds. What only places the channel axis lives here instead.
+every block and change how BLAS rounds. What only places the channel axis lives here instead, and the reading
+of filters stored in another framework's layout (shapes.FILTER_LAYOUTS) as [*k, out, in], once, at the edge.
 """
 
 from __future__ import annotations
 
 import numpy as np
+
+from ..errors import ConvtError
+from ..shapes import FILTER_LAYOUTS, filter_axes, plan_conv_transpose
+from ..shapes import filter_layout as checked_layout
 
 
 def at(first: bool, box, *lead, tail=()) -> tuple:
@@ -39,3 +44,32 @@ def gemm(first: bool, weights: np.ndarray, data: np.ndarray, out=None) -> np.nda
     if first:
         return np.matmul(weights, data, out=out)
     return np.matmul(data, weights, out=out)
+
+
+def as_tf_filters(w: np.ndarray, layout: str) -> np.ndarray:
+    """Filters stored in `layout` (shapes.FILTER_LAYOUTS) as (*kernel, out, in): a view, no copy."""
+    perm, flipped = filter_axes(layout, w.ndim)
+    w = np.transpose(w, perm)
+    if flipped:
+        w = w[tuple(slice(None, None, -1) if a in flipped else slice(None) for a in range(w.ndim))]
+    return w
+
+
+def tf_filters(op: str, w: np.ndarray, filter_layout) -> np.ndarray:
+    """Filters stored in filter_layout, as (*kernel, out, in) (a view)."""
+    return as_tf_filters(w, checked_layout(op, filter_layout)) if filter_layout != "tf" else w
+
+
+def plan_with_layout(x_shape, w_shape, output_shape, strides, padding, data_format, dilations, filter_layout):
+    """plan_conv_transpose of filters already read as (*kernel, out, in); a mistake in them is told in the
+    layout they were given in, too."""
+    try:
+        return plan_conv_transpose(x_shape, w_shape, output_shape, strides, padding, data_format, dilations)
+    except ConvtError as e:
+        if filter_layout == "tf" or not isinstance(filter_layout, str) or filter_layout.lower() not in FILTER_LAYOUTS:
+            raise
+        perm, _ = filter_axes(filter_layout.lower(), len(w_shape))
+        given = tuple(w_shape[perm.index(a)] for a in range(len(w_shape)))
+        layout = FILTER_LAYOUTS[filter_layout.lower()][0]
+        raise ConvtError(f"{e} (filters given in layout {filter_layout.lower()} {layout} with shape {given}, "
+                         f"read as [*k, out, in] {tuple(w_shape)})") from None
