@@ -225,10 +225,11 @@ def conv_options(f):
                      help="Like --strides."),
         click.option("--dtype", type=click.Choice(DTYPES, case_sensitive=False),
                      help="Cast input and filters to this dtype before computing."),
-        click.option("--filter-layout", type=click.Choice(["tf", "torch", "onnx"], case_sensitive=False),
+        click.option("--filter-layout", type=click.Choice(["tf", "torch", "onnx", "jax"], case_sensitive=False),
                      default="tf", show_default=True,
                      help="How FILTERS is stored: tf [*k, out, in]; torch and onnx [in, out, *k] (PyTorch's and "
-                          "ONNX's ConvTranspose weight, not flipped)."),
+                          "ONNX's ConvTranspose weight, not flipped); jax [*k, in, out] (lax.conv_transpose's "
+                          "rhs with transpose_kernel=False, flipped; with transpose_kernel=True it is tf)."),
     ]
     for option in reversed(options):
         f = option(f)

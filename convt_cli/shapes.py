@@ -498,6 +498,7 @@ FILTER_LAYOUTS = {  # name: (axes, whose)
     "tf": ("[*k, out, in]", "TensorFlow's tf.nn.conv_transpose, convt's own"),
     "torch": ("[in, out, *k]", "PyTorch's ConvTranspose weight, no flip"),
     "onnx": ("[in, out, *k]", "ONNX ConvTranspose's W, no flip"),
+    "jax": ("[*k, in, out]", "JAX's lax.conv_transpose rhs (HWIO) with transpose_kernel=False, flipped"),
 }
 
 
@@ -513,11 +514,13 @@ def filter_axes(layout: str, ndim: int) -> tuple[tuple[int, ...], tuple[int, ...
     """(perm, flipped): np.transpose(w, perm) brings filters stored in `layout` (of rank ndim = N + 2) to
     (*kernel, out, in); then the spatial axes in `flipped` are reversed.
 
-    >>> filter_axes("torch", 4), filter_axes("tf", 3)
-    (((2, 3, 1, 0), ()), ((0, 1, 2), ()))
+    >>> filter_axes("torch", 4), filter_axes("jax", 4)
+    (((2, 3, 1, 0), ()), ((0, 1, 3, 2), (0, 1)))
     """
     if layout in ("torch", "onnx"):  # [in, out, *k]
         return (*range(2, ndim), 1, 0), ()
+    if layout == "jax":  # [*k, in, out], correlated as it is: swapped and flipped
+        return (*range(ndim - 2), ndim - 1, ndim - 2), tuple(range(ndim - 2))
     return tuple(range(ndim)), ()
 
 

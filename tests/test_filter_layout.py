@@ -45,7 +45,7 @@ def test_a_mistake_is_told_in_the_layout_the_filters_were_given_in():
                                  "[*k, out, in] (3, 3, 3, 4))")
     with pytest.raises(ConvtError) as e:
         conv_transpose(x, np.ones((3, 3, 4, 3), np.float32), filter_layout="keras")
-    assert str(e.value) == "conv_transpose: filter_layout must be one of 'tf', 'torch', 'onnx', got 'keras'"
+    assert str(e.value) == "conv_transpose: filter_layout must be one of 'tf', 'torch', 'onnx', 'jax', got 'keras'"
 
 
 def test_the_cli_reads_torch_weights_for_run_verify_and_shape(work):

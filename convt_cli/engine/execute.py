@@ -36,8 +36,9 @@ def conv_transpose(input, filters, output_shape=None, strides=1, padding="SAME",
         data_format: None (channels-last), TF's strings for N <= 3, "channels_last" or "channels_first".
         name: ignored; TF's graph name for the op, taken so that a call written for TF runs unchanged.
         threads: how many threads (None: CONVT_NUM_THREADS, else every usable core); never changes a bit.
-        filter_layout: how `filters` is stored: "tf" (above), or "torch" / "onnx" ([in, out, *kernel], as
-            PyTorch's ConvTranspose weight and ONNX's ConvTranspose W); read as "tf" once, here.
+        filter_layout: how `filters` is stored: "tf" (above), "torch" / "onnx" ([in, out, *kernel], as
+            PyTorch's ConvTranspose weight and ONNX's ConvTranspose W), or "jax" ([*kernel, in, out], JAX's
+            lax.conv_transpose rhs with transpose_kernel=False); read as "tf" once, here.
 
     Returns:
         An array of output_shape in data_format order, with the input's dtype.
