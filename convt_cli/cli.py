@@ -168,15 +168,18 @@ class IntList(_Flag):
 
 
 class Padding(_Flag):
-    """SAME, VALID (any case) or lo:hi per spatial axis (0:1,1:1) -> "SAME", "VALID" or [(lo, hi)]."""
+    """SAME, VALID, SAME_UPPER, SAME_LOWER (any case), p (every side), lo:hi (every axis) or lo:hi per spatial axis
+    (0:1,1:1) -> the name, p, (lo, hi) or [(lo, hi)]."""
 
     name = "padding"
 
     def convert(self, value, param, ctx):
         if not isinstance(value, str):
             return value
-        if value.strip().upper() in ("SAME", "VALID"):
+        if value.strip().upper() in ("SAME", "VALID", "SAME_UPPER", "SAME_LOWER"):
             return value.strip().upper()
+        if value.strip().lstrip("+-").isdigit():
+            return int(value)
         pairs = []
         for part in value.split(","):
             lo, sep, hi = part.partition(":")
@@ -185,8 +188,9 @@ class Padding(_Flag):
                     raise ValueError
                 pairs.append((int(lo), int(hi)))
             except ValueError:
-                self.fail(f"expected SAME, VALID or lo:hi per spatial axis like 0:1,1:1, got '{value}'", param, ctx)
-        return pairs
+                self.fail(f"expected SAME, VALID, SAME_LOWER, p, lo:hi, or lo:hi per spatial axis like 0:1,1:1, got "
+                          f"'{value}'", param, ctx)
+        return pairs[0] if len(pairs) == 1 else pairs
 
     def shell_complete(self, ctx, param, incomplete):
         return _items(completion.complete_padding(incomplete))
@@ -217,7 +221,8 @@ def conv_options(f):
         click.option("--strides", metavar="S", type=IntList(), default="1", show_default=True,
                      help="One value, one per spatial axis, or N+2 in data-format order (2 or 1,2,2,1)."),
         click.option("--padding", metavar="P", type=Padding(), default="SAME", show_default=True,
-                     help="SAME, VALID (any case), or lo:hi per spatial axis (0:1,1:1)."),
+                     help="SAME, VALID (any case), or lo:hi per spatial axis (0:1,1:1); beyond TF: SAME_LOWER "
+                          "(the odd pad first; SAME_UPPER is SAME), p (p:p on every axis), lo:hi (every axis)."),
         click.option("--data-format", metavar="F", shell_complete=_complete(completion.complete_data_format),
                      help="NWC/NCW, NHWC/NCHW, NDHWC/NCDHW, channels_last or channels_first. "
                           "Default: channels-last."),

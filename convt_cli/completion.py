@@ -22,7 +22,7 @@ from typing import NamedTuple
 # Suffixes after which a reference goes on with ':NAME', in the order io.parse_ref tries them; a test holds this
 # equal to formats.container_suffixes(), which cannot be imported here without loading NumPy at every Tab.
 CONTAINER_SUFFIXES = (".npz", ".h5", ".hdf5")
-PADDINGS = ("SAME", "VALID")
+PADDINGS = ("SAME", "VALID", "SAME_LOWER", "SAME_UPPER")
 _BREAKS = frozenset(":=")  # the characters of bash's default COMP_WORDBREAKS that can occur inside a convt word
 
 
@@ -57,7 +57,7 @@ def complete_array_ref(incomplete: str) -> list[Candidate]:
 
 
 def complete_padding(incomplete: str) -> list[Candidate]:
-    """--padding: SAME or VALID, whatever case was typed (lo:hi pairs are the user's to type)."""
+    """--padding: SAME, VALID, SAME_LOWER or SAME_UPPER, whatever case was typed (p and lo:hi are the user's)."""
     return _names(PADDINGS, incomplete)
 
 

@@ -126,15 +126,30 @@ def normalize_window(op: str, label: str, value, n: int, channels_first: bool) -
     return tuple(values)
 
 
+PADDING_NAMES = {"SAME": "SAME", "VALID": "VALID", "SAME_UPPER": "SAME", "SAME_LOWER": "SAME_LOWER"}
+
+
 def normalize_padding(op: str, padding, n: int, channels_first: bool):
-    """'SAME' / 'VALID' in any case, or explicit (lo, hi) pairs: N of them, or N+2 in data_format order."""
+    """'SAME' / 'VALID' in any case, or explicit (lo, hi) pairs: N of them, or N+2 in data_format order (TF's
+    spellings, with TF's behaviour). Beyond TF: 'SAME_UPPER' (= 'SAME') and 'SAME_LOWER' (the odd pad first) as
+    ONNX names them, an integer p (p on both sides of every axis) and one flat (lo, hi) for every axis."""
     if isinstance(padding, str):
         name = padding.strip().upper()
-        if name in ("SAME", "VALID"):
-            return name
-        _fail(op, f"padding={padding!r} is not a padding: expected 'SAME', 'VALID' or {n} (lo, hi) pairs")
+        if name in PADDING_NAMES:
+            return PADDING_NAMES[name]
+        _fail(op, f"padding={padding!r} is not a padding: expected 'SAME', 'VALID', 'SAME_LOWER', an integer or "
+                  f"{n} (lo, hi) pairs")
+    value = _unwrap(padding)
+    if getattr(value, "ndim", None) == 0 and callable(getattr(value, "item", None)):
+        value = value.item()
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        padding = [(int(value), int(value))] * n
+    elif (hasattr(value, "__len__") and len(value) == 2 and not isinstance(value, (str, bytes))
+          and all(isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in value)):
+        padding = [(int(value[0]), int(value[1]))] * n  # one (lo, hi) for every axis
     if not hasattr(padding, "__len__"):
-        _fail(op, f"padding must be 'SAME', 'VALID' or {n} (lo, hi) pairs, got {padding!r}")
+        _fail(op, f"padding must be 'SAME', 'VALID', 'SAME_LOWER', an integer or {n} (lo, hi) pairs, got "
+                  f"{padding!r}")
     pairs = []
     for j, pair in enumerate(padding):
         got = _int_sequence(op, f"padding[{j}]", pair)
@@ -162,7 +177,7 @@ class ConvSpec:
     channels_first: bool
     strides: tuple[int, ...]
     dilations: tuple[int, ...]
-    padding: object  # "SAME", "VALID" or a tuple of N (lo, hi) pairs
+    padding: object  # "SAME", "SAME_LOWER", "VALID" or a tuple of N (lo, hi) pairs
 
     def axis_padding(self, j: int):
         return self.padding if isinstance(self.padding, str) else self.padding[j]
@@ -185,7 +200,7 @@ def normalize_spec(op, n, strides=1, padding="SAME", data_format=None, dilations
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Per-axis integer math. `padding` is "SAME", "VALID" or a (lo, hi) pair.
+# Per-axis integer math. `padding` is "SAME", "SAME_LOWER", "VALID" or a (lo, hi) pair.
 
 
 def effective_kernel(k: int, d: int) -> int:
@@ -198,9 +213,13 @@ def _trunc_div(a: int, b: int) -> int:
     return q if a >= 0 else -q
 
 
+def _same(padding) -> bool:
+    return padding in ("SAME", "SAME_LOWER")
+
+
 def forward_size(o: int, k: int, s: int, d: int, padding) -> int:
     """Output size of the forward conv on an input of size o (TF's rule; may be negative = illegal)."""
-    if padding == "SAME":
+    if _same(padding):
         return _trunc_div(o + s - 1, s)
     p = 0 if padding == "VALID" else padding[0] + padding[1]
     return _trunc_div(o + p - effective_kernel(k, d) + s, s)
@@ -208,7 +227,7 @@ def forward_size(o: int, k: int, s: int, d: int, padding) -> int:
 
 def legal_output_range(i: int, k: int, s: int, d: int, padding):
     """(min, max) of the transposed output sizes O >= 0 with forward_size(O) == i, or None if there is none."""
-    if padding == "SAME":
+    if _same(padding):
         return (0, 0) if i == 0 else ((i - 1) * s + 1, i * s)
     p = 0 if padding == "VALID" else padding[0] + padding[1]
     eff = effective_kernel(k, d)
@@ -222,7 +241,7 @@ def legal_output_range(i: int, k: int, s: int, d: int, padding):
 
 def default_output_size(i: int, k: int, s: int, d: int, padding) -> int:
     """I*s for SAME, (I-1)*s + eff - lo - hi otherwise (TF's usual choice), never below 0."""
-    if padding == "SAME":
+    if _same(padding):
         return i * s
     p = 0 if padding == "VALID" else padding[0] + padding[1]
     return max(0, (i - 1) * s + effective_kernel(k, d) - p)
@@ -230,17 +249,17 @@ def default_output_size(i: int, k: int, s: int, d: int, padding) -> int:
 
 def pads_for(i: int, o: int, k: int, s: int, d: int, padding) -> tuple[int, int]:
     """(lo, hi) padding of the forward conv between an input of size o and an output of size i."""
-    if padding == "SAME":
+    if _same(padding):  # TF's SAME puts the odd pad at the end, ONNX's SAME_LOWER at the start
         total = max(0, (i - 1) * s + effective_kernel(k, d) - o)
-        return total // 2, total - total // 2
+        return (total // 2, total - total // 2) if padding == "SAME" else (total - total // 2, total // 2)
     if padding == "VALID":
         return 0, 0
     return tuple(padding)
 
 
 def rule_text(padding) -> str:
-    if padding == "SAME":
-        return "SAME needs (I-1)*s+1 <= O <= I*s"
+    if _same(padding):
+        return f"{padding} needs (I-1)*s+1 <= O <= I*s"
     if padding == "VALID":
         return "VALID needs (I-1)*s+eff <= O <= I*s+eff-1 with eff=(K-1)*d+1"
     return "explicit (lo, hi) needs (O+lo+hi-eff)//s+1 == I with eff=(K-1)*d+1"

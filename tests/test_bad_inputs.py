@@ -303,9 +303,10 @@ CASES = [
     case("dilations-text", RUN + ["--dilations", "two"],
          "Error: --dilations: expected comma-separated integers like 2 or 1,2,2,1, got 'two'"),
     case("padding-typo", RUN + ["--padding", "SAEM"],
-         "Error: --padding: expected SAME, VALID or lo:hi per spatial axis like 0:1,1:1, got 'SAEM'"),
-    case("padding-count", RUN + ["--padding", "0:1"],
-         "Error: INPUT 'x.npy': conv_transpose: explicit padding must have N=2 or N+2=4 (lo, hi) pairs, got 1"),
+         "Error: --padding: expected SAME, VALID, SAME_LOWER, p, lo:hi, or lo:hi per spatial axis like 0:1,1:1, got "
+         "'SAEM'"),
+    case("padding-count", RUN + ["--padding", "0:1,1:1,2:2"],
+         "Error: INPUT 'x.npy': conv_transpose: explicit padding must have N=2 or N+2=4 (lo, hi) pairs, got 3"),
     case("padding-negative", RUN + ["--padding", "-1:0,0:0"],
          "Error: INPUT 'x.npy': conv_transpose: padding for spatial axis 0 is (-1, 0): pads must be >= 0"),
     case("data-format-typo", RUN + ["--data-format", "NHCW"],

@@ -208,7 +208,8 @@ def test_run_stdin_to_stdout_with_json_on_stderr(work):
         (["run", "x.npy", "w.npy", "-o", "y.npy", "--strides", "2,x"], None,
          "Error: --strides: expected comma-separated integers like 2 or 1,2,2,1, got '2,x'"),
         (["run", "x.npy", "w.npy", "-o", "y.npy", "--padding", "0:1,1"], None,
-         "Error: --padding: expected SAME, VALID or lo:hi per spatial axis like 0:1,1:1, got '0:1,1'"),
+         "Error: --padding: expected SAME, VALID, SAME_LOWER, p, lo:hi, or lo:hi per spatial axis like 0:1,1:1, "
+         "got '0:1,1'"),
         (["run", "x.npy", "w.npy", "-o", "y.npy", "--output-shape", "2,99,12,4", "--strides", "2"], None,
          "Error: INPUT 'x.npy': conv_transpose: output_shape[1]=99 is not reachable from input size 5 with kernel 3, "
          "stride 2, dilation 1, padding SAME: legal sizes are 9..10 (SAME needs (I-1)*s+1 <= O <= I*s)"),

@@ -128,7 +128,8 @@ def test_a_plain_word_loads_neither_numpy_nor_h5py():
 
 
 @pytest.mark.parametrize("word, expected", [
-    ("", ["SAME", "VALID"]), ("s", ["SAME"]), ("Va", ["VALID"]), ("VALID", ["VALID"]), ("0:", []), ("x", []),
+    ("", ["SAME", "VALID", "SAME_LOWER", "SAME_UPPER"]), ("s", ["SAME", "SAME_LOWER", "SAME_UPPER"]),
+    ("same_l", ["SAME_LOWER"]), ("Va", ["VALID"]), ("VALID", ["VALID"]), ("0:", []), ("x", []),
 ])
 def test_padding(word, expected):
     assert values(complete_padding(word)) == expected
@@ -213,10 +214,10 @@ def test_wired_arrays_complete_as_files(files, args):
     (["info", "x.npy"], "d.h5:/in", ["d.h5:/inputs/a", "d.h5:/inputs/b"]),
     (["info"], "w.npz:", ["w.npz:kernel", "w.npz:bias"]),
     (["run", "--padding"], "v", ["VALID"]),
-    (["shape", "--padding"], "", ["SAME", "VALID"]),
+    (["shape", "--padding"], "", ["SAME", "VALID", "SAME_LOWER", "SAME_UPPER"]),
     (["verify", "--data-format"], "nd", ["NDHWC"]),
     (["run", "--dtype"], "bf", ["bfloat16"]),
-    (["run"], "--padding=S", ["SAME"]),
+    (["run"], "--padding=S", ["SAME", "SAME_LOWER", "SAME_UPPER"]),
 ])
 def test_wired_names_and_flag_values(files, args, incomplete, expected):
     assert _completions(args, incomplete) == [("plain", v) for v in expected]

@@ -68,3 +68,23 @@ def test_the_cli_reads_torch_weights_for_run_verify_and_shape(work):
     r = invoke("run", "xl.npy", "wl2.npy", "-o", "bad.npy", "--filter-layout", "torch")
     assert r.exit_code == 2 and r.stderr.count("\n") == 1, r.output
     assert "(filters given in layout torch [in, out, *k] with shape (5, 4, 3, 3)" in r.stderr
+
+
+def test_the_cli_takes_the_other_frameworks_padding_spellings(work):
+    """--padding same_lower, an integer, one lo:hi for every axis: the numbers of the explicit pads they mean."""
+    rng = np.random.default_rng(6)
+    x = rng.standard_normal((1, 5, 4, 3)).astype(np.float32)
+    w = rng.standard_normal((4, 3, 2, 3)).astype(np.float32)
+    np.save("xp.npy", x)
+    np.save("wp.npy", w)
+    for spelled, pads in (("same_lower", [(1, 1), (1, 0)]), ("SAME_UPPER", [(1, 1), (0, 1)]), ("1", [(1, 1)] * 2),
+                          ("0:2", [(0, 2)] * 2)):
+        r = invoke("run", "xp.npy", "wp.npy", "-o", "yp.npy", "--strides", "2", "--padding", spelled, "--force",
+                   "--json")
+        assert r.exit_code == 0, r.output
+        summary = json.loads(r.stdout)
+        assert summary["padding"] == [list(p) for p in pads]
+        want = conv_transpose(x, w, summary["output_shape"], strides=2, padding=pads)
+        assert np.load("yp.npy").tobytes() == want.tobytes()
+        r = invoke("verify", "xp.npy", "wp.npy", "yp.npy", "--strides", "2", "--padding", spelled)
+        assert r.exit_code == 0, r.output

@@ -207,14 +207,16 @@ X, F = (2, 5, 6, 3), (3, 3, 4, 3)
         (dict(strides="2"), "conv_transpose: strides must be a sequence of integers, got '2'"),
         (dict(strides=1.5), "conv_transpose: strides must be a sequence of integers, got 1.5"),
         (dict(dilations=[1, 0]), "conv_transpose: dilations[1]=0 must be >= 1"),
-        (dict(padding="SMAE"), "conv_transpose: padding='SMAE' is not a padding: expected 'SAME', 'VALID' or 2 (lo, "
+        (dict(padding="SMAE"), "conv_transpose: padding='SMAE' is not a padding: expected 'SAME', 'VALID', "
+                               "'SAME_LOWER', an integer or 2 (lo, "
                                "hi) pairs"),
         (dict(padding=[(1, 1)]), "conv_transpose: explicit padding must have N=2 or N+2=4 (lo, hi) pairs, got 1"),
         (dict(padding=[(1, 1), (1, -1)]), "conv_transpose: padding for spatial axis 1 is (1, -1): pads must be >= 0"),
         (dict(padding=[(1, 1, 1), (1, 1)]), "conv_transpose: padding[0] must be a (lo, hi) pair, got [1, 1, 1]"),
         (dict(padding=[(1, 0), (1, 1), (1, 1), (0, 0)]), "conv_transpose: padding[0]=[1, 0] is the batch pair and "
                                                          "must be (0, 0)"),
-        (dict(padding=None), "conv_transpose: padding must be 'SAME', 'VALID' or 2 (lo, hi) pairs, got None"),
+        (dict(padding=None), "conv_transpose: padding must be 'SAME', 'VALID', 'SAME_LOWER', an integer or 2 (lo, hi) "
+                            "pairs, got None"),
         (dict(data_format="NWC"), "conv_transpose: data_format='NWC' does not fit 2 spatial dims (input rank 4) (it "
                                   "is for 1 spatial dims): expected 'NHWC', 'NCHW', 'channels_last' or "
                                   "'channels_first'"),
@@ -297,3 +299,38 @@ def test_split_sizes_fits_the_budget_and_stays_near_a_cube(sizes, budget):
     # halving stopped as soon as it fit: doubling the last cut back would not fit
     if cut:
         assert any(np.prod(blocks) * 2 > budget or b * 2 > max(1, n) for b, n in zip(blocks, sizes) if b == max(cut))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Padding spellings beyond TF's: SAME_UPPER / SAME_LOWER (ONNX), an integer, one (lo, hi) for every axis
+
+
+@settings(max_examples=300)
+@given(st.integers(1, 9), st.integers(1, 5), st.integers(1, 4), st.integers(1, 3), st.data())
+def test_same_lower_is_same_with_the_odd_pad_first(i, k, s, d, data):
+    lo_range = plan_conv_transpose((1, i, 1), (k, 1, 1), None, s, "SAME", dilations=d).legal_ranges[0]
+    o = data.draw(st.integers(*lo_range))
+    same = plan_conv_transpose((1, i, 1), (k, 1, 1), [o], s, "SAME", dilations=d)
+    lower = plan_conv_transpose((1, i, 1), (k, 1, 1), [o], s, "same_lower", dilations=d)
+    upper = plan_conv_transpose((1, i, 1), (k, 1, 1), [o], s, "Same_Upper", dilations=d)
+    assert upper == same and lower.legal_ranges == same.legal_ranges
+    total = max(0, (i - 1) * s + (k - 1) * d + 1 - o)  # ONNX: the larger half at the beginning
+    assert lower.pads == ((total - total // 2, total // 2),) and same.pads == ((total // 2, total - total // 2),)
+
+
+@pytest.mark.parametrize("padding, pads", [(2, ((2, 2), (2, 2))), (np.int64(1), ((1, 1), (1, 1))),
+                                           ((0, 3), ((0, 3), (0, 3))), ([1, 2], ((1, 2), (1, 2))),
+                                           ([(1, 2), (3, 4)], ((1, 2), (3, 4)))])
+def test_an_integer_or_one_pair_pads_every_axis(padding, pads):
+    assert plan_conv_transpose((1, 6, 6, 2), (3, 3, 2, 2), None, 2, padding).pads == pads
+
+
+@pytest.mark.parametrize("padding, message", [
+    (-1, "padding for spatial axis 0 is (-1, -1): pads must be >= 0"),
+    (True, "padding must be 'SAME', 'VALID', 'SAME_LOWER', an integer or 2 (lo, hi) pairs, got True"),
+    ((1, 2, 3), "padding[0] must be a sequence of integers, got 1"),
+])
+def test_the_new_spellings_are_checked_like_the_old(padding, message):
+    with pytest.raises(ConvtError) as e:
+        plan_conv_transpose((1, 6, 6, 2), (3, 3, 2, 2), None, 2, padding)
+    assert str(e.value) == f"conv_transpose: {message}"
