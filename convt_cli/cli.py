@@ -350,7 +350,7 @@ def run(input_ref, filters_ref, output_ref, output_shape, strides, padding, data
 
     with _Bar(quiet, "convt run") as bar:
         options = dict(output_shape=output_shape, strides=strides, padding=padding, data_format=data_format,
-                       dilations=dilations, dtype=dtype, filter_layout=filter_layout.lower(), force=force,
+                       dilations=dilations, dtype=dtype, filter_layout=filter_layout, force=force,
                        max_memory=max_memory, threads=threads,
                        progress=bar, available_memory=_available_memory,
                        compression=compression and compression.lower(), compression_level=compression_level,
@@ -431,7 +431,7 @@ def shape(input_ref, filters_ref, output_shape, strides, padding, data_format, d
     with _json_error(as_json, input=input_ref, filters=filters_ref):
         info = plan_files(input_ref, filters_ref, output_shape=output_shape, strides=strides, padding=padding,
                           data_format=data_format, dilations=dilations, dtype=dtype,
-                          filter_layout=filter_layout.lower(), max_memory=max_memory, threads=threads,
+                          filter_layout=filter_layout, max_memory=max_memory, threads=threads,
                           available_memory=_available_memory)
     if as_json:
         click.echo(json.dumps(info))
@@ -565,7 +565,7 @@ def verify(input_ref, filters_ref, output_ref, output_shape, strides, padding, d
     from .stream import verify_files, verify_many
 
     options = dict(output_shape=output_shape, strides=strides, padding=padding, data_format=data_format,
-                   dilations=dilations, dtype=dtype, filter_layout=filter_layout.lower(), probes=probes, seed=seed,
+                   dilations=dilations, dtype=dtype, filter_layout=filter_layout, probes=probes, seed=seed,
                    rtol=rtol, max_memory=max_memory,
                    threads=threads, available_memory=_available_memory)
     with _json_error(as_json, input=input_ref, filters=filters_ref, output=output_ref):

@@ -59,7 +59,8 @@ def run_files(input_ref, filters_ref, output_ref, *, output_shape=None, strides=
         input_ref: "x.npy", "x.npz[:NAME]", "x.h5[:/group/dataset]" or "-" (stdin, read whole); the array is
             (batch, *spatial, in_channels), or (batch, in_channels, *spatial) channels-first.
         filters_ref: a reference as above to (*kernel, out_channels, in_channels), whatever the data_format;
-            or stored in filter_layout: "torch" or "onnx" ([in, out, *kernel]), read as the former.
+            or stored in filter_layout: "torch" or "onnx" ([in, out, *kernel]) or "jax" ([*kernel, in, out]),
+            read as the former.
         output_ref: where to write: .npy, .npz[:NAME], .h5[:/group/dataset], or "-" for stdout.
         output_shape, strides, padding, data_format, dilations: as for conv_transpose (Python values: strides=2
             or [1, 2, 2, 1], padding="VALID" or [(0, 1), (1, 1)]).
@@ -97,6 +98,7 @@ def run_files(input_ref, filters_ref, output_ref, *, output_shape=None, strides=
     """
     began = time.perf_counter()
     cast, max_memory, threads = _dtype_name(dtype), _memory_limit(max_memory), runtime.resolve_threads(threads)
+    layout = filter_layout_name("filters", filter_layout)
     report = _reporter(progress)
     options = _write_options(compression, compression_level)
     x_ref, w_ref = _refs(input_ref, filters_ref)
@@ -108,9 +110,8 @@ def run_files(input_ref, filters_ref, output_ref, *, output_shape=None, strides=
         x_ref.fail("--copy-attrs: the input holds no attributes to copy (only .h5 datasets have them)")
     x_src = io.Source(x_ref, whole=io.same_h5_file(out_ref, x_ref))
     try:
-        w_shape, w_dtype, w_load = _open_filters(w_ref, filter_layout)
-        plan = _plan(x_ref, x_src.shape, w_shape, output_shape, strides, padding, data_format, dilations,
-                     filter_layout)
+        w_shape, w_dtype, w_load = _open_filters(w_ref, layout)
+        plan = _plan(x_ref, x_src.shape, w_shape, output_shape, strides, padding, data_format, dilations, layout)
         out_dtype = checked_dtype(cast, (x_ref, x_src.dtype), (w_ref, w_dtype))
         # every mistake the headers and flags show, then the output's own: 'exists' never hides a flag's mistake
         io.check_output(out_ref, [x_ref, w_ref], bool(force), options)
@@ -119,7 +120,7 @@ def run_files(input_ref, filters_ref, output_ref, *, output_shape=None, strides=
         chunk = check_memory("run", needs, plan.batch, max_memory, available_memory, whole={"input": x_ref})
         chunk = min(chunk, piece_batch(plan, x_src.dtype, out_dtype))
         check_space(out_ref, math.prod(plan.output_shape) * out_dtype.itemsize)
-        info = _summary(plan, out_dtype, (x_ref, w_ref, out_ref), filter_layout)
+        info = _summary(plan, out_dtype, (x_ref, w_ref, out_ref), layout)
         attrs = io.attributes(x_ref) if copy_attrs else {}
         compute = _conv_transpose_of(plan, cast_to(w_ref, w_load(), out_dtype), threads)
         provenance = {"convt_version": __version__, "convt_op": "conv_transpose", "convt_input": str(x_ref),
@@ -238,6 +239,7 @@ def verify_files(input_ref, filters_ref, output_ref=None, *, output_shape=None, 
 
     began = time.perf_counter()
     cast, max_memory, threads = _dtype_name(dtype), _memory_limit(max_memory), runtime.resolve_threads(threads)
+    layout = filter_layout_name("filters", filter_layout)
     report = _reporter(progress)
     x_ref, w_ref = _refs(input_ref, filters_ref)
     y_ref = None if output_ref is None else io.parse_ref("OUTPUT", _ref_text("OUTPUT", output_ref))
@@ -246,7 +248,7 @@ def verify_files(input_ref, filters_ref, output_ref=None, *, output_shape=None, 
     sources = [io.Source(x_ref)]
     try:
         x_src = sources[0]
-        w_shape, w_dtype, w_load = _open_filters(w_ref, filter_layout)
+        w_shape, w_dtype, w_load = _open_filters(w_ref, layout)
         y_src = None if y_ref is None else io.Source(y_ref)
         if y_src is not None:
             sources.append(y_src)
@@ -255,10 +257,10 @@ def verify_files(input_ref, filters_ref, output_ref=None, *, output_shape=None, 
             output_shape = list(y_src.shape)
         try:
             plan = plan_with_layout(x_src.shape, w_shape, output_shape, strides, padding, data_format, dilations,
-                                    filter_layout)
+                                    layout)
         except ConvtError as e:  # the output's own shape, when it gave it, is what does not fit
             if shape_of_output:  # unless INPUT and FILTERS do not fit each other whatever the output
-                _plan(x_ref, x_src.shape, w_shape, None, strides, padding, data_format, dilations, filter_layout)
+                _plan(x_ref, x_src.shape, w_shape, None, strides, padding, data_format, dilations, layout)
                 y_ref.fail(f"has shape {tuple(y_src.shape)}, which INPUT '{x_ref}' cannot give under these flags: {e}")
             raise ConvtError(f"{x_ref.label} '{x_ref}': {e}") from None
         if y_src is not None and tuple(y_src.shape) != plan.output_shape:
@@ -300,7 +302,7 @@ def verify_files(input_ref, filters_ref, output_ref=None, *, output_shape=None, 
     finally:
         for src in sources:
             src.close()
-    info = _summary(plan, out_dtype, (x_ref, w_ref, y_ref if y_ref is not None else "(computed)"), filter_layout)
+    info = _summary(plan, out_dtype, (x_ref, w_ref, y_ref if y_ref is not None else "(computed)"), layout)
     for key in ("output_bytes", "flops"):
         del info[key]
     info.update(wall_seconds=round(time.perf_counter() - began, 6), batch_per_chunk=min(chunk, plan.batch))
@@ -361,11 +363,12 @@ def plan_files(input_ref, filters_ref, *, output_shape=None, strides=1, padding=
     [2, 11, 11, 4]
     """
     cast, max_memory, threads = _dtype_name(dtype), _memory_limit(max_memory), runtime.resolve_threads(threads)
+    layout = filter_layout_name("filters", filter_layout)
     x_ref, w_ref = _refs(input_ref, filters_ref)
-    (x_shape, x_dtype, _), (w_shape, w_dtype, _) = _open(x_ref), _open_filters(w_ref, filter_layout)
-    plan = _plan(x_ref, x_shape, w_shape, output_shape, strides, padding, data_format, dilations, filter_layout)
+    (x_shape, x_dtype, _), (w_shape, w_dtype, _) = _open(x_ref), _open_filters(w_ref, layout)
+    plan = _plan(x_ref, x_shape, w_shape, output_shape, strides, padding, data_format, dilations, layout)
     out_dtype = checked_dtype(cast, (x_ref, x_dtype), (w_ref, w_dtype))
-    info = _summary(plan, out_dtype, (x_ref, w_ref), filter_layout)
+    info = _summary(plan, out_dtype, (x_ref, w_ref), layout)
     whole = ("input",) if io.read_whole(x_ref) else ()
     needs = run_needs(plan, x_dtype, w_dtype, out_dtype, whole=whole, threads=threads)
     try:
@@ -650,11 +653,10 @@ def _refs(input_ref, filters_ref):
     return x_ref, w_ref
 
 
-def _plan(x_ref, x_shape, w_shape, output_shape, strides, padding, data_format, dilations, filter_layout="tf"):
+def _plan(x_ref, x_shape, w_shape, output_shape, strides, padding, data_format, dilations, layout="tf"):
     """plan_conv_transpose, whose mistakes name the INPUT they are about, for one file as for many."""
     try:
-        return plan_with_layout(x_shape, w_shape, output_shape, strides, padding, data_format, dilations,
-                                filter_layout)
+        return plan_with_layout(x_shape, w_shape, output_shape, strides, padding, data_format, dilations, layout)
     except ConvtError as e:
         raise ConvtError(f"{x_ref.label} '{x_ref}': {e}") from None
 
@@ -671,9 +673,9 @@ def _write_options(compression, level) -> io.WriteOptions:
     return io.WriteOptions(compression=compression, level=None if level is None else int(level))
 
 
-def _open_filters(ref, filter_layout):
-    """_open for FILTERS stored in filter_layout: the (*kernel, out, in) shape, and a view in that order."""
-    layout = filter_layout_name("filters", filter_layout)
+def _open_filters(ref, layout: str):
+    """_open for FILTERS stored in `layout` (a checked name): the (*kernel, out, in) shape, and a view in that
+    order."""
     shape, dtype, load = _open(ref)
     if layout == "tf":
         return shape, dtype, load
@@ -735,13 +737,13 @@ def _conv_transpose_of(plan, w, threads):
 SCHEMA_VERSION = 2  # of the --json summaries; 2: resolved padding pairs, padding_given, wall_seconds, pieces
 
 
-def _summary(plan, dtype, refs, filter_layout="tf") -> dict:
+def _summary(plan, dtype, refs, layout="tf") -> dict:
     given = plan.spec.padding
     info = {
         "schema_version": SCHEMA_VERSION, "convt_version": __version__,
         "input": str(refs[0]), "filters": str(refs[1]),
         "input_shape": list(plan.input_shape), "filters_shape": list(plan.filters_shape),
-        "filter_layout": filter_layout_name("filters", filter_layout),
+        "filter_layout": layout,
         "output_shape": list(plan.output_shape), "dtype": dtype.name,
         "strides": list(plan.spec.strides), "dilations": list(plan.spec.dilations),
         "padding": [list(p) for p in plan.pads],

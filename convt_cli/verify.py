@@ -312,7 +312,7 @@ def verify_conv_transpose(
         seed: a non-negative int; the probes are a function of (seed, K, shapes) only.
         rtol: overrides the default tolerance on the residual.
         threads: as for conv_transpose (the tiles are shared out; the report is the same for any number).
-        filter_layout: as for conv_transpose ("tf", "torch", "onnx").
+        filter_layout: as for conv_transpose ("tf", "torch", "onnx", "jax").
 
     Returns:
         A VerifyReport; it prints nothing.
@@ -333,8 +333,8 @@ def verify_conv_transpose(
         )
     from .engine.layout import plan_with_layout, tf_filters
 
-    w = tf_filters("verify", w, filter_layout)
-    plan = plan_with_layout(x.shape, w.shape, y.shape, strides, padding, data_format, dilations, filter_layout)
+    w, layout = tf_filters("verify", w, filter_layout)
+    plan = plan_with_layout(x.shape, w.shape, y.shape, strides, padding, data_format, dilations, layout)
     if y.dtype.name != x.dtype.name:
         raise ConvtError(
             f"verify: output dtype {y.dtype.name} must match the input and filters dtype {x.dtype.name}"
@@ -459,11 +459,7 @@ class _Sums:
 
 
 def _residual(diff: float, scale2: float) -> float:
-    if math.isinf(scale2):  # squares beyond float64's range: nothing can be told
-        return math.nan
-    if scale2 > 0:
-        return float(diff / math.sqrt(scale2))
-    return 0.0 if diff == 0 else (math.nan if math.isnan(diff) else math.inf)
+    return float(_residuals(np.float64(diff), np.float64(scale2)))
 
 
 def _residuals(diff: np.ndarray, scale2: np.ndarray) -> np.ndarray:
@@ -604,13 +600,10 @@ def work_bytes(plan: Plan, dtype, probes=None, threads=1, batch=None) -> int:
 class _Probes:
     """The probes' channel parts and each tile's sums.
 
-    Made once, in float64 (complex128): conj(v) (K, c_out), conj(Wv) = conj(v) contracted with the filters
-    (K, *kernel, c_in), and |W|^2 summed over out_channels (*kernel, c_in) for Q; then also in float32 (complex64)
-    for SHORT dtypes, the last two scaled by a power of two to a largest value near 1 (v is +-1 or +-i: exact in
-    both). A tile contracts channels in float32 when its data's dtype is SHORT and its largest |value| lies
-    within 2**+-EXPONENT_RANGE (the output side also needs out_channels <= n: the rounding of a sum of c terms
-    grows as sqrt(c), and stays below the producer's own over n terms); in float64 otherwise. A product with a
-    probe sign is exact in either; every sum over positions and taps is float64.
+    Made once, in float64 (complex128): conj(v) (K, c_out) and conj(Wv) = conj(v) contracted with the filters
+    (K, *kernel, c_in); |v|^2 and sum_co |v|^2 |W|^2 (K, c_in * taps) for S; then also in float32 (complex64) for
+    SHORT dtypes, conj(Wv) scaled by a power of two to a largest value near 1 (v itself is rounded to float32
+    first, so both precisions use one v). Where channels are contracted in which precision: the module docstring.
     """
 
     def __init__(self, plan: Plan, filters, dtype: str, k: int, seed: int):
@@ -637,7 +630,8 @@ class _Probes:
         self.wv2t = wv2.transpose(0, 2, 1).reshape(k, -1)  # (K, c_in * taps), as Q's sums are laid out
         self.landings: dict = {}
         wv = wv.reshape(k, *plan.kernel, plan.in_channels)
-        e_w = _exponent(np.abs(wv))
+        top = _largest(wv)
+        e_w = _exponent_of(top) if math.isfinite(top) else 0
         self.wide = _Channels(vc, wv, 0)
         # float32 for the input side only where the scaled conj(Wv) keeps its small values normal in float32
         nonzero = np.abs(w[w != 0]) if w.size else w
@@ -663,19 +657,12 @@ class _Probes:
         ym = _matrix(y[_index(n0, n1, tuple(slice(o0, o1) for o0, o1 in box), first)], first, plan.out_channels)
         # a side: OUT's channels against conj(v), conj'd, against u over positions
         ch = self.short if self.short is not None and plan.out_channels <= self.n else self.wide
-        ym = ym.astype(ch.v.dtype, copy=False)
-        norms, e = _channel_norms2(ym, first), 0  # (nb, c): sum |OUT|^2 over the tile
-        if not _fits(norms, ym):  # an overflow or underflow, or a value not finite: look closer
-            top = _largest(ym)
-            if not math.isfinite(top):
-                finite = np.isfinite(ym).reshape(nb, -1)
-                sums.nonfinite[n0:n1, m] = finite.shape[1] - np.count_nonzero(finite, axis=1)
-                return
-            e = _exponent_of(top)  # this tile's numbers are worked out and stored scaled by 2**-e (see _Sums)
-            if ch is self.short and abs(e) > EXPONENT_RANGE:
-                ch = self.wide
-            ym = _scaled(ym.astype(ch.v.dtype), e)
-            norms = _channel_norms2(ym, first)
+        # (nb, c): sum |OUT|^2 over the tile; the tile's numbers are worked out and stored scaled by 2**-e (_Sums)
+        ym, ch, e, norms = self._in_range(ym, ch, lambda m: _channel_norms2(m, first))
+        if norms is None:
+            finite = np.isfinite(ym).reshape(nb, -1)
+            sums.nonfinite[n0:n1, m] = finite.shape[1] - np.count_nonzero(finite, axis=1)
+            return
         sums.exponent[n0:n1, m] = e
         u = np.empty((nb, k, *shape), dtype=ch.v.dtype)
         for n in range(n0, n1):
@@ -698,15 +685,12 @@ class _Probes:
         landing = self._landing(shape, counts, lows)  # per axis (k, window)
         xm = _matrix(x[_index(n0, n1, tuple(slice(i0, i1) for i0, i1 in window), first)], first, plan.in_channels)
         ch = self.short_in if self.short_in is not None else self.wide
-        xm = xm.astype(ch.v.dtype, copy=False)
-        reached, e_in = _reached(xm, landing, first), 0  # (nb, c, taps): sum |IN|^2 over landing positions
-        if not _fits(reached, xm):
-            top = _largest(xm)
-            e_in = _exponent_of(top) if math.isfinite(top) else 0
-            if (abs(e_in) > EXPONENT_RANGE or not math.isfinite(top)) and ch is self.short_in:
-                ch = self.wide
-            xm = _scaled(xm.astype(ch.v.dtype), e_in)  # IN scaled by 2**-e_in from here on
-            reached = _reached(xm, landing, first)
+        # (nb, c, taps): sum |IN|^2 over landing positions; IN scaled by 2**-e_in from here on (non-finite IN: as
+        # it is, in float64, for a nan result)
+        xm, ch, e_in, reached = self._in_range(xm, ch, lambda m: _reached(m, landing, first))
+        if reached is None:
+            xm = xm.astype(self.wide.v.dtype, copy=False)
+            ch, e_in, reached = self.wide, 0, _reached(xm, landing, first)
         q = _per_element(np.ldexp(reached.astype(np.float64), 2 * (e_in + self.e_big - e)).reshape(nb, -1),
                          self.wv2t)
         sums.scale2[:, n0:n1, m] = (scale2 + q).T
@@ -728,6 +712,23 @@ class _Probes:
             b += _sum_products(_reach(upad, bases, t0, t1, plan, counts), _conj(z))
             del z
         sums.b[:, n0:n1, m] = _scaled(b, e - e_in - ch.e_w).T
+
+    def _in_range(self, m: np.ndarray, ch: _Channels, sums_of):
+        """(m, ch, e, sums_of(m)) with m in ch's precision, as it is when its sums of squares neither overflow nor
+        underflow there; else scaled by 2**-e (e the exponent of its largest |value|), in float64 when float32
+        cannot hold it. sums is None when m holds a value that is not finite."""
+        m = m.astype(ch.v.dtype, copy=False)
+        sums = sums_of(m)
+        if _fits(sums, m):
+            return m, ch, 0, sums
+        top = _largest(m)
+        if not math.isfinite(top):
+            return m, ch, 0, None
+        e = _exponent_of(top)
+        if ch is not self.wide and abs(e) > EXPONENT_RANGE:
+            ch = self.wide
+        m = _scaled(m.astype(ch.v.dtype), e)
+        return m, ch, e, sums_of(m)
 
     def _landing(self, shape, counts, lows) -> list:
         """Per axis, (k, window) 0/1 float32: whether term (tap, window position) lands inside the tile's box of
@@ -780,10 +781,6 @@ def _largest(m: np.ndarray) -> float:
 
 def _exponent_of(top: float) -> int:
     return math.frexp(top)[1] if top > 0 else 0
-
-
-def _exponent(a: np.ndarray) -> int:
-    return _exponent_of(float(a.max())) if a.size and np.isfinite(a).all() else 0
 
 
 def _scaled(a: np.ndarray, e: int) -> np.ndarray:

@@ -52,8 +52,8 @@ def conv_transpose(input, filters, output_shape=None, strides=1, padding="SAME",
     from .layout import plan_with_layout, tf_filters
 
     x, w = as_arrays("conv_transpose", input, filters)
-    w = tf_filters("conv_transpose", w, filter_layout)
-    plan = plan_with_layout(x.shape, w.shape, output_shape, strides, padding, data_format, dilations, filter_layout)
+    w, layout = tf_filters("conv_transpose", w, filter_layout)
+    plan = plan_with_layout(x.shape, w.shape, output_shape, strides, padding, data_format, dilations, layout)
     return run_conv_transpose(plan, x, w, threads=threads)
 
 

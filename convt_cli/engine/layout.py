@@ -55,21 +55,21 @@ def as_tf_filters(w: np.ndarray, layout: str) -> np.ndarray:
     return w
 
 
-def tf_filters(op: str, w: np.ndarray, filter_layout) -> np.ndarray:
-    """Filters stored in filter_layout, as (*kernel, out, in) (a view)."""
-    return as_tf_filters(w, checked_layout(op, filter_layout)) if filter_layout != "tf" else w
+def tf_filters(op: str, w: np.ndarray, filter_layout) -> tuple[np.ndarray, str]:
+    """(filters stored in filter_layout as (*kernel, out, in), a view; the layout's checked name)."""
+    layout = checked_layout(op, filter_layout)
+    return as_tf_filters(w, layout), layout
 
 
-def plan_with_layout(x_shape, w_shape, output_shape, strides, padding, data_format, dilations, filter_layout):
-    """plan_conv_transpose of filters already read as (*kernel, out, in); a mistake in them is told in the
-    layout they were given in, too."""
+def plan_with_layout(x_shape, w_shape, output_shape, strides, padding, data_format, dilations, layout: str):
+    """plan_conv_transpose of filters already read as (*kernel, out, in) from `layout` (a checked name); a mistake
+    in them is told in the layout they were given in, too."""
     try:
         return plan_conv_transpose(x_shape, w_shape, output_shape, strides, padding, data_format, dilations)
     except ConvtError as e:
-        if filter_layout == "tf" or not isinstance(filter_layout, str) or filter_layout.lower() not in FILTER_LAYOUTS:
+        if layout == "tf":
             raise
-        perm, _ = filter_axes(filter_layout.lower(), len(w_shape))
+        perm, _ = filter_axes(layout, len(w_shape))
         given = tuple(w_shape[perm.index(a)] for a in range(len(w_shape)))
-        layout = FILTER_LAYOUTS[filter_layout.lower()][0]
-        raise ConvtError(f"{e} (filters given in layout {filter_layout.lower()} {layout} with shape {given}, "
+        raise ConvtError(f"{e} (filters given in layout {layout} {FILTER_LAYOUTS[layout][0]} with shape {given}, "
                          f"read as [*k, out, in] {tuple(w_shape)})") from None
