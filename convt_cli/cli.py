@@ -232,9 +232,15 @@ def conv_options(f):
                      help="Cast input and filters to this dtype before computing."),
         click.option("--filter-layout", type=click.Choice(["tf", "torch", "onnx", "jax"], case_sensitive=False),
                      default="tf", show_default=True,
-                     help="How FILTERS is stored: tf [*k, out, in]; torch and onnx [in, out, *k] (PyTorch's and "
-                          "ONNX's ConvTranspose weight, not flipped); jax [*k, in, out] (lax.conv_transpose's "
+                     help="How FILTERS is stored: tf [*k, out, in]; torch and onnx [in, out/groups, *k] (PyTorch's "
+                          "and ONNX's ConvTranspose weight, not flipped); jax [*k, in, out] (lax.conv_transpose's "
                           "rhs with transpose_kernel=False, flipped; with transpose_kernel=True it is tf)."),
+        click.option("--output-padding", metavar="P", type=IntList("1 or 1,0"),
+                     help="Beyond TF: PyTorch's and ONNX's output_padding, one value or one per spatial axis, each "
+                          "below the stride or the dilation: the output grows by it at the end."),
+        click.option("--groups", metavar="G", type=click.IntRange(min=1), default=1, show_default=True,
+                     help="Beyond TF: PyTorch's and ONNX's groups; FILTERS' out axis holds out_channels/G "
+                          "(depthwise: G = input channels)."),
     ]
     for option in reversed(options):
         f = option(f)
@@ -329,8 +335,8 @@ def cli():
               help="Print a JSON summary, one line per tensor, {\"error\": ...} for one that failed (on stderr "
                    "when the array goes to stdout).")
 def run(input_ref, filters_ref, output_ref, output_shape, strides, padding, data_format, dilations, dtype,
-        filter_layout, force, max_memory, threads, quiet, fail_fast, compression, compression_level, copy_attrs,
-        as_json):
+        filter_layout, output_padding, groups, force, max_memory, threads, quiet, fail_fast, compression,
+        compression_level, copy_attrs, as_json):
     """Compute conv_transpose(INPUT, FILTERS) and write it to OUTPUT.
 
     FILTERS are spatial + [out_channels, in_channels] (TF's behaviour): the last axis matches INPUT's channels.
@@ -350,7 +356,8 @@ def run(input_ref, filters_ref, output_ref, output_shape, strides, padding, data
 
     with _Bar(quiet, "convt run") as bar:
         options = dict(output_shape=output_shape, strides=strides, padding=padding, data_format=data_format,
-                       dilations=dilations, dtype=dtype, filter_layout=filter_layout, force=force,
+                       dilations=dilations, dtype=dtype, filter_layout=filter_layout,
+                       output_padding=output_padding, groups=groups, force=force,
                        max_memory=max_memory, threads=threads,
                        progress=bar, available_memory=_available_memory,
                        compression=compression and compression.lower(), compression_level=compression_level,
@@ -417,7 +424,7 @@ def _written_before(written: list[str], items: list, tried: int) -> str:
 @threads_option
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
 def shape(input_ref, filters_ref, output_shape, strides, padding, data_format, dilations, dtype, filter_layout,
-          max_memory, threads, as_json):
+          output_padding, groups, max_memory, threads, as_json):
     """Print the output shape, legal output sizes, pads, FLOPs, bytes and the memory a run needs, reading headers
     only.
 
@@ -431,8 +438,8 @@ def shape(input_ref, filters_ref, output_shape, strides, padding, data_format, d
     with _json_error(as_json, input=input_ref, filters=filters_ref):
         info = plan_files(input_ref, filters_ref, output_shape=output_shape, strides=strides, padding=padding,
                           data_format=data_format, dilations=dilations, dtype=dtype,
-                          filter_layout=filter_layout, max_memory=max_memory, threads=threads,
-                          available_memory=_available_memory)
+                          filter_layout=filter_layout, output_padding=output_padding, groups=groups,
+                          max_memory=max_memory, threads=threads, available_memory=_available_memory)
     if as_json:
         click.echo(json.dumps(info))
         return
@@ -441,6 +448,8 @@ def shape(input_ref, filters_ref, output_shape, strides, padding, data_format, d
     click.echo(f"output shape  {tuple(info['output_shape'])} {info['dtype']} ({info['data_format']})")
     click.echo(f"legal sizes   {ranges} (per spatial axis)")
     click.echo(f"pads          {pads} (lo:hi of the forward convolution)")
+    if info["groups"] > 1:
+        click.echo(f"groups        {info['groups']} (filters {tuple(info['filters_shape'])} as [*k, out/groups, in])")
     click.echo(f"flops         {info['flops']:,}")
     click.echo(f"output bytes  {info['output_bytes']:,}")
     if info["batch_per_chunk"] is None:
@@ -546,7 +555,7 @@ def _info_line(path: str, a: dict) -> str:
 @quiet_option
 @click.option("--json", "as_json", is_flag=True, help="Print the whole report as JSON.")
 def verify(input_ref, filters_ref, output_ref, output_shape, strides, padding, data_format, dilations, dtype,
-           filter_layout, probes, seed, rtol, max_memory, threads, quiet, as_json):
+           filter_layout, output_padding, groups, probes, seed, rtol, max_memory, threads, quiet, as_json):
     """Check that OUTPUT is conv_transpose(INPUT, FILTERS) through the adjoint identity.
 
     For random probes x it compares <OUTPUT, x> with <INPUT, conv(x, FILTERS)>, never computing
@@ -565,7 +574,8 @@ def verify(input_ref, filters_ref, output_ref, output_shape, strides, padding, d
     from .stream import verify_files, verify_many
 
     options = dict(output_shape=output_shape, strides=strides, padding=padding, data_format=data_format,
-                   dilations=dilations, dtype=dtype, filter_layout=filter_layout, probes=probes, seed=seed,
+                   dilations=dilations, dtype=dtype, filter_layout=filter_layout, output_padding=output_padding,
+                   groups=groups, probes=probes, seed=seed,
                    rtol=rtol, max_memory=max_memory,
                    threads=threads, available_memory=_available_memory)
     with _json_error(as_json, input=input_ref, filters=filters_ref, output=output_ref):

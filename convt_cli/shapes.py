@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 CHANNELS_LAST_NAMES = {1: "NWC", 2: "NHWC", 3: "NDHWC"}
 CHANNELS_FIRST_NAMES = {1: "NCW", 2: "NCHW", 3: "NCDHW"}
@@ -257,6 +257,27 @@ def pads_for(i: int, o: int, k: int, s: int, d: int, padding) -> tuple[int, int]
     return tuple(padding)
 
 
+def padded_output(i: int, k: int, s: int, d: int, padding, op: int) -> tuple[int, tuple[int, int]]:
+    """(O, (lo, hi)) with PyTorch's and ONNX's output_padding op: explicit (lo, hi) or VALID give O =
+    (I-1)*s + eff - lo - hi + op; SAME and SAME_LOWER give O = I*s with a total pad of (I-1)*s + eff + op - O
+    (at least 0) split as pads_for splits it (ONNX's auto_pad with output_padding). The pair returned is the
+    forward conv's (hi = (I-1)*s + eff - O - lo, negative when the output reaches past the last tap: those
+    positions are zero, as in PyTorch).
+
+    >>> padded_output(12, 1, 1, 2, (0, 0), 1), padded_output(5, 3, 2, 1, (1, 1), 1), padded_output(4, 3, 2, 1, "SAME", 1)
+    ((13, (0, -1)), (10, (1, 0)), (8, (1, 0)))
+    """
+    full = (i - 1) * s + effective_kernel(k, d)
+    if _same(padding):
+        o = i * s
+        total = max(0, full + op - o)
+        lo = total // 2 if padding == "SAME" else total - total // 2
+    else:
+        lo, hi = (0, 0) if padding == "VALID" else padding
+        o = full - lo - hi + op
+    return o, (lo, full - o - lo)
+
+
 def rule_text(padding) -> str:
     if _same(padding):
         return f"{padding} needs (I-1)*s+1 <= O <= I*s"
@@ -278,8 +299,10 @@ class Plan:
     """The validated shapes of one conv_transpose or conv call.
 
     `input_spatial`/`output_spatial` are the op's own input and output (for conv_transpose the output is the
-    larger one); `pads[j]` = (lo, hi) of the forward convolution on axis j; `legal_ranges[j]` = the legal
-    conv_transpose output sizes on axis j (None for conv).
+    larger one); `pads[j]` = (lo, hi) of the forward convolution on axis j (hi < 0 when output_padding reaches
+    past the last tap); `legal_ranges[j]` = the legal conv_transpose output sizes on axis j (None for conv);
+    `groups` = G: input channel c pairs with output channels g*out/G .. (g+1)*out/G - 1 only, g = c // (in/G);
+    `output_padding` = as given (None: TF's rules).
     """
 
     op: str
@@ -292,6 +315,8 @@ class Plan:
     output_spatial: tuple[int, ...]
     pads: tuple[tuple[int, int], ...]
     legal_ranges: tuple | None = None
+    groups: int = 1
+    output_padding: tuple[int, ...] | None = None
 
     def _full(self, spatial, channels):
         if self.spec.channels_first:
@@ -309,14 +334,23 @@ class Plan:
     @property
     def filters_shape(self) -> tuple[int, ...]:
         if self.op == "conv_transpose":
-            return (*self.kernel, self.out_channels, self.in_channels)
+            return (*self.kernel, self.out_channels // self.groups, self.in_channels)
         return (*self.kernel, self.in_channels, self.out_channels)
 
     @property
     def flops(self) -> int:
-        """2 * multiply-adds over every (input element, tap, output channel), clipped taps included."""
+        """2 * multiply-adds over every (input element, tap, output channel of its group), clipped taps
+        included."""
         small = self.input_spatial if self.op == "conv_transpose" else self.output_spatial
-        return 2 * self.batch * math.prod(small) * math.prod(self.kernel) * self.in_channels * self.out_channels
+        return (2 * self.batch * math.prod(small) * math.prod(self.kernel) * self.in_channels * self.out_channels
+                // self.groups)
+
+    def group_plan(self) -> Plan:
+        """The plan of one group: in/G and out/G channels, groups 1 (the plan itself when G = 1)."""
+        if self.groups == 1:
+            return self
+        return replace(self, in_channels=self.in_channels // self.groups,
+                       out_channels=self.out_channels // self.groups, groups=1)
 
 
 def _check_ranks(op: str, input_shape, filters_shape, filters_layout: str) -> int:
@@ -365,29 +399,82 @@ def _common(op, input_shape, filters_shape, strides, padding, data_format, dilat
     return n, spec, batch, c_in, in_spatial, kernel, c_out
 
 
+def normalize_groups(op: str, groups, c_in: int) -> int:
+    """groups: an integer >= 1 that divides the input's channels."""
+    g = _int(op, "groups", groups)
+    if g < 1:
+        _fail(op, f"groups={g} must be >= 1")
+    if c_in % g:
+        _fail(op, f"groups={g} must divide the input's {c_in} channels")
+    return g
+
+
+def normalize_output_padding(op: str, value, spec: ConvSpec) -> tuple[int, ...]:
+    """output_padding: an int or N ints, each 0 <= op < max(stride, dilation) (PyTorch's and ONNX's rule)."""
+    n = spec.n
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        values, labels = (int(value),) * n, ["output_padding"] * n
+    else:
+        values = _int_sequence(op, "output_padding", value)
+        if len(values) == 1:
+            values, labels = values * n, ["output_padding[0]"] * n
+        elif len(values) == n:
+            labels = [f"output_padding[{j}]" for j in range(n)]
+        else:
+            _fail(op, f"output_padding must be an integer or have length N={n}, got length {len(values)}: "
+                      f"{list(values)}")
+    for j, (label, v, s, d) in enumerate(zip(labels, values, spec.strides, spec.dilations)):
+        if not 0 <= v < max(s, d):
+            _fail(op, f"{label}={v} on spatial axis {j} must be >= 0 and smaller than the stride {s} or the "
+                      f"dilation {d}")
+    return values
+
+
 def plan_conv_transpose(
-    input_shape, filters_shape, output_shape=None, strides=1, padding="SAME", data_format=None, dilations=None
+    input_shape, filters_shape, output_shape=None, strides=1, padding="SAME", data_format=None, dilations=None,
+    *, output_padding=None, groups=1,
 ) -> Plan:
     """Validate a conv_transpose call on shapes alone.
 
     Args:
         input_shape: (batch, *spatial, in_channels), or (batch, in_channels, *spatial) channels-first.
-        filters_shape: (*kernel, out_channels, in_channels), whatever the data_format.
+        filters_shape: (*kernel, out_channels / groups, in_channels), whatever the data_format.
         output_shape: None, the N spatial sizes, or the full N+2 shape in data_format order.
+        output_padding: None (TF's rules), or PyTorch's and ONNX's: an int or N ints (see padded_output);
+            an output_shape given too must agree with it.
+        groups: G, as PyTorch and ONNX group channels (depthwise when G = in_channels).
 
     Returns:
         A Plan.
 
     >>> plan_conv_transpose((8, 32, 32, 256), (4, 4, 128, 256), strides=2).output_shape
     (8, 64, 64, 128)
+    >>> plan_conv_transpose((1, 5, 6), (3, 2, 6), None, 2, 1, output_padding=1, groups=3).output_shape
+    (1, 10, 6)
     """
     op = "conv_transpose"
     n, spec, batch, c_in, in_spatial, kernel, c_out = _common(
         op, input_shape, filters_shape, strides, padding, data_format, dilations, in_axis=-1
     )
+    groups = normalize_groups(op, groups, c_in)
+    c_out *= groups
+    padded = None
+    if output_padding is not None:
+        output_padding = normalize_output_padding(op, output_padding, spec)
+        padded = [padded_output(in_spatial[j], kernel[j], spec.strides[j], spec.dilations[j], spec.axis_padding(j),
+                                output_padding[j]) for j in range(n)]
+        for j, (o, _) in enumerate(padded):
+            if o < 0:
+                _fail(op, f"the output on spatial axis {j} would have size {o}: padding "
+                          f"{padding_text(spec.axis_padding(j))} with output_padding {output_padding[j]} removes "
+                          f"more than input size {in_spatial[j]}, kernel {kernel[j]}, stride {spec.strides[j]}, "
+                          f"dilation {spec.dilations[j]} make")
 
     axes = [(in_spatial[j], kernel[j], spec.strides[j], spec.dilations[j], spec.axis_padding(j)) for j in range(n)]
-    if output_shape is None:
+    if output_shape is None and padded is not None:
+        out_spatial = tuple(o for o, _ in padded)
+        labels = [f"output size on spatial axis {j}" for j in range(n)]
+    elif output_shape is None:
         out_spatial = tuple(default_output_size(*a) for a in axes)
         labels = [f"default output size on spatial axis {j}" for j in range(n)]
     else:
@@ -397,11 +484,10 @@ def plan_conv_transpose(
             if given[b_pos] != batch:
                 _fail(op, f"output_shape[{b_pos}]={given[b_pos]} (batch) must equal the input's batch size {batch}")
             if given[c_pos] != c_out:
-                _fail(
-                    op,
-                    f"output_shape[{c_pos}]={given[c_pos]} (channels) must equal filters.shape[-2]={c_out} "
-                    f"(out_channels)",
-                )
+                times = f"groups * filters.shape[-2] = {groups} * {c_out // groups}" if groups > 1 else \
+                    "filters.shape[-2]"
+                _fail(op, f"output_shape[{c_pos}]={given[c_pos]} (channels) must equal {times}={c_out} "
+                          f"(out_channels)")
             positions = _spatial_positions(n, spec.channels_first)
         elif len(given) == n:
             positions = tuple(range(n))
@@ -417,6 +503,13 @@ def plan_conv_transpose(
             if o < 0:
                 _fail(op, f"{label}={o} must be >= 0")
 
+    if padded is not None:
+        for j, (label, o) in enumerate(zip(labels, out_spatial)):
+            if o != padded[j][0]:
+                _fail(op, f"{label}={o} disagrees with output_padding[{j}]={output_padding[j]}, which makes the "
+                          f"output {padded[j][0]} on spatial axis {j}: give one or the other")
+        return Plan(op, spec, batch, c_in, c_out, in_spatial, kernel, out_spatial, tuple(p for _, p in padded),
+                    tuple((o, o) for o in out_spatial), groups, output_padding)
     ranges = []
     for label, o, (i, k, s, d, pad) in zip(labels, out_spatial, axes):
         legal = legal_output_range(i, k, s, d, pad)
@@ -429,7 +522,7 @@ def plan_conv_transpose(
             )
         ranges.append(legal)
     pads = tuple(pads_for(i, o, k, s, d, pad) for o, (i, k, s, d, pad) in zip(out_spatial, axes))
-    return Plan(op, spec, batch, c_in, c_out, in_spatial, kernel, out_spatial, pads, tuple(ranges))
+    return Plan(op, spec, batch, c_in, c_out, in_spatial, kernel, out_spatial, pads, tuple(ranges), groups)
 
 
 def plan_conv(input_shape, filters_shape, strides=1, padding="SAME", data_format=None, dilations=None) -> Plan:
@@ -515,8 +608,8 @@ def axis_phases(i: int, o: int, k: int, s: int, d: int, lo: int) -> tuple[AxisPh
 
 FILTER_LAYOUTS = {  # name: (axes, whose)
     "tf": ("[*k, out, in]", "TensorFlow's tf.nn.conv_transpose, convt's own"),
-    "torch": ("[in, out, *k]", "PyTorch's ConvTranspose weight, no flip"),
-    "onnx": ("[in, out, *k]", "ONNX ConvTranspose's W, no flip"),
+    "torch": ("[in, out/groups, *k]", "PyTorch's ConvTranspose weight, no flip"),
+    "onnx": ("[in, out/groups, *k]", "ONNX ConvTranspose's W, no flip"),
     "jax": ("[*k, in, out]", "JAX's lax.conv_transpose rhs (HWIO) with transpose_kernel=False, flipped"),
 }
 

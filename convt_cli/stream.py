@@ -33,12 +33,13 @@ from .errors import ConvtError
 from .interrupts import stop_if_signalled
 from .engine.layout import as_tf_filters, plan_with_layout
 from .shapes import filter_layout as filter_layout_name
-from .shapes import filters_shape_as_tf, plan_conv_transpose
+from .shapes import filters_shape_as_tf
 
 PIECE_BYTES = 8 << 20  # input + output of one piece of a run: enough per piece to keep every thread busy
 
 _SIZE_UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40, "P": 2**50}
-_PROVENANCE = ("output_shape", "strides", "padding", "padding_given", "data_format", "dilations", "dtype", "pads")
+_PROVENANCE = ("output_shape", "strides", "padding", "padding_given", "data_format", "dilations", "dtype", "pads",
+               "filter_layout", "output_padding", "groups")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -46,8 +47,9 @@ _PROVENANCE = ("output_shape", "strides", "padding", "padding_given", "data_form
 
 
 def run_files(input_ref, filters_ref, output_ref, *, output_shape=None, strides=1, padding="SAME", data_format=None,
-              filter_layout="tf", dilations=None, dtype=None, force=False, max_memory=None, threads=None, progress=None,
-              available_memory=None, compression=None, compression_level=None, copy_attrs=False) -> dict:
+              filter_layout="tf", dilations=None, output_padding=None, groups=1, dtype=None, force=False,
+              max_memory=None, threads=None, progress=None, available_memory=None, compression=None,
+              compression_level=None, copy_attrs=False) -> dict:
     """Compute conv_transpose of two arrays in files and write it to a file, as `convt run` does.
 
     The input is read, computed and written a piece of the batch at a time (about PIECE_BYTES of input and
@@ -62,8 +64,8 @@ def run_files(input_ref, filters_ref, output_ref, *, output_shape=None, strides=
             or stored in filter_layout: "torch" or "onnx" ([in, out, *kernel]) or "jax" ([*kernel, in, out]),
             read as the former.
         output_ref: where to write: .npy, .npz[:NAME], .h5[:/group/dataset], or "-" for stdout.
-        output_shape, strides, padding, data_format, dilations: as for conv_transpose (Python values: strides=2
-            or [1, 2, 2, 1], padding="VALID" or [(0, 1), (1, 1)]).
+        output_shape, strides, padding, data_format, dilations, output_padding, groups: as for conv_transpose
+            (Python values: strides=2 or [1, 2, 2, 1], padding="VALID", 1 or [(0, 1), (1, 1)]).
         dtype: None (input and filters must share a dtype), or a name of dtype_names.DTYPES (any case) or a
             NumPy dtype to cast both to before computing.
         force: replace an existing output file or dataset.
@@ -111,7 +113,8 @@ def run_files(input_ref, filters_ref, output_ref, *, output_shape=None, strides=
     x_src = io.Source(x_ref, whole=io.same_h5_file(out_ref, x_ref))
     try:
         w_shape, w_dtype, w_load = _open_filters(w_ref, layout)
-        plan = _plan(x_ref, x_src.shape, w_shape, output_shape, strides, padding, data_format, dilations, layout)
+        plan = _plan(x_ref, x_src.shape, w_shape, output_shape, strides, padding, data_format, dilations, layout,
+                     output_padding=output_padding, groups=groups)
         out_dtype = checked_dtype(cast, (x_ref, x_src.dtype), (w_ref, w_dtype))
         # every mistake the headers and flags show, then the output's own: 'exists' never hides a flag's mistake
         io.check_output(out_ref, [x_ref, w_ref], bool(force), options)
@@ -209,17 +212,16 @@ def verify_many(items, filters_ref, **options):
 
 
 def verify_files(input_ref, filters_ref, output_ref=None, *, output_shape=None, strides=1, padding="SAME",
-                 data_format=None, filter_layout="tf", dilations=None, dtype=None, probes=None, seed=0, rtol=None,
-                 max_memory=None,
-                 threads=None, progress=None, available_memory=None):
+                 data_format=None, filter_layout="tf", dilations=None, output_padding=None, groups=1, dtype=None,
+                 probes=None, seed=0, rtol=None, max_memory=None, threads=None, progress=None, available_memory=None):
     """The adjoint check of verify.py on arrays in files, as `convt verify` does, a piece of the batch at a time.
 
     Args:
         input_ref, filters_ref: as for run_files.
         output_ref: the claimed conv_transpose(INPUT, FILTERS) to check, or None to compute it here (on the
             engine, piece by piece) and check that. Its shape is the output_shape unless one is given.
-        output_shape, strides, padding, data_format, dilations, dtype, max_memory, threads, progress,
-            available_memory: as for run_files (the budget also counts verify's own arrays).
+        output_shape, strides, padding, data_format, dilations, output_padding, groups, dtype, max_memory,
+            threads, progress, available_memory: as for run_files (the budget also counts verify's own arrays).
         probes, seed, rtol: as for verify.verify_conv_transpose.
 
     Returns:
@@ -255,12 +257,13 @@ def verify_files(input_ref, filters_ref, output_ref=None, *, output_shape=None, 
         shape_of_output = y_src is not None and output_shape is None
         if shape_of_output:
             output_shape = list(y_src.shape)
+        beyond_tf = dict(output_padding=output_padding, groups=groups)
         try:
             plan = plan_with_layout(x_src.shape, w_shape, output_shape, strides, padding, data_format, dilations,
-                                    layout)
+                                    layout, **beyond_tf)
         except ConvtError as e:  # the output's own shape, when it gave it, is what does not fit
             if shape_of_output:  # unless INPUT and FILTERS do not fit each other whatever the output
-                _plan(x_ref, x_src.shape, w_shape, None, strides, padding, data_format, dilations, layout)
+                _plan(x_ref, x_src.shape, w_shape, None, strides, padding, data_format, dilations, layout, **beyond_tf)
                 y_ref.fail(f"has shape {tuple(y_src.shape)}, which INPUT '{x_ref}' cannot give under these flags: {e}")
             raise ConvtError(f"{x_ref.label} '{x_ref}': {e}") from None
         if y_src is not None and tuple(y_src.shape) != plan.output_shape:
@@ -296,7 +299,6 @@ def verify_files(input_ref, filters_ref, output_ref=None, *, output_shape=None, 
                 b = result.failing_tiles[0].batch
                 x = cast_to(x_ref, x_src.read(b, b + 1), out_dtype, b, True)
                 hint = likely_cause(plan, x, w, y_src.read(b, b + 1), b, dict(
-                    strides=strides, padding=padding, data_format=data_format, dilations=dilations,
                     probes=probes, seed=seed, rtol=rtol, dtype=out_dtype.name))
                 result = dataclasses.replace(result, hint=hint)
     finally:
@@ -323,14 +325,14 @@ def likely_cause(plan, x, w, y, batch_index: int, flags: dict) -> str:
     one = dataclasses.replace(plan, batch=1)
     candidates = [("the kernel flipped (a correlation where a convolution was meant, or the reverse)", one,
                    w[tuple(slice(None, None, -1) for _ in plan.kernel)])]
-    if plan.in_channels == plan.out_channels and plan.in_channels > 1:
+    if plan.in_channels == plan.out_channels and plan.in_channels > 1 and plan.groups == 1:
         candidates.append(("the filters' last two axes swapped ([*k, in, out] read as [*k, out, in])", one,
                            np.swapaxes(w, -1, -2)))
-    if any(lo != hi for lo, hi in plan.pads):  # SAME's odd pad at the start, as some frameworks put it
-        swapped = [(hi, lo) for lo, hi in plan.pads]
+    if plan.output_padding is None and any(lo != hi for lo, hi in plan.pads):  # SAME's odd pad at the start
+        swapped = tuple((hi, lo) for lo, hi in plan.pads)
         spelled = ",".join(f"{lo}:{hi}" for lo, hi in swapped)
-        candidates.append((f"the padding split the other way (--padding {spelled})", plan_conv_transpose(
-            x.shape, w.shape, y.shape, flags["strides"], swapped, flags["data_format"], flags["dilations"]), w))
+        candidates.append((f"the padding split the other way (--padding {spelled})",
+                           dataclasses.replace(one, pads=swapped), w))
     for label, candidate, filters in candidates:
         check = AdjointCheck(candidate, filters, flags["dtype"], probes=flags["probes"], seed=flags["seed"],
                              rtol=flags["rtol"])
@@ -342,13 +344,13 @@ def likely_cause(plan, x, w, y, batch_index: int, flags: dict) -> str:
 
 
 def plan_files(input_ref, filters_ref, *, output_shape=None, strides=1, padding="SAME", data_format=None,
-               filter_layout="tf", dilations=None, dtype=None, max_memory=None, threads=None,
-               available_memory=None) -> dict:
+               filter_layout="tf", dilations=None, output_padding=None, groups=1, dtype=None, max_memory=None,
+               threads=None, available_memory=None) -> dict:
     """The plan of run_files from the headers alone (no data is read), as `convt shape --json` prints it.
 
     Args:
-        input_ref, filters_ref, output_shape, strides, padding, data_format, dilations, dtype, max_memory,
-            threads, available_memory: as for run_files.
+        input_ref, filters_ref, output_shape, strides, padding, data_format, dilations, output_padding, groups,
+            dtype, max_memory, threads, available_memory: as for run_files.
 
     Returns:
         run_files' summary without what only a run knows (output, seconds), plus memory_bytes (what the run holds
@@ -366,7 +368,8 @@ def plan_files(input_ref, filters_ref, *, output_shape=None, strides=1, padding=
     layout = filter_layout_name("filters", filter_layout)
     x_ref, w_ref = _refs(input_ref, filters_ref)
     (x_shape, x_dtype, _), (w_shape, w_dtype, _) = _open(x_ref), _open_filters(w_ref, layout)
-    plan = _plan(x_ref, x_shape, w_shape, output_shape, strides, padding, data_format, dilations, layout)
+    plan = _plan(x_ref, x_shape, w_shape, output_shape, strides, padding, data_format, dilations, layout,
+                 output_padding=output_padding, groups=groups)
     out_dtype = checked_dtype(cast, (x_ref, x_dtype), (w_ref, w_dtype))
     info = _summary(plan, out_dtype, (x_ref, w_ref), layout)
     whole = ("input",) if io.read_whole(x_ref) else ()
@@ -653,10 +656,12 @@ def _refs(input_ref, filters_ref):
     return x_ref, w_ref
 
 
-def _plan(x_ref, x_shape, w_shape, output_shape, strides, padding, data_format, dilations, layout="tf"):
+def _plan(x_ref, x_shape, w_shape, output_shape, strides, padding, data_format, dilations, layout="tf",
+          **beyond_tf):
     """plan_conv_transpose, whose mistakes name the INPUT they are about, for one file as for many."""
     try:
-        return plan_with_layout(x_shape, w_shape, output_shape, strides, padding, data_format, dilations, layout)
+        return plan_with_layout(x_shape, w_shape, output_shape, strides, padding, data_format, dilations, layout,
+                                **beyond_tf)
     except ConvtError as e:
         raise ConvtError(f"{x_ref.label} '{x_ref}': {e}") from None
 
@@ -734,7 +739,8 @@ def _conv_transpose_of(plan, w, threads):
     return lambda x: prepared.run(x, threads=threads)
 
 
-SCHEMA_VERSION = 2  # of the --json summaries; 2: resolved padding pairs, padding_given, wall_seconds, pieces
+SCHEMA_VERSION = 3  # of the --json summaries; 2: resolved padding pairs, padding_given, wall_seconds, pieces;
+# 3: output_padding, groups
 
 
 def _summary(plan, dtype, refs, layout="tf") -> dict:
@@ -750,6 +756,8 @@ def _summary(plan, dtype, refs, layout="tf") -> dict:
         "padding_given": given if isinstance(given, str) else [list(p) for p in given],
         "data_format": plan.spec.data_format,
         "pads": [list(p) for p in plan.pads],
+        "output_padding": None if plan.output_padding is None else list(plan.output_padding),
+        "groups": plan.groups,
         "legal_output_sizes": [list(r) for r in plan.legal_ranges],
         "flops": plan.flops,
         "output_bytes": int(dtype.itemsize) * math.prod(int(v) for v in plan.output_shape),

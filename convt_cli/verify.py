@@ -270,12 +270,12 @@ def _json_number(value):
 
 
 def terms_per_output(plan: Plan) -> int:
-    """Most products summed into one output element: in_channels times the taps that can meet there."""
+    """Most products summed into one output element: a group's in_channels times the taps that can meet there."""
     taps = 1
     for i, k, s, d in zip(plan.input_spatial, plan.kernel, plan.spec.strides, plan.spec.dilations):
         # taps t, t' reach the same output iff (t - t') * d = 0 mod s, i.e. t = t' mod s / gcd(s, d)
         taps *= min(k, i, -(-k * math.gcd(s, d) // s))
-    return plan.in_channels * taps
+    return plan.in_channels // plan.groups * taps
 
 
 def default_tolerance(dtype_name: str, plan: Plan) -> float:
@@ -299,6 +299,8 @@ def verify_conv_transpose(
     *,
     threads=None,
     filter_layout="tf",
+    output_padding=None,
+    groups=1,
 ) -> VerifyReport:
     """Check that `output` is conv_transpose(input, filters, output.shape, ...) without computing it.
 
@@ -313,6 +315,7 @@ def verify_conv_transpose(
         rtol: overrides the default tolerance on the residual.
         threads: as for conv_transpose (the tiles are shared out; the report is the same for any number).
         filter_layout: as for conv_transpose ("tf", "torch", "onnx", "jax").
+        output_padding, groups: as for conv_transpose; output_padding must agree with the output's shape.
 
     Returns:
         A VerifyReport; it prints nothing.
@@ -334,7 +337,8 @@ def verify_conv_transpose(
     from .engine.layout import plan_with_layout, tf_filters
 
     w, layout = tf_filters("verify", w, filter_layout)
-    plan = plan_with_layout(x.shape, w.shape, y.shape, strides, padding, data_format, dilations, layout)
+    plan = plan_with_layout(x.shape, w.shape, y.shape, strides, padding, data_format, dilations, layout,
+                            output_padding=output_padding, groups=groups)
     if y.dtype.name != x.dtype.name:
         raise ConvtError(
             f"verify: output dtype {y.dtype.name} must match the input and filters dtype {x.dtype.name}"
@@ -612,7 +616,8 @@ class _Probes:
         wide = np.complex128 if self.complex else np.float64
         short = (np.complex64 if self.complex else np.float32) if dtype in SHORT else None
         taps = math.prod(plan.kernel)
-        w = np.asarray(filters).reshape(taps, plan.out_channels, plan.in_channels)
+        g = plan.groups
+        w = np.asarray(filters).reshape(taps, plan.out_channels // g, plan.in_channels)
         v = _normal([seed, 0], (k, plan.out_channels), self.complex)
         if short is not None:
             v = v.astype(short).astype(wide)  # one v for both precisions
@@ -623,10 +628,14 @@ class _Probes:
         self.e_big = _exponent_of(top) if math.isfinite(top) else 0  # |W| scaled by 2**-e_big before squaring
         wv = np.empty((k, taps, plan.in_channels), wide)  # conj(Wv)
         wv2 = np.empty((k, taps, plan.in_channels))  # sum_co |v|^2 |W * 2**-e_big|^2
+        # with groups, input channel c meets only its group's outputs: (G, K, out/G) @ (G, out/G, in/G) per tap
+        cog, cig = plan.out_channels // g, plan.in_channels // g
+        vcg = vc.reshape(k, g, cog).transpose(1, 0, 2)
+        v2g = self.v2.reshape(k, g, cog).transpose(1, 0, 2)
         for t in range(taps):  # a tap at a time: no float64 copy of all the filters
-            wt = w[t].astype(wide)
-            wv[:, t] = vc @ wt
-            wv2[:, t] = self.v2 @ _abs2(_scaled(wt, self.e_big))
+            wt = w[t].astype(wide).reshape(cog, g, cig).transpose(1, 0, 2)
+            wv[:, t] = (vcg @ wt).transpose(1, 0, 2).reshape(k, -1)
+            wv2[:, t] = (v2g @ _abs2(_scaled(wt, self.e_big))).transpose(1, 0, 2).reshape(k, -1)
         self.wv2t = wv2.transpose(0, 2, 1).reshape(k, -1)  # (K, c_in * taps), as Q's sums are laid out
         self.landings: dict = {}
         wv = wv.reshape(k, *plan.kernel, plan.in_channels)

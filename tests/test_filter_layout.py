@@ -41,7 +41,7 @@ def test_a_mistake_is_told_in_the_layout_the_filters_were_given_in():
     x = np.ones((2, 5, 5, 3), np.float32)
     with pytest.raises(ConvtError) as e:
         conv_transpose(x, np.ones((4, 3, 3, 3), np.float32), strides=2, filter_layout="torch")
-    assert str(e.value).endswith("(filters given in layout torch [in, out, *k] with shape (4, 3, 3, 3), read as "
+    assert str(e.value).endswith("(filters given in layout torch [in, out/groups, *k] with shape (4, 3, 3, 3), read as "
                                  "[*k, out, in] (3, 3, 3, 4))")
     with pytest.raises(ConvtError) as e:
         conv_transpose(x, np.ones((3, 3, 4, 3), np.float32), filter_layout="keras")
@@ -67,7 +67,7 @@ def test_the_cli_reads_torch_weights_for_run_verify_and_shape(work):
     np.save("wl2.npy", _torch_weight(rng.standard_normal((3, 3, 4, 5)).astype(np.float32)))  # in=5: not x's 3
     r = invoke("run", "xl.npy", "wl2.npy", "-o", "bad.npy", "--filter-layout", "torch")
     assert r.exit_code == 2 and r.stderr.count("\n") == 1, r.output
-    assert "(filters given in layout torch [in, out, *k] with shape (5, 4, 3, 3)" in r.stderr
+    assert "(filters given in layout torch [in, out/groups, *k] with shape (5, 4, 3, 3)" in r.stderr
 
 
 def test_the_cli_takes_the_other_frameworks_padding_spellings(work):

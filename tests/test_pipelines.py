@@ -348,7 +348,7 @@ def test_run_json_has_versions_resolved_padding_and_wall_time(work):
 
     r = invoke("run", "x.npy", "w.npy", "--strides", "2", "--padding", "same", "-o", "y.npy", "--json")
     info = json.loads(r.stdout)
-    assert info["schema_version"] == 2 and info["convt_version"] == convt_cli.__version__
+    assert info["schema_version"] == 3 and info["convt_version"] == convt_cli.__version__
     assert info["padding"] == info["pads"] == [[0, 1], [0, 1]] and info["padding_given"] == "SAME"
     assert info["wall_seconds"] >= info["seconds"] > 0 and info["pieces"] == 1
     r = invoke("run", "x.npy", "w.npy", "--padding", "1:1,0:2", "-o", "z.npy", "--json")

@@ -202,7 +202,7 @@ def test_h5_output_carries_provenance(work):
     params = json.loads(attrs["convt_parameters"])
     assert params == {k: info[k] for k in params}
     assert sorted(params) == sorted(["output_shape", "strides", "padding", "padding_given", "data_format",
-                                     "dilations", "dtype", "pads"])
+                                     "dilations", "dtype", "pads", "filter_layout", "output_padding", "groups"])
     assert params["padding_given"] == [[1, 0], [0, 2]] and params["strides"] == [2, 2]
 
 

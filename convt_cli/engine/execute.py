@@ -20,7 +20,7 @@ _WARM_POSITIONS = 4096  # runs over fewer input positions than this are too smal
 
 
 def conv_transpose(input, filters, output_shape=None, strides=1, padding="SAME", data_format=None, dilations=None,
-                   name=None, *, threads=None, filter_layout="tf") -> np.ndarray:
+                   name=None, *, threads=None, filter_layout="tf", output_padding=None, groups=1) -> np.ndarray:
     """Transposed convolution, the same numbers as TensorFlow's tf.nn.conv_transpose.
 
     Args:
@@ -32,13 +32,19 @@ def conv_transpose(input, filters, output_shape=None, strides=1, padding="SAME",
             full N+2 shape in data_format order, as TF takes it: a list, tuple, 1-d integer array or tensor.
         strides, dilations: an int, or a list of length 1, N or N+2 (data_format order, batch and channel
             entries 1).
-        padding: "SAME", "VALID" (any case), or N (lo, hi) pairs (or N+2 with zero batch/channel pairs).
+        padding: "SAME", "VALID" (any case), or N (lo, hi) pairs (or N+2 with zero batch/channel pairs), as TF
+            takes it; beyond TF: "SAME_LOWER" (the odd pad first, as ONNX), "SAME_UPPER" (= "SAME"), an int p
+            (p on both sides of every axis) and one (lo, hi) pair for every axis.
         data_format: None (channels-last), TF's strings for N <= 3, "channels_last" or "channels_first".
         name: ignored; TF's graph name for the op, taken so that a call written for TF runs unchanged.
         threads: how many threads (None: CONVT_NUM_THREADS, else every usable core); never changes a bit.
         filter_layout: how `filters` is stored: "tf" (above), "torch" / "onnx" ([in, out, *kernel], as
             PyTorch's ConvTranspose weight and ONNX's ConvTranspose W), or "jax" ([*kernel, in, out], JAX's
             lax.conv_transpose rhs with transpose_kernel=False); read as "tf" once, here.
+        output_padding: None (TF's rules) or PyTorch's and ONNX's output_padding, an int or N ints, each below
+            the stride or the dilation: the output grows by it at the end (positions no input reaches are 0).
+        groups: G (PyTorch's and ONNX's groups): filters are (*kernel, out_channels / G, in_channels); input
+            channels of group g reach its out_channels / G outputs only. Depthwise when G = in_channels.
 
     Returns:
         An array of output_shape in data_format order, with the input's dtype.
@@ -53,7 +59,8 @@ def conv_transpose(input, filters, output_shape=None, strides=1, padding="SAME",
 
     x, w = as_arrays("conv_transpose", input, filters)
     w, layout = tf_filters("conv_transpose", w, filter_layout)
-    plan = plan_with_layout(x.shape, w.shape, output_shape, strides, padding, data_format, dilations, layout)
+    plan = plan_with_layout(x.shape, w.shape, output_shape, strides, padding, data_format, dilations, layout,
+                            output_padding=output_padding, groups=groups)
     return run_conv_transpose(plan, x, w, threads=threads)
 
 
@@ -84,6 +91,8 @@ def prepare(plan: Plan, w: np.ndarray, strategy: str | None = None) -> Prepared:
     check_dtypes(plan.op, w.dtype, w.dtype)
     if strategy is not None and strategy not in STRATEGIES:
         raise ValueError(f"unknown strategy {strategy!r}: expected one of {', '.join(STRATEGIES)}")
+    if plan.groups > 1:
+        return Grouped(plan, w, strategy)
     return Prepared(plan, w, strategy or choose_strategy(plan))
 
 
@@ -156,6 +165,41 @@ class Prepared:
         return f"<Prepared {self.plan.op} {self.dtype.name} by {self.strategy!r}>"
 
 
+class Grouped:
+    """Filters of G groups ready for one plan: each group is its own conv_transpose (in/G channels to out/G,
+    its strategy chosen for that shape), so the work is 1/G of the block-diagonal filters' and no strategy
+    multiplies the zeros between groups. `.run(x, threads=None)` runs the groups one after the other, each on
+    every thread, into its channels of the output."""
+
+    def __init__(self, plan: Plan, w: np.ndarray, strategy: str | None = None):
+        self.plan, self.dtype = plan, w.dtype
+        sub = plan.group_plan()
+        ci = sub.in_channels
+        self._groups = [Prepared(sub, w[..., g * ci:(g + 1) * ci], strategy or choose_strategy(sub))
+                        for g in range(plan.groups)]
+        self.strategy = self._groups[0].strategy if self._groups else "taps"
+
+    def run(self, x: np.ndarray, threads=None) -> np.ndarray:
+        """conv_transpose of x, (any batch, *the plan's input_shape[1:]), in x's dtype (native byte order)."""
+        plan = self.plan
+        x = x if isinstance(x, np.ndarray) else np.asarray(x)
+        check_dtypes(plan.op, x.dtype, self.dtype)
+        if x.ndim != len(plan.input_shape) or x.shape[1:] != plan.input_shape[1:]:
+            raise ConvtError(f"{plan.op}: input shape {x.shape} does not match the plan's "
+                             f"(batch, {', '.join(map(str, plan.input_shape[1:]))})")
+        out = np.empty((x.shape[0], *plan.output_shape[1:]), dtype=x.dtype.newbyteorder("="))
+        first = plan.spec.channels_first
+        ci, co = plan.in_channels // plan.groups, plan.out_channels // plan.groups
+        for g, part in enumerate(self._groups):
+            src = (slice(None), slice(g * ci, (g + 1) * ci)) if first else (..., slice(g * ci, (g + 1) * ci))
+            dst = (slice(None), slice(g * co, (g + 1) * co)) if first else (..., slice(g * co, (g + 1) * co))
+            out[dst] = part.run(x[src], threads)  # (batch, ..., co): one group's output, then its channels
+        return out
+
+    def __repr__(self) -> str:
+        return f"<Grouped {self.plan.op} {self.dtype.name} in {self.plan.groups} groups by {self.strategy!r}>"
+
+
 def estimate_bytes(plan: Plan, dtype, threads=None, strategy: str | None = None) -> int:
     """Peak bytes run_conv_transpose allocates for this plan beyond its input and filters (an upper bound): the
     output; the workspace of the strategy chosen (or `strategy`, when forced) or of either fallback ("offsets",
@@ -169,9 +213,20 @@ def estimate_bytes(plan: Plan, dtype, threads=None, strategy: str | None = None)
     """
     dtype = np.dtype(dtype)
     threads = runtime.resolve_threads(threads)
+    if plan.groups > 1:  # the output, one group's output and work at a time, and every group's filters
+        sub = plan.group_plan()
+        filters = estimate_bytes(sub, dtype, threads, strategy) - math.prod(sub.output_shape) * dtype.itemsize \
+            - _work_bytes(sub, dtype, threads, strategy)
+        return (math.prod(plan.output_shape) * dtype.itemsize + estimate_bytes(sub, dtype, threads, strategy)
+                + (plan.groups - 1) * filters)
+    work = _work_bytes(plan, dtype, threads, strategy)
     chosen = REGISTRY[strategy or choose_strategy(plan)]
-    work = max(s.workspace_bytes(plan, dtype, threads) for s in (chosen, OFFSETS, TAPS))
     copy = math.prod(plan.filters_shape) * compute_dtype(dtype).itemsize
     weights = chosen.weights_bytes(plan, dtype) + (OFFSETS.weights_bytes(plan, dtype) if chosen.redoes_wild else 0)
     weights = max(weights, OFFSETS.weights_bytes(plan, dtype), TAPS.weights_bytes(plan, dtype))
     return math.prod(plan.output_shape) * dtype.itemsize + work + copy + weights
+
+
+def _work_bytes(plan: Plan, dtype, threads: int, strategy: str | None) -> int:
+    chosen = REGISTRY[strategy or choose_strategy(plan)]
+    return max(s.workspace_bytes(plan, dtype, threads) for s in (chosen, OFFSETS, TAPS))

@@ -61,13 +61,15 @@ def tf_filters(op: str, w: np.ndarray, filter_layout) -> tuple[np.ndarray, str]:
     return as_tf_filters(w, layout), layout
 
 
-def plan_with_layout(x_shape, w_shape, output_shape, strides, padding, data_format, dilations, layout: str):
+def plan_with_layout(x_shape, w_shape, output_shape, strides, padding, data_format, dilations, layout: str,
+                     **beyond_tf):
     """plan_conv_transpose of filters already read as (*kernel, out, in) from `layout` (a checked name); a mistake
-    in them is told in the layout they were given in, too."""
+    in them is told in the layout they were given in, too (mistakes about the filters: the message names them). `beyond_tf`: output_padding, groups."""
     try:
-        return plan_conv_transpose(x_shape, w_shape, output_shape, strides, padding, data_format, dilations)
+        return plan_conv_transpose(x_shape, w_shape, output_shape, strides, padding, data_format, dilations,
+                                   **beyond_tf)
     except ConvtError as e:
-        if layout == "tf":
+        if layout == "tf" or "filters" not in str(e):
             raise
         perm, _ = filter_axes(layout, len(w_shape))
         given = tuple(w_shape[perm.index(a)] for a in range(len(w_shape)))
