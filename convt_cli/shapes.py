@@ -345,12 +345,12 @@ class Plan:
         return (2 * self.batch * math.prod(small) * math.prod(self.kernel) * self.in_channels * self.out_channels
                 // self.groups)
 
-    def group_plan(self) -> Plan:
-        """The plan of one group: in/G and out/G channels, groups 1 (the plan itself when G = 1)."""
-        if self.groups == 1:
-            return self
-        return replace(self, in_channels=self.in_channels // self.groups,
-                       out_channels=self.out_channels // self.groups, groups=1)
+    def group_plan(self, together: int = 1) -> Plan:
+        """The plan of `together` groups as one (block-diagonal filters): their in and out channels, groups 1."""
+        if self.groups == together:
+            return replace(self, groups=1)
+        return replace(self, in_channels=self.in_channels // self.groups * together,
+                       out_channels=self.out_channels // self.groups * together, groups=1)
 
 
 def _check_ranks(op: str, input_shape, filters_shape, filters_layout: str) -> int:

@@ -17,6 +17,7 @@ from .strategies import OFFSETS, REGISTRY, STRATEGIES, TAPS
 from .strategies.base import Strategy
 
 _WARM_POSITIONS = 4096  # runs over fewer input positions than this are too small to start worker threads for
+GROUP_WIDTH = 64 * 64  # in * out channels from which BLAS's GEMMs run near full speed (see Grouped)
 
 
 def conv_transpose(input, filters, output_shape=None, strides=1, padding="SAME", data_format=None, dilations=None,
@@ -100,6 +101,8 @@ def dispatch(plan: Plan, name: str, wc: np.ndarray, compute: np.dtype) -> Strate
     """The strategy that runs: `name` where it applies and takes these filters, else "offsets" where that takes
     them, else "taps" (which takes any)."""
     chosen = REGISTRY[name]
+    if plan.groups > 1:  # groups together (see Grouped): only "taps" takes them, never summing across groups
+        return TAPS
     if not chosen.applies(plan):
         chosen = OFFSETS
     if not chosen.accepts(wc, compute):
@@ -166,18 +169,26 @@ class Prepared:
 
 
 class Grouped:
-    """Filters of G groups ready for one plan: each group is its own conv_transpose (in/G channels to out/G,
-    its strategy chosen for that shape), so the work is 1/G of the block-diagonal filters' and no strategy
-    multiplies the zeros between groups. `.run(x, threads=None)` runs the groups one after the other, each on
-    every thread, into its channels of the output."""
+    """Filters of G groups ready for one plan, as blocks of groups (merged_groups: each block in/G * b channels
+    wide, b groups, and the block-diagonal filters of its b groups): each block is a conv_transpose of its own,
+    on the strategy its shape chooses, so the work is 1/(G/b) of the whole block-diagonal filters', and no GEMM
+    is too narrow for BLAS. A batch whose input holds a value that is not finite runs on "taps" instead, a GEMM
+    per group, never across groups (where a zero between groups times an inf would make a NaN PyTorch does not
+    make). `.run(x, threads=None)` runs the blocks one after the other, each on every thread."""
 
     def __init__(self, plan: Plan, w: np.ndarray, strategy: str | None = None):
-        self.plan, self.dtype = plan, w.dtype
-        sub = plan.group_plan()
-        ci = sub.in_channels
-        self._groups = [Prepared(sub, w[..., g * ci:(g + 1) * ci], strategy or choose_strategy(sub))
-                        for g in range(plan.groups)]
-        self.strategy = self._groups[0].strategy if self._groups else "taps"
+        self.plan, self.dtype, self._w, self._taps = plan, w.dtype, w, None
+        self._lock = threading.Lock()
+        b = merged_groups(plan)
+        sub = plan.group_plan(b)
+        ci, co = plan.in_channels // plan.groups, plan.out_channels // plan.groups
+        self._blocks = []
+        for j in range(plan.groups // b):
+            wb = np.zeros((*plan.kernel, b * co, b * ci), dtype=w.dtype)  # the block's b groups on its diagonal
+            for g in range(b):
+                wb[..., g * co:(g + 1) * co, g * ci:(g + 1) * ci] = w[..., (j * b + g) * ci:(j * b + g + 1) * ci]
+            self._blocks.append(Prepared(sub, wb, strategy or choose_strategy(sub)))
+        self.strategy = self._blocks[0].strategy
 
     def run(self, x: np.ndarray, threads=None) -> np.ndarray:
         """conv_transpose of x, (any batch, *the plan's input_shape[1:]), in x's dtype (native byte order)."""
@@ -187,17 +198,35 @@ class Grouped:
         if x.ndim != len(plan.input_shape) or x.shape[1:] != plan.input_shape[1:]:
             raise ConvtError(f"{plan.op}: input shape {x.shape} does not match the plan's "
                              f"(batch, {', '.join(map(str, plan.input_shape[1:]))})")
+        if x.dtype.kind in "fc" and not np.isfinite(x).all():
+            return self._native().run(x, threads)
+        if len(self._blocks) == 1:
+            return self._blocks[0].run(x, threads)
         out = np.empty((x.shape[0], *plan.output_shape[1:]), dtype=x.dtype.newbyteorder("="))
-        first = plan.spec.channels_first
-        ci, co = plan.in_channels // plan.groups, plan.out_channels // plan.groups
-        for g, part in enumerate(self._groups):
-            src = (slice(None), slice(g * ci, (g + 1) * ci)) if first else (..., slice(g * ci, (g + 1) * ci))
-            dst = (slice(None), slice(g * co, (g + 1) * co)) if first else (..., slice(g * co, (g + 1) * co))
-            out[dst] = part.run(x[src], threads)  # (batch, ..., co): one group's output, then its channels
+        first, blocks = plan.spec.channels_first, len(self._blocks)
+        ci, co = plan.in_channels // blocks, plan.out_channels // blocks
+        for j, part in enumerate(self._blocks):
+            src = (slice(None), slice(j * ci, (j + 1) * ci)) if first else (..., slice(j * ci, (j + 1) * ci))
+            dst = (slice(None), slice(j * co, (j + 1) * co)) if first else (..., slice(j * co, (j + 1) * co))
+            out[dst] = part.run(x[src], threads)  # (batch, ..., co): one block's output, then its channels
         return out
+
+    def _native(self) -> Prepared:
+        with self._lock:
+            if self._taps is None:
+                self._taps = Prepared(self.plan, self._w, "taps")
+            return self._taps
 
     def __repr__(self) -> str:
         return f"<Grouped {self.plan.op} {self.dtype.name} in {self.plan.groups} groups by {self.strategy!r}>"
+
+
+def merged_groups(plan: Plan) -> int:
+    """How many groups one block holds (see Grouped): the fewest, dividing G, whose block is at least
+    GROUP_WIDTH wide (in * out channels); G when none is."""
+    ci, co = plan.in_channels // plan.groups, plan.out_channels // plan.groups
+    return next((b for b in range(1, plan.groups + 1) if plan.groups % b == 0 and b * b * ci * co >= GROUP_WIDTH),
+                plan.groups)
 
 
 def estimate_bytes(plan: Plan, dtype, threads=None, strategy: str | None = None) -> int:
@@ -213,12 +242,21 @@ def estimate_bytes(plan: Plan, dtype, threads=None, strategy: str | None = None)
     """
     dtype = np.dtype(dtype)
     threads = runtime.resolve_threads(threads)
-    if plan.groups > 1:  # the output, one group's output and work at a time, and every group's filters
-        sub = plan.group_plan()
-        filters = estimate_bytes(sub, dtype, threads, strategy) - math.prod(sub.output_shape) * dtype.itemsize \
-            - _work_bytes(sub, dtype, threads, strategy)
-        return (math.prod(plan.output_shape) * dtype.itemsize + estimate_bytes(sub, dtype, threads, strategy)
-                + (plan.groups - 1) * filters)
+    if plan.groups > 1:
+        # the output and one block's output and work at a time, every block's filters, and the finite check; or
+        # what "taps" takes for the groups together
+        sub = plan.group_plan(merged_groups(plan))
+        blocks = plan.groups * sub.in_channels // plan.in_channels if plan.in_channels else plan.groups
+        one = estimate_bytes(sub, dtype, threads, strategy)
+        filters = one - math.prod(sub.output_shape) * dtype.itemsize - _work_bytes(sub, dtype, threads, strategy)
+        merged = one + (blocks - 1) * filters + math.prod(plan.input_shape)
+        if blocks > 1:
+            merged += math.prod(plan.output_shape) * dtype.itemsize
+        return max(merged, _bytes(plan, dtype, threads, "taps"))
+    return _bytes(plan, dtype, threads, strategy)
+
+
+def _bytes(plan: Plan, dtype: np.dtype, threads: int, strategy: str | None) -> int:
     work = _work_bytes(plan, dtype, threads, strategy)
     chosen = REGISTRY[strategy or choose_strategy(plan)]
     copy = math.prod(plan.filters_shape) * compute_dtype(dtype).itemsize

@@ -36,12 +36,18 @@ class Taps(Strategy):
                 taps.append((tap, spans))
         if not taps:
             return None
+        n_g = plan.groups
+        c_out //= n_g  # a group's: with groups, every GEMM is one group's, (rows, in/G) by (in/G, T*out/G)
         per_tap = max(1, -(-256 // c_out))  # aim for GEMMs at least 256 wide
         group = min(len(taps), per_tap)  # from the shapes only: a GEMM's width changes how BLAS rounds
         groups = [taps[i:i + group] for i in range(0, len(taps), group)]
         weights = []
         for g in groups:
             wg = np.stack([w[tap] for tap, _ in g])  # (T, c_out, c_in)
+            if n_g > 1:  # (G, T*c_out, c_in/G) channels-first, (G, c_in/G, T*c_out) channels-last
+                wg = wg.reshape(len(g) * c_out, n_g, c_in // n_g).transpose(1, 0, 2)
+                weights.append(np.ascontiguousarray(wg if first else wg.transpose(0, 2, 1)))
+                continue
             weights.append(wg.reshape(len(g) * c_out, c_in) if first else
                            np.ascontiguousarray(wg.reshape(len(g) * c_out, c_in).T))
         return group, groups, weights
@@ -60,7 +66,9 @@ class Taps(Strategy):
             nb = b1 - b0
             xb = chunk_of(x, b0, b1, compute)
             acc = out[b0:b1] if accumulate_in_place else np.zeros((nb, *out.shape[1:]), dtype=compute)
-            for g, wg in zip(groups, weights):
+            if plan.groups > 1:
+                grouped(xb, acc)
+            for g, wg in zip(groups if plan.groups == 1 else (), weights):
                 if first:
                     y = np.matmul(wg, xb.reshape(nb, c_in, positions))  # (nb, T*c_out, P)
                 else:
@@ -74,6 +82,30 @@ class Taps(Strategy):
                 del y
             if not accumulate_in_place:
                 store(plan.op, out[b0:b1], acc)
+
+        def grouped(xb, acc):
+            # as above with a group axis G: a GEMM per (image, group), each output block added to its group's
+            # channels of acc, viewed (nb, G, c_out/G, *O) or (nb, *O, G, c_out/G)
+            nb, n_g = xb.shape[0], plan.groups
+            ci, co = c_in // n_g, c_out // n_g
+            if first:
+                xg = xb.reshape(nb, n_g, ci, positions)
+            else:  # (nb, G, P, c_in/G): a copy, so that each GEMM reads a contiguous matrix
+                xg = np.ascontiguousarray(xb.reshape(nb, positions, n_g, ci).transpose(0, 2, 1, 3))
+            view = acc.reshape(nb, n_g, co, *acc.shape[2:]) if first else acc.reshape(*acc.shape[:-1], n_g, co)
+            for g, wg in zip(groups, weights):
+                y = np.matmul(wg, xg) if first else np.matmul(xg, wg)  # (nb, G, T*co, P) or (nb, G, P, T*co)
+                y = y.reshape(nb, n_g, len(g), co, *spatial) if first else y.reshape(nb, n_g, *spatial, len(g), co)
+                for t, (_, spans) in enumerate(g):
+                    src = tuple(slice(i0, i1) for i0, i1, _ in spans)
+                    dst = tuple(slice(o0, o0 + (i1 - i0 - 1) * s + 1, s)
+                                for (i0, i1, o0), s in zip(spans, plan.spec.strides))
+                    if first:
+                        view[(slice(None), slice(None), slice(None), *dst)] += y[(slice(None), slice(None), t,
+                                                                                  slice(None), *src)]
+                    else:  # (nb, G, *span, co) -> (nb, *span, G, co)
+                        view[(slice(None), *dst)] += np.moveaxis(y[(slice(None), slice(None), *src, t)], 1, -2)
+                del y
 
         runtime.over_batch(x.shape[0], per_image, work, threads)
         return set()
