@@ -217,6 +217,7 @@ def test_cli_mistakes_are_one_line(work):
     assert r.exit_code == 2 and "expected comma-separated integers like 1 or 1,0, got '1,x'" in r.stderr
 
 
+@pytest.mark.filterwarnings("ignore:invalid value:RuntimeWarning")  # inf - inf, on the worker threads
 @pytest.mark.parametrize("c_in, groups", [(128, 2), (128, 128), (16, 4)])
 def test_estimate_bytes_bounds_what_grouped_runs_allocate(c_in, groups):
     import tracemalloc
