@@ -21,7 +21,7 @@ from typing import NamedTuple
 
 # Suffixes after which a reference goes on with ':NAME', in the order io.parse_ref tries them; a test holds this
 # equal to formats.container_suffixes(), which cannot be imported here without loading NumPy at every Tab.
-CONTAINER_SUFFIXES = (".npz", ".h5", ".hdf5")
+CONTAINER_SUFFIXES = (".npz", ".h5", ".hdf5", ".safetensors")
 PADDINGS = ("SAME", "VALID", "SAME_LOWER", "SAME_UPPER")
 _BREAKS = frozenset(":=")  # the characters of bash's default COMP_WORDBREAKS that can occur inside a convt word
 
@@ -37,7 +37,8 @@ def complete_files(incomplete: str) -> list[Candidate]:
 
 
 def complete_array_ref(incomplete: str) -> list[Candidate]:
-    """INPUT, FILTERS, OUTPUT: a file name, or past `PATH.h5:` / `PATH.npz:` the names inside that file.
+    """INPUT, FILTERS, OUTPUT: a file name, or past `PATH.h5:` / `PATH.npz:` / `PATH.safetensors:` the names
+    inside that file.
 
     >>> complete_array_ref("samples/inp")
     [Candidate(value='samples/inp', type='file')]
@@ -51,6 +52,8 @@ def complete_array_ref(incomplete: str) -> list[Candidate]:
             return []
         if suffix == ".npz":
             return [Candidate(f"{path}:{member}") for member in _npz_members(path, name)]
+        if suffix == ".safetensors":
+            return [Candidate(f"{path}:{member}") for member in _safetensors_members(path, name)]
         return [Candidate(f"{path}:{member}") for member in _h5_members(path, name)]
     except Exception:  # a damaged, locked or foreign file: nothing to offer, and nothing printed over the prompt
         return []
@@ -88,6 +91,17 @@ def _split_ref(text: str):
 def _visible(name: str, typed: str) -> bool:
     """Hidden names (convt's own `.convt-*` temporaries) only when a '.' was typed, as shells do with dotfiles."""
     return name.startswith(typed) and (not name.startswith(".") or typed.startswith("."))
+
+
+def _safetensors_members(path: str, typed: str) -> list[str]:
+    # the JSON header after its 8-byte little-endian length, read here: no NumPy at a Tab
+    import json
+    import struct
+
+    with open(path, "rb") as f:
+        (size,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(min(size, 100 << 20)))
+    return [m for m in header if m != "__metadata__" and _visible(m, typed)]
 
 
 def _npz_members(path: str, typed: str) -> list[str]:

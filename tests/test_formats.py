@@ -35,7 +35,7 @@ def _cwd(tmp_path, monkeypatch):
 
 def _array(shape, dtype):
     a = np.arange(int(np.prod(shape)), dtype=np.float64).reshape(shape) * 1.5 - 4
-    return a.astype(np.complex128) * (1 - 2j) if np.dtype(dtype).kind == "c" else a.astype(dtype)
+    return (a.astype(np.complex128) * (1 - 2j)).astype(dtype) if np.dtype(dtype).kind == "c" else a.astype(dtype)
 
 
 def _folder():
@@ -104,7 +104,20 @@ def check_contract(fmt, a):
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 @pytest.mark.parametrize("name", list(formats.FORMATS))
 def test_every_format_keeps_the_contract(name, shape, dtype):
-    check_contract(formats.FORMATS[name], _array(shape, dtype))
+    fmt = formats.FORMATS[name]
+    if fmt.dtypes is None or np.dtype(dtype).name in fmt.dtypes:
+        check_contract(fmt, _array(shape, dtype))
+        return
+    with pytest.raises(ConvtError, match=f"cannot hold {np.dtype(dtype).name}: write "):  # before any byte
+        _written(_target(fmt), _array(shape, dtype), chunk=2)
+    assert os.listdir(".") == []
+
+
+@pytest.mark.parametrize("name", [n for n, f in formats.FORMATS.items() if f.dtypes is not None])
+def test_a_format_that_holds_fewer_dtypes_still_holds_every_one_convt_computes_in_but_complex128(name):
+    from convt_cli.dtype_names import DTYPES as COMPUTED
+
+    assert set(COMPUTED) - set(formats.FORMATS[name].dtypes) <= {"complex128"}
 
 
 @pytest.mark.parametrize("name", [n for n, f in formats.FORMATS.items() if f.shares_file])
@@ -168,9 +181,21 @@ def test_the_registry_is_consistent():
     suffixes = [s for f in formats.FORMATS.values() for s in f.suffixes]
     assert len(suffixes) == len(set(suffixes)) and all(s == s.lower() and s.startswith(".") for s in suffixes)
     for name, fmt in formats.FORMATS.items():
-        assert fmt.name == name and fmt.magic and fmt.title
+        assert fmt.name == name and fmt.title
+        _written(_target(fmt, stem=name), _array((2, 3), np.float32), chunk=1)
+        with open(f"{name}{fmt.suffixes[0]}", "rb") as f:
+            head = f.read(16)
+        assert fmt.sniff(head) and (not fmt.magic or head.startswith(fmt.magic)), name
         others = [o for o in formats.FORMATS.values() if o is not fmt]
-        assert not any(o.sniff(fmt.magic) for o in others), name  # no two formats claim the same bytes
+        assert not any(o.sniff(head) for o in others), name  # no two formats claim the same bytes
+    for length in (0x4B50, 0x4B50 + (0x0403 << 16)):  # a .safetensors header whose length starts "PK" or "PK\3\4"
+        assert formats.input_format(io.parse_ref("INPUT", _safetensors_head(length))).name == "safetensors"
+
+
+def _safetensors_head(length: int) -> str:
+    with open("pk.safetensors", "wb") as f:
+        f.write(length.to_bytes(8, "little") + b'{"a":{"dtype":"F32","shape":[0],"data_offsets":[0,0]}}')
+    return "pk.safetensors"
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -233,10 +258,10 @@ def test_a_new_format_is_one_class_in_the_table(toy):
     ref = io.parse_ref("OUTPUT", "y.toy", must_exist=False)
     assert io.output_format(ref) == "toy"
     with pytest.raises(ConvtError, match=r"^OUTPUT 'y.txt': unknown output format '.txt': expected .npy, .npz, "
-                                         r".h5, .hdf5 or .toy, or - for stdout$"):
+                                         r".h5, .hdf5, .safetensors or .toy, or - for stdout$"):
         io.output_format(io.parse_ref("OUTPUT", "y.txt", must_exist=False))
     open("junk", "wb").write(b"junk")
-    with pytest.raises(ConvtError, match=r"^INPUT 'junk': is not a .npy, .npz, HDF5 or toy file"):
+    with pytest.raises(ConvtError, match=r"^INPUT 'junk': is not a .npy, .npz, HDF5, .safetensors or toy file"):
         io.sniff(io.parse_ref("INPUT", "junk"))
     for shape in SHAPES:
         for p in os.listdir("."):

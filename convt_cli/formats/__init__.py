@@ -13,13 +13,23 @@ from .base import Format, Reader, WholeReader, WriteOptions, Writer, one_of
 from .h5 import H5, HDF5_MAGIC
 from .npy import NPY_MAGIC, Npy
 from .npz import ZIP_MAGIC, Npz
+from .safetensors import Safetensors
 from .std import Std
 
-FORMATS: dict[str, Format] = {f.name: f for f in (Npy(), Npz(), H5())}  # sniffed in this order
+FORMATS: dict[str, Format] = {f.name: f for f in (Npy(), Npz(), H5(), Safetensors())}
+# sniffed .safetensors first: it has no magic bytes, and its header's length may start with npz's "PK"
+SNIFF_ORDER = ("safetensors", "npy", "npz", "h5")
 STDIO: Format = Std()  # the reference `-`, whatever its bytes or suffix
 
 __all__ = ["FORMATS", "STDIO", "Format", "Reader", "WholeReader", "WriteOptions", "Writer", "NPY_MAGIC", "ZIP_MAGIC",
            "HDF5_MAGIC", "input_format", "output_format", "container_suffixes", "suffix_formats"]
+
+
+PICKLE_SUFFIXES = (".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+PICKLE_ADVICE = ("is a pickle (as torch.save writes .pt, .pth and .bin files), which convt never loads: unpickling runs code. Convert its "
+                 "tensors to safetensors once, where PyTorch is installed: python -c \"import torch; from "
+                 "safetensors.torch import save_file; save_file(torch.load('{path}', weights_only=True), "
+                 "'{stem}.safetensors')\", then pass {stem}.safetensors:NAME (convt info lists the names)")
 
 
 def titles() -> str:
@@ -45,19 +55,38 @@ def input_format(ref) -> Format:
     if os.path.exists(ref.path) and not os.path.isfile(ref.path):
         # a pipe or device would be consumed by the sniff and could not be read again
         ref.fail("is not a regular file (a pipe or a device): give a file, or - to read a .npy stream from stdin")
+    if os.path.splitext(ref.path)[1].lower() in PICKLE_SUFFIXES:
+        ref.fail(PICKLE_ADVICE.format(path=ref.path, stem=os.path.splitext(ref.path)[0]))
     try:
         with open(ref.path, "rb") as f:
-            head = f.read(max([8] + [len(fmt.magic) for fmt in FORMATS.values()]))
+            head = f.read(max([16] + [len(fmt.magic) for fmt in FORMATS.values()]))
     except FileNotFoundError:
         ref.fail("no such file")
     except OSError as e:
         ref.fail(f"cannot be read: {e.strerror}")
-    for fmt in FORMATS.values():
+    pickle = head[:1] == b"\x80"  # a pickle starts with its PROTO opcode
+    for fmt in [FORMATS[name] for name in SNIFF_ORDER if name in FORMATS] + list(FORMATS.values()):
         if fmt.sniff(head):
-            return fmt
+            pickle = fmt.magic == ZIP_MAGIC and _torch_zip(ref.path)
+            if not pickle:
+                return fmt
+            break
+    if pickle:
+        ref.fail(PICKLE_ADVICE.format(path=ref.path, stem=os.path.splitext(ref.path)[0]))
     if not head:
         ref.fail(f"is empty, expected a {titles()} file")
     ref.fail(f"is not a {titles()} file (it starts with {head[:8]!r})")
+
+
+def _torch_zip(path: str) -> bool:
+    """Whether a zip is torch.save's (a pickle, data.pkl, beside its tensors' bytes) rather than an .npz."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as z:
+            return any(name.endswith("data.pkl") for name in z.namelist())
+    except (zipfile.BadZipFile, OSError, ValueError):
+        return False
 
 
 def output_format(ref) -> Format:

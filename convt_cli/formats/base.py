@@ -38,7 +38,7 @@ class Format:
 
     name = ""  # what io.sniff and io.output_format return, e.g. 'npy'
     title = ""  # how messages listing the formats name it, e.g. '.npy' or 'HDF5'
-    magic = b""  # how its files start; io.sniff tells formats by these bytes, never by the suffix
+    magic = b""  # how its files start; io.sniff tells formats by these bytes (or `sniff`), never by the suffix
     suffixes: tuple[str, ...] = ()  # lower-case output suffixes that choose it (an output has no bytes yet)
     named = False  # a reference may name one array inside a file (PATH:NAME)
     groups = False  # a NAME may be a group holding many arrays (each converted, see io.expand_items)
@@ -46,6 +46,7 @@ class Format:
     compressions: tuple[str, ...] = ()  # what WriteOptions.compression may be for its outputs
     copies_file = False  # an output into an existing file writes a new copy of it (the disk needs room for both)
     has_attributes = False  # its arrays carry attributes (HDF5 datasets): provenance, --copy-attrs
+    dtypes: tuple[str, ...] | None = None  # the dtype names its outputs can hold (None: any); others refused
 
     def sniff(self, head: bytes) -> bool:
         """Whether a file starting with `head` (its first bytes) is of this format."""
