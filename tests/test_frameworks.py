@@ -1,12 +1,15 @@
-"""convt against PyTorch and JAX themselves: tests/golden/frameworks, made by tests/golden/make_framework_golden.py.
+"""convt against PyTorch, ONNX Runtime and JAX themselves: tests/golden/frameworks, made by
+tests/golden/make_framework_golden.py.
 
-Matrix: every committed case (PyTorch F.conv_transpose1d-3d with padding and output_padding; JAX
-lax.conv_transpose with SAME, VALID and explicit padding, transpose_kernel False and True; float64, ranks 1-3,
-strides 1-3, dilations 1-2). The weights go in as the frameworks store them, through --filter-layout; the padding
-is mapped here by hand, per axis, with eff = d*(K-1)+1 and F = (I-1)*s + eff (the uncropped length) -- the mapping
-a user writes today. convt's result must equal the framework's to 1e-12 of max|y|, and verify must pass it. The
-PyTorch outputs convt cannot express yet (output_padding - padding >= stride: zeros past the end of the full
-result) are refused with an error, never computed wrong.
+Matrix: every committed case (PyTorch F.conv_transpose1d-3d with padding, output_padding -- at or past the stride
+when the dilation is larger -- and groups 1, 2 and depthwise, float64 and float32; ONNX Runtime ConvTranspose with
+explicit pads, auto_pad SAME_UPPER / SAME_LOWER / VALID, output_padding, group and the output_shape attribute,
+float32; JAX lax.conv_transpose with SAME, VALID and explicit padding, transpose_kernel False and True, float64 and
+float32; ranks 1-3, strides 1-3, dilations 1-3). Each call's own parameters go in through convt's flags as the
+README's "Coming from PyTorch / ONNX / JAX" section writes them: PyTorch's and ONNX's directly (--filter-layout,
+--padding p or lo:hi, SAME_UPPER / SAME_LOWER, --output-padding, --groups); JAX's padding by the README's one rule.
+convt's result must equal the framework's (1e-12 of max|y| for float64, 1e-5 for float32), through the API and the
+CLI, and verify must pass it.
 """
 
 import glob
@@ -16,7 +19,8 @@ import os
 import numpy as np
 import pytest
 
-from convt_cli import ConvtError, conv_transpose
+from conftest import invoke
+from convt_cli import conv_transpose
 from convt_cli.verify import verify_conv_transpose
 
 CASES = sorted(glob.glob(os.path.join(os.path.dirname(__file__), "golden", "frameworks", "*.npz")))
@@ -27,45 +31,95 @@ def _load(path):
         return z["x"], z["w"], z["y"], json.loads(str(z["meta"]))
 
 
-def _convt_flags(m):
-    """(flags for conv_transpose, whether convt can express it) from the framework call's parameters."""
-    n, s, d, K, I = m["n"], m["s"], m["d"], m["K"], m["I"]
-    eff = [d * (k - 1) + 1 for k in K]
-    full = [(i - 1) * s + e for i, e in zip(I, eff)]
-    if m["fw"] == "torch":
-        lo = m["p"]
-        size = [f - 2 * p + op for f, p, op in zip(full, m["p"], m["op"])]
-        flags = dict(data_format="channels_first", filter_layout="torch")
+def torch_flags(m):
+    """F.conv_transpose(x, w, stride, padding, output_padding, groups, dilation) -> convt's flags, one to one."""
+    return dict(data_format="channels_first", filter_layout="torch", strides=m["stride"], dilations=m["dilation"],
+                padding=[(p, p) for p in m["padding"]], output_padding=m["output_padding"], groups=m["groups"])
+
+
+def onnx_flags(m):
+    """ConvTranspose's attributes -> convt's flags: pads [b..., e...] as lo:hi pairs, auto_pad by name, the
+    output_shape attribute (auto_pad NOTSET: the odd pad first) as SAME_LOWER with --output-shape."""
+    n = m["n"]
+    flags = dict(data_format="channels_first", filter_layout="onnx", strides=m["strides"], dilations=m["dilations"],
+                 output_padding=m["output_padding"], groups=m["group"])
+    if "pads" in m:
+        flags["padding"] = list(zip(m["pads"][:n], m["pads"][n:]))
+    elif "output_shape" in m:
+        flags.update(padding="SAME_LOWER", output_shape=m["output_shape"])
+        flags.pop("output_padding")
     else:
-        flags = dict(data_format="channels_last", filter_layout="tf" if m["transpose_kernel"] else "jax")
-        if m["padding"] == "SAME":
-            return dict(flags, strides=s, dilations=d, padding="SAME"), True
-        if m["padding"] == "VALID":  # JAX: (I-1)*s + max(eff, s), zeros after the full result when eff < s
-            lo, size = [0] * n, [(i - 1) * s + max(e, s) for i, e in zip(I, eff)]
-        else:  # explicit pads of the stride-dilated input: the start is eff-1-a
-            lo = [e - 1 - a for e, (a, _) in zip(eff, m["padding"])]
-            size = [(i - 1) * s + a + b - e + 2 for i, e, (a, b) in zip(I, eff, m["padding"])]
-    expressible = all(low >= 0 and o - (f - low) <= s - 1 for low, o, f in zip(lo, size, full))
-    padding = [(low, max(0, f - low - o)) for low, o, f in zip(lo, size, full)]
-    return dict(flags, strides=s, dilations=d, padding=padding, output_shape=size), expressible
+        flags["padding"] = m["auto_pad"]
+    return flags
+
+
+def jax_flags(m, k):
+    """lax.conv_transpose -> convt's flags: SAME as it is; VALID as VALID plus --output-padding max(0, s - eff)
+    (JAX's VALID output is (I-1)*s + max(eff, s)); explicit pads (a, b) of the dilated input as (eff-1-a, eff-1-b)."""
+    s, d = m["strides"], m["rhs_dilation"]
+    flags = dict(data_format="channels_last", filter_layout="tf" if m["transpose_kernel"] else "jax", strides=s,
+                 dilations=d)
+    eff = [dj * (kj - 1) + 1 for dj, kj in zip(d, k)]
+    if m["padding"] == "SAME":
+        return dict(flags, padding="SAME")
+    if m["padding"] == "VALID":
+        return dict(flags, padding="VALID", output_padding=[max(0, sj - e) for sj, e in zip(s, eff)])
+    return dict(flags, padding=[(e - 1 - a, e - 1 - b) for e, (a, b) in zip(eff, m["padding"])])
+
+
+def convt_flags(m, w):
+    if m["fw"] == "torch":
+        return torch_flags(m)
+    if m["fw"] == "onnx":
+        return onnx_flags(m)
+    return jax_flags(m, w.shape[:m["n"]])
 
 
 def test_the_cases_are_there():
-    frameworks = [os.path.basename(p).split("_")[0] for p in CASES]
-    assert frameworks.count("torch") >= 20 and frameworks.count("jax") >= 60
+    metas = [_load(p)[3] for p in CASES]
+    count = {fw: sum(m["fw"] == fw for m in metas) for fw in ("torch", "onnx", "jax")}
+    assert count["torch"] >= 80 and count["onnx"] >= 60 and count["jax"] >= 200
+    torch = [m for m in metas if m["fw"] == "torch"]
+    assert sum(m["groups"] > 1 for m in torch) >= 40 and sum(m["output_padding"][0] >= m["stride"] for m in torch) >= 10
+    assert {m.get("auto_pad") for m in metas if m["fw"] == "onnx"} >= {"SAME_UPPER", "SAME_LOWER", "VALID"}
+
+
+def _tolerance(y):
+    return (1e-12 if y.dtype == np.float64 else 1e-5) * max(1.0, float(np.abs(y).max()))
 
 
 @pytest.mark.parametrize("path", CASES, ids=[os.path.basename(p)[:-4] for p in CASES])
 def test_convt_gives_the_frameworks_numbers(path):
     x, w, y, meta = _load(path)
-    flags, expressible = _convt_flags(meta)
-    if not expressible:
-        with pytest.raises(ConvtError, match="legal sizes are"):
-            conv_transpose(x, w, **flags)
-        return
+    flags = convt_flags(meta, w)
     got = conv_transpose(x, w, **flags)
-    assert got.shape == y.shape
-    assert np.abs(got - y).max() <= 1e-12 * max(1.0, np.abs(y).max()), meta
+    assert got.shape == y.shape and got.dtype == y.dtype, meta
+    assert np.abs(got.astype(np.float64) - y).max() <= _tolerance(y), meta
     flags.pop("output_shape", None)
     report = verify_conv_transpose(x, w, y, **flags)
     assert report.passed, (meta, report.summary())
+
+
+def _cli_flags(flags):
+    def text(v):
+        if isinstance(v, str) or isinstance(v, int):
+            return str(v)
+        if v and isinstance(v[0], (tuple, list)):
+            return ",".join(f"{lo}:{hi}" for lo, hi in v)
+        return ",".join(map(str, v))
+
+    return [a for k, v in flags.items() for a in (f"--{k.replace('_', '-')}", text(v))]
+
+
+@pytest.mark.parametrize("path", CASES[::7], ids=[os.path.basename(p)[:-4] for p in CASES[::7]])
+def test_the_cli_takes_the_same_flags(work, path):
+    x, w, y, meta = _load(path)
+    np.save("fx.npy", x)
+    np.save("fw.npy", w)
+    flags = _cli_flags(convt_flags(meta, w))
+    r = invoke("run", "fx.npy", "fw.npy", "-o", "fy.npy", *flags)
+    assert r.exit_code == 0, (r.output, flags)
+    assert np.abs(np.load("fy.npy").astype(np.float64) - y).max() <= _tolerance(y)
+    np.save("given.npy", y)
+    r = invoke("verify", "fx.npy", "fw.npy", "given.npy", *[f for f in flags])
+    assert r.exit_code == 0, (r.output, flags)

@@ -12,6 +12,8 @@ import json
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from conftest import invoke
 from convt_cli import ConvtError, conv_transpose, engine
@@ -236,3 +238,19 @@ def test_estimate_bytes_bounds_what_grouped_runs_allocate(c_in, groups):
             finally:
                 tracemalloc.stop()
         assert peak <= engine.estimate_bytes(plan, np.float32, threads=2)
+
+
+@settings(max_examples=200, deadline=None)
+@given(i=st.integers(1, 6), k=st.integers(1, 4), s=st.integers(1, 4), d=st.integers(1, 4), lo=st.integers(0, 4),
+       hi=st.integers(0, 4), data=st.data())
+def test_output_padding_is_pytorchs_on_any_axis(i, k, s, d, lo, hi, data):
+    op = data.draw(st.integers(0, max(s, d) - 1))
+    o = (i - 1) * s + (k - 1) * d + 1 - lo - hi + op  # ONNX's formula with pads (lo, hi)
+    rng = np.random.default_rng([i, k, s, d, lo, hi, op])
+    x, w = rng.standard_normal((1, i, 2)), rng.standard_normal((k, 2, 2))
+    if o < 0:
+        with pytest.raises(ConvtError, match="would have size"):
+            conv_transpose(x, w, None, s, [(lo, hi)], dilations=d, output_padding=op)
+        return
+    got = conv_transpose(x, w, None, s, [(lo, hi)], dilations=d, output_padding=op)
+    np.testing.assert_allclose(got, conv_transpose_loop(x, w, (o,), s, [(lo, hi)], False, d), rtol=1e-12, atol=1e-12)
