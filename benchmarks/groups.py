@@ -21,10 +21,8 @@ import os
 import sys
 import time
 
-if os.environ.get("OPENBLAS_CORETYPE") and not os.environ.get("CONVT_BENCH_REEXEC"):
-    env = {k: v for k, v in os.environ.items() if k not in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")}
-    env["CONVT_BENCH_REEXEC"] = "1"
-    os.execve(sys.executable, [sys.executable, *sys.argv], env)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench import blas_info  # noqa: E402  (bench re-executes this script without OPENBLAS_CORETYPE)
 
 import numpy as np  # noqa: E402
 
@@ -37,13 +35,6 @@ CASES = [  # (name, batch, size, channels, kernel, stride)
     ("decoder 256ch 4x4 s2", 8, 32, 256, 4, 2),
     ("memory-bound 128ch 3x3 s1", 4, 64, 128, 3, 1),
 ]
-
-
-def blas_kernel() -> str:
-    from threadpoolctl import threadpool_info
-
-    return ", ".join(f"{lib['internal_api']} {lib['version']} {lib.get('architecture')}"
-                     for lib in threadpool_info() if lib["user_api"] == "blas")
 
 
 def block_diagonal(w: np.ndarray, groups: int) -> np.ndarray:
@@ -92,11 +83,11 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--json", help="write the rows here")
     args = parser.parse_args()
-    print(f"BLAS: {blas_kernel()}")
+    print(f"BLAS: {blas_info()}")
     rows = measure(args.repeat)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"blas": blas_kernel(), "rows": rows}, f, indent=1)
+            json.dump({"blas": blas_info(), "rows": rows}, f, indent=1)
 
 
 if __name__ == "__main__":

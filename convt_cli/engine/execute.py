@@ -97,6 +97,15 @@ def prepare(plan: Plan, w: np.ndarray, strategy: str | None = None) -> Prepared:
     return Prepared(plan, w, strategy or choose_strategy(plan))
 
 
+def _checked_input(plan: Plan, x, dtype: np.dtype) -> np.ndarray:
+    x = x if isinstance(x, np.ndarray) else np.asarray(x)
+    check_dtypes(plan.op, x.dtype, dtype)
+    if x.ndim != len(plan.input_shape) or x.shape[1:] != plan.input_shape[1:]:
+        raise ConvtError(f"{plan.op}: input shape {x.shape} does not match the plan's "
+                         f"(batch, {', '.join(map(str, plan.input_shape[1:]))})")
+    return x
+
+
 def dispatch(plan: Plan, name: str, wc: np.ndarray, compute: np.dtype) -> Strategy:
     """The strategy that runs: `name` where it applies and takes these filters, else "offsets" where that takes
     them, else "taps" (which takes any)."""
@@ -136,11 +145,7 @@ class Prepared:
     def run(self, x: np.ndarray, threads=None) -> np.ndarray:
         """conv_transpose of x, (any batch, *the plan's input_shape[1:]), in x's dtype (native byte order)."""
         plan = self.plan
-        x = x if isinstance(x, np.ndarray) else np.asarray(x)
-        check_dtypes(plan.op, x.dtype, self.dtype)
-        if x.ndim != len(plan.input_shape) or x.shape[1:] != plan.input_shape[1:]:
-            raise ConvtError(f"{plan.op}: input shape {x.shape} does not match the plan's "
-                             f"(batch, {', '.join(map(str, plan.input_shape[1:]))})")
+        x = _checked_input(plan, x, self.dtype)
         threads = runtime.resolve_threads(threads)
         batch = x.shape[0]
         if x.dtype.name == "int32" and x.size:
@@ -193,11 +198,7 @@ class Grouped:
     def run(self, x: np.ndarray, threads=None) -> np.ndarray:
         """conv_transpose of x, (any batch, *the plan's input_shape[1:]), in x's dtype (native byte order)."""
         plan = self.plan
-        x = x if isinstance(x, np.ndarray) else np.asarray(x)
-        check_dtypes(plan.op, x.dtype, self.dtype)
-        if x.ndim != len(plan.input_shape) or x.shape[1:] != plan.input_shape[1:]:
-            raise ConvtError(f"{plan.op}: input shape {x.shape} does not match the plan's "
-                             f"(batch, {', '.join(map(str, plan.input_shape[1:]))})")
+        x = _checked_input(plan, x, self.dtype)
         if x.dtype.kind in "fc" and not np.isfinite(x).all():
             return self._native().run(x, threads)
         if len(self._blocks) == 1:

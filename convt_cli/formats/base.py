@@ -179,6 +179,22 @@ class Writer:
         raise NotImplementedError
 
 
+class FileWriter(Writer):
+    """A writer of one open file, `_file` (opened in _open): finish() closes it, abort() closes it quietly."""
+
+    _file = None
+
+    def finish(self) -> None:
+        self._file.close()
+
+    def abort(self) -> None:
+        try:
+            if self._file is not None:
+                self._file.close()
+        except Exception:
+            pass
+
+
 def one_of(words) -> str:
     """'a, b or c', as messages list formats and suffixes."""
     words = list(words)

@@ -7,7 +7,7 @@ import os
 
 import numpy as np
 
-from .base import Format, Reader, WriteOptions, Writer, check_plain, fix_dtype, fix_header_dtype, np_guard
+from .base import FileWriter, Format, Reader, WriteOptions, check_plain, fix_dtype, fix_header_dtype, np_guard
 
 NPY_MAGIC = b"\x93NUMPY"
 
@@ -50,10 +50,8 @@ def write_npy_header(f, shape: tuple[int, ...], dtype: np.dtype) -> None:
         np.lib.format.write_array_header_2_0(f, header)
 
 
-class NpyStreamWriter(Writer):
+class NpyStreamWriter(FileWriter):
     """A .npy stream into an open file object: the header, then each chunk's raw bytes in order."""
-
-    _file = None
 
     def put(self, chunk: np.ndarray, start: int) -> None:
         if chunk.size:
@@ -112,13 +110,3 @@ class NpyFileWriter(NpyStreamWriter):
     def _open(self):
         self._file = open(self.path, "wb")
         write_npy_header(self._file, self.shape, self.dtype)
-
-    def finish(self):
-        self._file.close()
-
-    def abort(self):
-        try:
-            if self._file is not None:
-                self._file.close()
-        except Exception:
-            pass

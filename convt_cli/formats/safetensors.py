@@ -18,7 +18,7 @@ import struct
 
 import numpy as np
 
-from .base import Format, Reader, WriteOptions, Writer, one_of
+from .base import FileWriter, Format, Reader, WriteOptions, one_of
 
 CODES = {  # the format's dtype names <-> NumPy's (bfloat16: ml_dtypes')
     "BOOL": "bool", "U8": "uint8", "I8": "int8", "U16": "uint16", "I16": "int16", "U32": "uint32", "I32": "int32",
@@ -145,10 +145,8 @@ class SafetensorsReader(Reader):
             self._file = self._slice = None
 
 
-class SafetensorsWriter(Writer):
+class SafetensorsWriter(FileWriter):
     """One tensor into a new file: the header (its size known from shape and dtype), then the data in order."""
-
-    _file = None
 
     def __init__(self, path: str, name: str, shape, dtype, provenance: dict):
         self.path, self.name, self.shape, self.dtype = path, name, tuple(shape), np.dtype(dtype)
@@ -171,13 +169,3 @@ class SafetensorsWriter(Writer):
         if chunk.size:  # the format is little-endian
             little = np.ascontiguousarray(chunk, dtype=chunk.dtype.newbyteorder("<"))
             self._file.write(little.reshape(-1).view(np.uint8).data)
-
-    def finish(self):
-        self._file.close()
-
-    def abort(self):
-        try:
-            if self._file is not None:
-                self._file.close()
-        except Exception:
-            pass
