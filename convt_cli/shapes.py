@@ -264,8 +264,10 @@ def padded_output(i: int, k: int, s: int, d: int, padding, op: int) -> tuple[int
     forward conv's (hi = (I-1)*s + eff - O - lo, negative when the output reaches past the last tap: those
     positions are zero, as in PyTorch).
 
-    >>> padded_output(12, 1, 1, 2, (0, 0), 1), padded_output(5, 3, 2, 1, (1, 1), 1), padded_output(4, 3, 2, 1, "SAME", 1)
-    ((13, (0, -1)), (10, (1, 0)), (8, (1, 0)))
+    >>> padded_output(12, 1, 1, 2, (0, 0), 1), padded_output(5, 3, 2, 1, (1, 1), 1)
+    ((13, (0, -1)), (10, (1, 0)))
+    >>> padded_output(4, 3, 2, 1, "SAME", 1)
+    (8, (1, 0))
     """
     full = (i - 1) * s + effective_kernel(k, d)
     if _same(padding):

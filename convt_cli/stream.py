@@ -61,7 +61,7 @@ def run_files(input_ref, filters_ref, output_ref, *, output_shape=None, strides=
         input_ref: "x.npy", "x.npz[:NAME]", "x.h5[:/group/dataset]" or "-" (stdin, read whole); the array is
             (batch, *spatial, in_channels), or (batch, in_channels, *spatial) channels-first.
         filters_ref: a reference as above to (*kernel, out_channels, in_channels), whatever the data_format;
-            or stored in filter_layout: "torch" or "onnx" ([in, out, *kernel]) or "jax" ([*kernel, in, out]),
+            or stored in filter_layout: "torch" or "onnx" ([in, out/groups, *kernel]) or "jax" ([*kernel, in, out]),
             read as the former.
         output_ref: where to write: .npy, .npz[:NAME], .h5[:/group/dataset], or "-" for stdout.
         output_shape, strides, padding, data_format, dilations, output_padding, groups: as for conv_transpose
@@ -739,8 +739,8 @@ def _conv_transpose_of(plan, w, threads):
     return lambda x: prepared.run(x, threads=threads)
 
 
-SCHEMA_VERSION = 3  # of the --json summaries; 2: resolved padding pairs, padding_given, wall_seconds, pieces;
-# 3: output_padding, groups
+# of the --json summaries; 2: resolved padding pairs, padding_given, wall_seconds, pieces; 3: output_padding, groups
+SCHEMA_VERSION = 3
 
 
 def _summary(plan, dtype, refs, layout="tf") -> dict:

@@ -137,7 +137,8 @@ CASES = [
          re.compile(r"Error: INPUT 't.npy': is not a readable .npy file \(.+\)"),
          lambda: put("t.npy", read("x.npy")[:30])),
     case("garbage-bytes", ["run", "g.npy", "w.npy", "-o", "y.npy"],
-         "Error: INPUT 'g.npy': is not a .npy, .npz, HDF5 or .safetensors file (it starts with b'\\x00\\x01\\xfegarba')",
+         "Error: INPUT 'g.npy': is not a .npy, .npz, HDF5 or .safetensors file (it starts with "
+         "b'\\x00\\x01\\xfegarba')",
          lambda: put("g.npy", b"\x00\x01\xfegarbage" * 10)),
     case("empty-file", ["run", "e.npy", "w.npy", "-o", "y.npy"],
          "Error: INPUT 'e.npy': is empty, expected a .npy, .npz, HDF5 or .safetensors file", lambda: put("e.npy", b"")),
@@ -145,7 +146,8 @@ CASES = [
          "Error: INPUT 'x.csv.npy': is not a .npy, .npz, HDF5 or .safetensors file (it starts with b'1.0,2.0,')",
          lambda: put("x.csv.npy", b"1.0,2.0,3.0\n4.0,5.0,6.0\n")),
     case("npy-suffix-on-gzip", ["run", "x.gz.npy", "w.npy", "-o", "y.npy"],
-         re.compile(r"Error: INPUT 'x.gz.npy': is not a .npy, .npz, HDF5 or .safetensors file \(it starts with b'\\x1f\\x8b.*'\)"),
+         re.compile(r"Error: INPUT 'x.gz.npy': is not a .npy, .npz, HDF5 or .safetensors file "
+                    r"\(it starts with b'\\x1f\\x8b.*'\)"),
          lambda: put("x.gz.npy", gzip.compress(read("x.npy"), mtime=0))),
     case("npy-header-negative-shape", ["run", "n.npy", "w.npy", "-o", "y.npy"],
          "Error: INPUT 'n.npy': is not a readable .npy file (its header claims the negative shape (2, -5, 6, 3))",
@@ -357,7 +359,8 @@ CASES = [
     case("output-is-a-folder", ["run", "x.npy", "w.npy", "-o", "y.npy", "--force"],
          "Error: OUTPUT 'y.npy': is a folder", lambda: os.mkdir("y.npy")),
     case("output-suffix-unknown", ["run", "x.npy", "w.npy", "-o", "y.csv"],
-         "Error: OUTPUT 'y.csv': unknown output format '.csv': expected .npy, .npz, .h5, .hdf5 or .safetensors, or - for stdout"),
+         "Error: OUTPUT 'y.csv': unknown output format '.csv': expected .npy, .npz, .h5, .hdf5 or .safetensors, or - "
+         "for stdout"),
     case("output-h5-on-non-hdf5", ["run", "x.npy", "w.npy", "-o", "o.h5:/y", "--force"],
          "Error: OUTPUT 'o.h5:/y': exists and is not an HDF5 file", lambda: put("o.h5", b"plain text")),
     case("output-h5-root", ["run", "x.npy", "w.npy", "-o", "o.h5:/"],

@@ -45,8 +45,8 @@ def test_sniff_trusts_bytes_not_suffixes():
         f["x"] = np.arange(4)
     np.testing.assert_array_equal(io.load(io.parse_ref("INPUT", "h.npy")), np.arange(4))
     open("junk.npy", "wb").write(b"GARBAGE!")
-    with pytest.raises(ConvtError, match=r"^INPUT 'junk.npy': is not a .npy, .npz, HDF5 or .safetensors file \(it starts with "
-                                         r"b'GARBAGE!'\)$"):
+    with pytest.raises(ConvtError, match=r"^INPUT 'junk.npy': is not a .npy, .npz, HDF5 or .safetensors file "
+                                         r"\(it starts with b'GARBAGE!'\)$"):
         io.load(io.parse_ref("INPUT", "junk.npy"))
     open("empty.npy", "wb").close()
     with pytest.raises(ConvtError, match="is empty"):

@@ -144,3 +144,26 @@ def test_pickles_are_refused_with_the_conversion(tmp_path, monkeypatch, path, co
     assert error_line(r) == f"Error: INPUT '{path}': {_advice(path, stem)}"
     r = invoke("info", path)
     assert error_line(r) == f"Error: FILE '{path}': {_advice(path, stem)}"
+
+
+@pytest.mark.parametrize("content", [
+    (128).to_bytes(8, "little") + b" " * 128,  # a header length of 128, whose first byte is a pickle's PROTO
+    (128).to_bytes(8, "little"),  # cut short after the length
+    (0x0280).to_bytes(8, "little") + b"{",
+])
+def test_a_damaged_safetensors_file_is_not_called_a_pickle(tmp_path, monkeypatch, content):
+    monkeypatch.chdir(tmp_path)
+    with open("bad.safetensors", "wb") as f:
+        f.write(content)
+    r = invoke("info", "bad.safetensors")
+    assert "pickle" not in error_line(r) and error_line(r).startswith("Error: FILE 'bad.safetensors': is not a")
+
+
+def test_force_replaces_a_damaged_safetensors_output(weights):
+    open("o.safetensors", "wb").close()
+    r = invoke("run", "model.safetensors:x", "model.safetensors:decoder.0.weight", "-o", "o.safetensors", *FLAGS)
+    assert error_line(r) == "Error: OUTPUT 'o.safetensors': exists: pass --force to replace it"
+    r = invoke("run", "model.safetensors:x", "model.safetensors:decoder.0.weight", "-o", "o.safetensors", "--force",
+               *FLAGS)
+    assert r.exit_code == 0, r.output
+    assert list(load_file("o.safetensors")) == ["output"]

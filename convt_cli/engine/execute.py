@@ -39,7 +39,7 @@ def conv_transpose(input, filters, output_shape=None, strides=1, padding="SAME",
         data_format: None (channels-last), TF's strings for N <= 3, "channels_last" or "channels_first".
         name: ignored; TF's graph name for the op, taken so that a call written for TF runs unchanged.
         threads: how many threads (None: CONVT_NUM_THREADS, else every usable core); never changes a bit.
-        filter_layout: how `filters` is stored: "tf" (above), "torch" / "onnx" ([in, out, *kernel], as
+        filter_layout: how `filters` is stored: "tf" (above), "torch" / "onnx" ([in, out/groups, *kernel], as
             PyTorch's ConvTranspose weight and ONNX's ConvTranspose W), or "jax" ([*kernel, in, out], JAX's
             lax.conv_transpose rhs with transpose_kernel=False); read as "tf" once, here.
         output_padding: None (TF's rules) or PyTorch's and ONNX's output_padding, an int or N ints, each below
@@ -177,7 +177,7 @@ class Grouped:
     """Filters of G groups ready for one plan, as blocks of groups (merged_groups: each block in/G * b channels
     wide, b groups, and the block-diagonal filters of its b groups): each block is a conv_transpose of its own,
     on the strategy its shape chooses, so the work is 1/(G/b) of the whole block-diagonal filters', and no GEMM
-    is too narrow for BLAS. A batch whose input holds a value that is not finite runs on "taps" instead, a GEMM
+    is too narrow for BLAS. An image whose input holds a value that is not finite runs on "taps" instead, a GEMM
     per group, never across groups (where a zero between groups times an inf would make a NaN PyTorch does not
     make). `.run(x, threads=None)` runs the blocks one after the other, each on every thread."""
 
@@ -199,8 +199,14 @@ class Grouped:
         """conv_transpose of x, (any batch, *the plan's input_shape[1:]), in x's dtype (native byte order)."""
         plan = self.plan
         x = _checked_input(plan, x, self.dtype)
-        if x.dtype.kind in "fc" and not np.isfinite(x).all():
-            return self._native().run(x, threads)
+        if compute_dtype(x.dtype).kind in "fc" and x.size:  # float16 and bfloat16 too
+            finite = np.isfinite(x).reshape(len(x), -1).all(axis=1)  # per image: pieces give the bits of the whole
+            if not finite.all():
+                out = np.empty((x.shape[0], *plan.output_shape[1:]), dtype=x.dtype.newbyteorder("="))
+                out[~finite] = self._native().run(x[~finite], threads)
+                if finite.any():
+                    out[finite] = self.run(x[finite], threads)
+                return out
         if len(self._blocks) == 1:
             return self._blocks[0].run(x, threads)
         out = np.empty((x.shape[0], *plan.output_shape[1:]), dtype=x.dtype.newbyteorder("="))
@@ -247,13 +253,13 @@ def estimate_bytes(plan: Plan, dtype, threads=None, strategy: str | None = None)
         # the output and one block's output and work at a time, every block's filters, and the finite check; or
         # what "taps" takes for the groups together
         sub = plan.group_plan(merged_groups(plan))
-        blocks = plan.groups * sub.in_channels // plan.in_channels if plan.in_channels else plan.groups
+        blocks = plan.groups // merged_groups(plan)
         one = estimate_bytes(sub, dtype, threads, strategy)
         filters = one - math.prod(sub.output_shape) * dtype.itemsize - _work_bytes(sub, dtype, threads, strategy)
-        merged = one + (blocks - 1) * filters + math.prod(plan.input_shape)
-        if blocks > 1:
-            merged += math.prod(plan.output_shape) * dtype.itemsize
-        return max(merged, _bytes(plan, dtype, threads, "taps"))
+        merged = one + (blocks - 1) * filters + math.prod(plan.output_shape) * dtype.itemsize
+        # the finite check, and for a batch with images that are not finite: their copy and "taps"' filters and
+        # work beside the blocks'
+        return merged + math.prod(plan.input_shape) * (1 + dtype.itemsize) + _bytes(plan, dtype, threads, "taps")
     return _bytes(plan, dtype, threads, strategy)
 
 

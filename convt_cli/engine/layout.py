@@ -64,7 +64,8 @@ def tf_filters(op: str, w: np.ndarray, filter_layout) -> tuple[np.ndarray, str]:
 def plan_with_layout(x_shape, w_shape, output_shape, strides, padding, data_format, dilations, layout: str,
                      **beyond_tf):
     """plan_conv_transpose of filters already read as (*kernel, out, in) from `layout` (a checked name); a mistake
-    in them is told in the layout they were given in, too (mistakes about the filters: the message names them). `beyond_tf`: output_padding, groups."""
+    in them is told in the layout they were given in, too (mistakes about the filters: the messages that name
+    them). `beyond_tf`: output_padding, groups."""
     try:
         return plan_conv_transpose(x_shape, w_shape, output_shape, strides, padding, data_format, dilations,
                                    **beyond_tf)

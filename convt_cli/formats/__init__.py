@@ -26,9 +26,9 @@ __all__ = ["FORMATS", "STDIO", "Format", "Reader", "WholeReader", "WriteOptions"
 
 
 PICKLE_SUFFIXES = (".pt", ".pth", ".ckpt", ".pkl", ".pickle")
-PICKLE_ADVICE = ("is a pickle (as torch.save writes .pt, .pth and .bin files), which convt never loads: unpickling runs code. Convert its "
-                 "tensors to safetensors once, where PyTorch is installed: python -c \"import torch; from "
-                 "safetensors.torch import save_file; save_file(torch.load('{path}', weights_only=True), "
+PICKLE_ADVICE = ("is a pickle (as torch.save writes .pt, .pth and .bin files), which convt never loads: unpickling "
+                 "runs code. Convert its tensors to safetensors once, where PyTorch is installed: python -c \"import "
+                 "torch; from safetensors.torch import save_file; save_file(torch.load('{path}', weights_only=True), "
                  "'{stem}.safetensors')\", then pass {stem}.safetensors:NAME (convt info lists the names)")
 
 
@@ -56,7 +56,7 @@ def input_format(ref) -> Format:
         # a pipe or device would be consumed by the sniff and could not be read again
         ref.fail("is not a regular file (a pipe or a device): give a file, or - to read a .npy stream from stdin")
     if os.path.splitext(ref.path)[1].lower() in PICKLE_SUFFIXES:
-        ref.fail(PICKLE_ADVICE.format(path=ref.path, stem=os.path.splitext(ref.path)[0]))
+        _refuse_pickle(ref)
     try:
         with open(ref.path, "rb") as f:
             head = f.read(max([16] + [len(fmt.magic) for fmt in FORMATS.values()]))
@@ -64,18 +64,24 @@ def input_format(ref) -> Format:
         ref.fail("no such file")
     except OSError as e:
         ref.fail(f"cannot be read: {e.strerror}")
-    pickle = head[:1] == b"\x80"  # a pickle starts with its PROTO opcode
-    for fmt in [FORMATS[name] for name in SNIFF_ORDER if name in FORMATS] + list(FORMATS.values()):
+    # a pickle starts with its PROTO opcode and protocol 2-5, then an opcode (a .safetensors header length has 0s)
+    pickle = head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05") and head[2:3] not in (b"", b"\0")
+    order = [FORMATS[name] for name in SNIFF_ORDER if name in FORMATS]
+    for fmt in order + [fmt for fmt in FORMATS.values() if fmt not in order]:
         if fmt.sniff(head):
             pickle = fmt.magic == ZIP_MAGIC and _torch_zip(ref.path)
             if not pickle:
                 return fmt
             break
     if pickle:
-        ref.fail(PICKLE_ADVICE.format(path=ref.path, stem=os.path.splitext(ref.path)[0]))
+        _refuse_pickle(ref)
     if not head:
         ref.fail(f"is empty, expected a {titles()} file")
     ref.fail(f"is not a {titles()} file (it starts with {head[:8]!r})")
+
+
+def _refuse_pickle(ref):
+    ref.fail(PICKLE_ADVICE.format(path=ref.path, stem=os.path.splitext(ref.path)[0]))
 
 
 def _torch_zip(path: str) -> bool:

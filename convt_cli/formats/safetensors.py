@@ -18,6 +18,7 @@ import struct
 
 import numpy as np
 
+from ..errors import ConvtError
 from .base import FileWriter, Format, Reader, WriteOptions, one_of
 
 CODES = {  # the format's dtype names <-> NumPy's (bfloat16: ml_dtypes')
@@ -52,13 +53,16 @@ def _tensor(ref, f) -> str:
     names = list(f.keys())
     if ref.name is not None:
         if ref.name not in names:
-            shown = ", ".join(names[:8]) + (", ..." if len(names) > 8 else "")
-            ref.fail(f"has no tensor '{ref.name}': it holds {shown or 'nothing'}")
+            ref.fail(f"has no tensor '{ref.name}': it holds {_shown(names, 8) or 'nothing'}")
         return ref.name
     if len(names) != 1:
         first = names[0] if names else "NAME"
         ref.fail(f"holds {len(names)} tensors: name one, as {ref.path}:{first}")
     return names[0]
+
+
+def _shown(names: list, most: int) -> str:
+    return ", ".join(names[:most]) + (", ..." if len(names) > most else "")
 
 
 def _spec(ref, f, name: str) -> tuple[tuple[int, ...], np.dtype]:
@@ -108,13 +112,15 @@ class Safetensors(Format):
     # Writing
 
     def check_existing(self, ref, force):
-        with _open(ref) as f:
-            names = list(f.keys())
+        try:
+            with _open(ref) as f:
+                names = list(f.keys())
+        except ConvtError:  # damaged or empty: nothing in it to keep
+            names = []
         others = [n for n in names if n != (ref.name or DEFAULT_NAME)]
         if others:
-            shown = ", ".join(others[:5]) + (", ..." if len(others) > 5 else "")
-            ref.fail(f"exists and holds other tensors ({shown}): convt writes whole .safetensors files, so write "
-                     f"the output to a new file")
+            ref.fail(f"exists and holds other tensors ({_shown(others, 5)}): convt writes whole .safetensors files, "
+                     f"so write the output to a new file")
         if not force:
             ref.fail("exists: pass --force to replace it")
 

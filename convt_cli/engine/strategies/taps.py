@@ -68,20 +68,22 @@ class Taps(Strategy):
             acc = out[b0:b1] if accumulate_in_place else np.zeros((nb, *out.shape[1:]), dtype=compute)
             if plan.groups > 1:
                 grouped(xb, acc)
-            for g, wg in zip(groups if plan.groups == 1 else (), weights):
+            else:
+                ungrouped(xb, acc)
+            if not accumulate_in_place:
+                store(plan.op, out[b0:b1], acc)
+
+        def ungrouped(xb, acc):
+            nb = xb.shape[0]
+            for g, wg in zip(groups, weights):
                 if first:
                     y = np.matmul(wg, xb.reshape(nb, c_in, positions))  # (nb, T*c_out, P)
                 else:
                     y = np.matmul(xb.reshape(nb, positions, c_in), wg)  # (nb, P, T*c_out), a GEMM per image
                 y = y.reshape(nb, *shaped(first, spatial, len(g), c_out))  # (nb, T, c_out, *I) or (nb, *I, T, c_out)
-                for t, (_, spans) in enumerate(g):
-                    src = tuple(slice(i0, i1) for i0, i1, _ in spans)
-                    dst = tuple(slice(o0, o0 + (i1 - i0 - 1) * s + 1, s)
-                                for (i0, i1, o0), s in zip(spans, plan.spec.strides))
+                for t, src, dst in _placed(g, plan.spec.strides):
                     acc[at(first, dst, slice(None))] += y[at(first, src, slice(None), tail=(t,))]
                 del y
-            if not accumulate_in_place:
-                store(plan.op, out[b0:b1], acc)
 
         def grouped(xb, acc):
             # as above with a group axis G: a GEMM per (image, group), each output block added to its group's
@@ -96,10 +98,7 @@ class Taps(Strategy):
             for g, wg in zip(groups, weights):
                 y = np.matmul(wg, xg) if first else np.matmul(xg, wg)  # (nb, G, T*co, P) or (nb, G, P, T*co)
                 y = y.reshape(nb, n_g, len(g), co, *spatial) if first else y.reshape(nb, n_g, *spatial, len(g), co)
-                for t, (_, spans) in enumerate(g):
-                    src = tuple(slice(i0, i1) for i0, i1, _ in spans)
-                    dst = tuple(slice(o0, o0 + (i1 - i0 - 1) * s + 1, s)
-                                for (i0, i1, o0), s in zip(spans, plan.spec.strides))
+                for t, src, dst in _placed(g, plan.spec.strides):
                     if first:
                         view[(slice(None), slice(None), slice(None), *dst)] += y[(slice(None), slice(None), t,
                                                                                   slice(None), *src)]
@@ -109,3 +108,11 @@ class Taps(Strategy):
 
         runtime.over_batch(x.shape[0], per_image, work, threads)
         return set()
+
+
+def _placed(taps, strides):
+    """Per tap of a group of taps: (its index, the input box it reads, the strided output box it adds to)."""
+    for t, (_, spans) in enumerate(taps):
+        src = tuple(slice(i0, i1) for i0, i1, _ in spans)
+        dst = tuple(slice(o0, o0 + (i1 - i0 - 1) * s + 1, s) for (i0, i1, o0), s in zip(spans, strides))
+        yield t, src, dst
