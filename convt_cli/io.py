@@ -79,6 +79,7 @@ def parse_ref(label: str, text: str, must_exist: bool = True) -> ArrayRef:
         if must_exist:
             head, colon, _ = text.rpartition(":")
             if colon and os.path.isfile(head):  # x.npy:foo, where x.npy holds one array
+                formats.input_format(ArrayRef(label, text, head, None))  # unless it is no array at all (a pickle)
                 raise ConvtError(f"{label} '{text}': '{head}' holds one array, with no names inside: drop the "
                                  f"':{text[len(head) + 1:]}'")
             folder = os.path.dirname(text)

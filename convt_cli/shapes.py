@@ -638,6 +638,15 @@ def filter_axes(layout: str, ndim: int) -> tuple[tuple[int, ...], tuple[int, ...
     return tuple(range(ndim)), ()
 
 
+def layout_rank_problem(layout: str, shape) -> str | None:
+    """What is wrong with filters of `shape` stored in `layout` before they can be read as (*kernel, out, in):
+    another framework's filters need a kernel axis and both channel axes (a bias, say, has not). None: nothing."""
+    if layout == "tf" or len(shape) >= 3:
+        return None
+    return (f"filters given in layout {layout} {FILTER_LAYOUTS[layout][0]} must have rank >= 3 (kernel axes and two "
+            f"channel axes), got rank {len(shape)} with shape {tuple(shape)}")
+
+
 def filters_shape_as_tf(layout: str, shape) -> tuple[int, ...]:
     """The (*kernel, out, in) shape of filters of `shape` stored in `layout`.
 

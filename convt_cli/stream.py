@@ -33,7 +33,7 @@ from .errors import ConvtError
 from .interrupts import stop_if_signalled
 from .engine.layout import as_tf_filters, plan_with_layout
 from .shapes import filter_layout as filter_layout_name
-from .shapes import filters_shape_as_tf
+from .shapes import filters_shape_as_tf, layout_rank_problem
 
 PIECE_BYTES = 8 << 20  # input + output of one piece of a run: enough per piece to keep every thread busy
 
@@ -684,6 +684,9 @@ def _open_filters(ref, layout: str):
     shape, dtype, load = _open(ref)
     if layout == "tf":
         return shape, dtype, load
+    problem = layout_rank_problem(layout, shape)
+    if problem:
+        ref.fail(problem)
     return filters_shape_as_tf(layout, shape), dtype, lambda: as_tf_filters(load(), layout)
 
 

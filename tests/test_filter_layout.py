@@ -88,3 +88,18 @@ def test_the_cli_takes_the_other_frameworks_padding_spellings(work):
         assert np.load("yp.npy").tobytes() == want.tobytes()
         r = invoke("verify", "xp.npy", "wp.npy", "yp.npy", "--strides", "2", "--padding", spelled)
         assert r.exit_code == 0, r.output
+
+
+@pytest.mark.parametrize("layout", ["torch", "onnx", "jax"])
+@pytest.mark.parametrize("shape", [(9,), (), (4, 3)])
+def test_filters_without_kernel_and_channel_axes_are_named_not_crashed_on(work, layout, shape):
+    # a bias passed as the weight, say
+    np.save("b.npy", np.ones(shape, np.float32))
+    axes = {"torch": "[in, out/groups, *k]", "onnx": "[in, out/groups, *k]", "jax": "[*k, in, out]"}[layout]
+    told = (f"filters given in layout {layout} {axes} must have rank >= 3 (kernel axes and two channel axes), got "
+            f"rank {len(shape)} with shape {shape}")
+    r = invoke("run", "x.npy", "b.npy", "--filter-layout", layout, "-o", "y.npy")
+    assert r.exit_code == 2 and r.stderr == f"Error: FILTERS 'b.npy': {told}\n"
+    with pytest.raises(ConvtError) as e:
+        conv_transpose(np.ones((1, 4, 4, 3), np.float32), np.ones(shape, np.float32), filter_layout=layout)
+    assert str(e.value) == f"conv_transpose: {told}"

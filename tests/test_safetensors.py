@@ -113,11 +113,12 @@ def test_complex128_has_no_safetensors_type(weights):
     assert not [p for p in os.listdir(".") if p.startswith(("c.safetensors", ".convt"))]
 
 
-def _advice(path, stem):
+def _advice(path, target):
     return (f"is a pickle (as torch.save writes .pt, .pth and .bin files), which convt never loads: unpickling runs "
             f"code. Convert its tensors to safetensors once, where PyTorch is installed: python -c \"import torch; "
-            f"from safetensors.torch import save_file; save_file(torch.load('{path}', weights_only=True), "
-            f"'{stem}.safetensors')\", then pass {stem}.safetensors:NAME (convt info lists the names)")
+            f"from safetensors.torch import save_file; t = torch.load('{path}', weights_only=True); "
+            f"save_file({{k: v.contiguous() for k, v in (t if isinstance(t, dict) else {{'weight': t}}).items()}}, "
+            f"'{target}')\", then pass {target}:NAME (convt info lists the names)")
 
 
 @pytest.mark.parametrize("path, content", [
@@ -126,6 +127,8 @@ def _advice(path, stem):
     ("last.ckpt", b"whatever"),
     ("pytorch_model.bin", "torch zip"),
     ("old.bin", b"\x80\x02}q\x00."),  # a pickle of protocol 2, as torch.save wrote before its zip format
+    ("disguised.safetensors", b"\x80\x04\x95\x05\x00\x00\x00\x00\x00\x00\x00}\x94."),
+    ("disguised.npy", b"\x80\x04\x95\x05\x00\x00\x00\x00\x00\x00\x00}\x94."),
 ])
 def test_pickles_are_refused_with_the_conversion(tmp_path, monkeypatch, path, content):
     import zipfile
@@ -138,12 +141,15 @@ def test_pickles_are_refused_with_the_conversion(tmp_path, monkeypatch, path, co
     else:
         with open(path, "wb") as f:
             f.write(content)
-    stem = os.path.splitext(path)[0]
+    stem, suffix = os.path.splitext(path)
+    target = stem + ("-converted" if suffix == ".safetensors" else "") + ".safetensors"  # never over the pickle
     np.save("w.npy", np.ones((3, 3, 2, 2), np.float32))
     r = invoke("run", path, "w.npy", "-o", "y.npy")
-    assert error_line(r) == f"Error: INPUT '{path}': {_advice(path, stem)}"
+    assert error_line(r) == f"Error: INPUT '{path}': {_advice(path, target)}"
     r = invoke("info", path)
-    assert error_line(r) == f"Error: FILE '{path}': {_advice(path, stem)}"
+    assert error_line(r) == f"Error: FILE '{path}': {_advice(path, target)}"
+    r = invoke("run", "w.npy", f"{path}:weight", "-o", "y.npy")  # a name inside it: still a pickle
+    assert error_line(r) == f"Error: FILTERS '{path}:weight': {_advice(path, target)}"
 
 
 @pytest.mark.parametrize("content", [

@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..errors import ConvtError
-from ..shapes import FILTER_LAYOUTS, filter_axes, plan_conv_transpose
+from ..shapes import FILTER_LAYOUTS, filter_axes, layout_rank_problem, plan_conv_transpose
 from ..shapes import filter_layout as checked_layout
 
 
@@ -58,6 +58,9 @@ def as_tf_filters(w: np.ndarray, layout: str) -> np.ndarray:
 def tf_filters(op: str, w: np.ndarray, filter_layout) -> tuple[np.ndarray, str]:
     """(filters stored in filter_layout as (*kernel, out, in), a view; the layout's checked name)."""
     layout = checked_layout(op, filter_layout)
+    problem = layout_rank_problem(layout, w.shape)
+    if problem:
+        raise ConvtError(f"{op}: {problem}")
     return as_tf_filters(w, layout), layout
 
 

@@ -28,8 +28,9 @@ __all__ = ["FORMATS", "STDIO", "Format", "Reader", "WholeReader", "WriteOptions"
 PICKLE_SUFFIXES = (".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 PICKLE_ADVICE = ("is a pickle (as torch.save writes .pt, .pth and .bin files), which convt never loads: unpickling "
                  "runs code. Convert its tensors to safetensors once, where PyTorch is installed: python -c \"import "
-                 "torch; from safetensors.torch import save_file; save_file(torch.load('{path}', weights_only=True), "
-                 "'{stem}.safetensors')\", then pass {stem}.safetensors:NAME (convt info lists the names)")
+                 "torch; from safetensors.torch import save_file; t = torch.load('{path}', weights_only=True); "
+                 "save_file({{k: v.contiguous() for k, v in (t if isinstance(t, dict) else {{'weight': t}}).items()}}, "
+                 "'{target}')\", then pass {target}:NAME (convt info lists the names)")
 
 
 def titles() -> str:
@@ -81,7 +82,9 @@ def input_format(ref) -> Format:
 
 
 def _refuse_pickle(ref):
-    ref.fail(PICKLE_ADVICE.format(path=ref.path, stem=os.path.splitext(ref.path)[0]))
+    stem, suffix = os.path.splitext(ref.path)
+    target = stem + ("-converted" if suffix.lower() == ".safetensors" else "") + ".safetensors"
+    ref.fail(PICKLE_ADVICE.format(path=ref.path, target=target))
 
 
 def _torch_zip(path: str) -> bool:
