@@ -126,12 +126,13 @@ def normalize_window(op: str, label: str, value, n: int, channels_first: bool) -
     return tuple(values)
 
 
-PADDING_NAMES = {"SAME": "SAME", "VALID": "VALID", "SAME_UPPER": "SAME", "SAME_LOWER": "SAME_LOWER"}
+PADDING_NAMES = {"SAME": "SAME", "VALID": "VALID", "SAME_UPPER": "SAME_UPPER", "SAME_LOWER": "SAME_LOWER"}
+ONNX_SAME = ("SAME_UPPER", "SAME_LOWER")  # ONNX's auto_pad: with an output_shape, ONNX's rule (see pads_for)
 
 
 def normalize_padding(op: str, padding, n: int, channels_first: bool):
     """'SAME' / 'VALID' in any case, or explicit (lo, hi) pairs: N of them, or N+2 in data_format order (TF's
-    spellings, with TF's behaviour). Beyond TF: 'SAME_UPPER' (= 'SAME') and 'SAME_LOWER' (the odd pad first) as
+    spellings, with TF's behaviour). Beyond TF: 'SAME_UPPER' (SAME) and 'SAME_LOWER' (the odd pad first) as
     ONNX names them, an integer p (p on both sides of every axis) and one flat (lo, hi) for every axis."""
     if isinstance(padding, str):
         name = padding.strip().upper()
@@ -177,7 +178,7 @@ class ConvSpec:
     channels_first: bool
     strides: tuple[int, ...]
     dilations: tuple[int, ...]
-    padding: object  # "SAME", "SAME_LOWER", "VALID" or a tuple of N (lo, hi) pairs
+    padding: object  # "SAME", "SAME_UPPER", "SAME_LOWER", "VALID" or a tuple of N (lo, hi) pairs
 
     def axis_padding(self, j: int):
         return self.padding if isinstance(self.padding, str) else self.padding[j]
@@ -200,7 +201,7 @@ def normalize_spec(op, n, strides=1, padding="SAME", data_format=None, dilations
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Per-axis integer math. `padding` is "SAME", "SAME_LOWER", "VALID" or a (lo, hi) pair.
+# Per-axis integer math. `padding` is "SAME", "SAME_UPPER", "SAME_LOWER", "VALID" or a (lo, hi) pair.
 
 
 def effective_kernel(k: int, d: int) -> int:
@@ -214,7 +215,7 @@ def _trunc_div(a: int, b: int) -> int:
 
 
 def _same(padding) -> bool:
-    return padding in ("SAME", "SAME_LOWER")
+    return padding in ("SAME", "SAME_UPPER", "SAME_LOWER")
 
 
 def forward_size(o: int, k: int, s: int, d: int, padding) -> int:
@@ -225,10 +226,16 @@ def forward_size(o: int, k: int, s: int, d: int, padding) -> int:
     return _trunc_div(o + p - effective_kernel(k, d) + s, s)
 
 
-def legal_output_range(i: int, k: int, s: int, d: int, padding):
-    """(min, max) of the transposed output sizes O >= 0 with forward_size(O) == i, or None if there is none."""
+def legal_output_range(i: int, k: int, s: int, d: int, padding, op: int = 0):
+    """(min, max) of the transposed output sizes O >= 0 with forward_size(O) == i, or None if there is none.
+    ONNX's SAME_UPPER and SAME_LOWER also take what ONNX's output_shape takes: 1 <= O <= (I-1)*s + eff + op (a
+    total pad >= 0)."""
     if _same(padding):
-        return (0, 0) if i == 0 else ((i - 1) * s + 1, i * s)
+        if i == 0:
+            return 0, 0
+        if padding in ONNX_SAME:
+            return 1, max(i * s, (i - 1) * s + effective_kernel(k, d) + op)
+        return (i - 1) * s + 1, i * s
     p = 0 if padding == "VALID" else padding[0] + padding[1]
     eff = effective_kernel(k, d)
     if i == 0:  # truncation toward zero: -s < O + p - eff + s < s
@@ -247,11 +254,16 @@ def default_output_size(i: int, k: int, s: int, d: int, padding) -> int:
     return max(0, (i - 1) * s + effective_kernel(k, d) - p)
 
 
-def pads_for(i: int, o: int, k: int, s: int, d: int, padding) -> tuple[int, int]:
-    """(lo, hi) padding of the forward conv between an input of size o and an output of size i."""
-    if _same(padding):  # TF's SAME puts the odd pad at the end, ONNX's SAME_LOWER at the start
-        total = max(0, (i - 1) * s + effective_kernel(k, d) - o)
-        return (total // 2, total - total // 2) if padding == "SAME" else (total - total // 2, total // 2)
+def pads_for(i: int, o: int, k: int, s: int, d: int, padding, op: int = 0) -> tuple[int, int]:
+    """(lo, hi) padding of the forward conv between an input of size o and an output of size i. SAME's total is
+    (I-1)*s + eff - O, at least 0, its odd unit at the end (SAME, SAME_UPPER) or the start (SAME_LOWER); with
+    ONNX's output_padding op it is (I-1)*s + eff + op - O (ONNX's output_shape rule), and hi is then the forward
+    conv's, (I-1)*s + eff - O - lo."""
+    if _same(padding):
+        full = (i - 1) * s + effective_kernel(k, d)
+        total = max(0, full + op - o)
+        lo = total - total // 2 if padding == "SAME_LOWER" else total // 2
+        return lo, (total - lo if op == 0 else full - o - lo)
     if padding == "VALID":
         return 0, 0
     return tuple(padding)
@@ -259,8 +271,8 @@ def pads_for(i: int, o: int, k: int, s: int, d: int, padding) -> tuple[int, int]
 
 def padded_output(i: int, k: int, s: int, d: int, padding, op: int) -> tuple[int, tuple[int, int]]:
     """(O, (lo, hi)) with PyTorch's and ONNX's output_padding op: explicit (lo, hi) or VALID give O =
-    (I-1)*s + eff - lo - hi + op; SAME and SAME_LOWER give O = I*s with a total pad of (I-1)*s + eff + op - O
-    (at least 0) split as pads_for splits it (ONNX's auto_pad with output_padding). The pair returned is the
+    (I-1)*s + eff - lo - hi + op; SAME, SAME_UPPER and SAME_LOWER give O = I*s with a total pad of
+    (I-1)*s + eff + op - O (at least 0) split as pads_for splits it (ONNX's auto_pad with output_padding). The pair returned is the
     forward conv's (hi = (I-1)*s + eff - O - lo, negative when the output reaches past the last tap: those
     positions are zero, as in PyTorch).
 
@@ -272,8 +284,7 @@ def padded_output(i: int, k: int, s: int, d: int, padding, op: int) -> tuple[int
     full = (i - 1) * s + effective_kernel(k, d)
     if _same(padding):
         o = i * s
-        total = max(0, full + op - o)
-        lo = total // 2 if padding == "SAME" else total - total // 2
+        lo = pads_for(i, o, k, s, d, padding, op)[0]
     else:
         lo, hi = (0, 0) if padding == "VALID" else padding
         o = full - lo - hi + op
@@ -281,6 +292,8 @@ def padded_output(i: int, k: int, s: int, d: int, padding, op: int) -> tuple[int
 
 
 def rule_text(padding) -> str:
+    if padding in ONNX_SAME:
+        return f"{padding} needs 1 <= O <= max(I*s, (I-1)*s+eff+output_padding) with eff=(K-1)*d+1"
     if _same(padding):
         return f"{padding} needs (I-1)*s+1 <= O <= I*s"
     if padding == "VALID":
@@ -443,7 +456,8 @@ def plan_conv_transpose(
         filters_shape: (*kernel, out_channels / groups, in_channels), whatever the data_format.
         output_shape: None, the N spatial sizes, or the full N+2 shape in data_format order.
         output_padding: None (TF's rules), or PyTorch's and ONNX's: an int or N ints (see padded_output);
-            an output_shape given too must agree with it.
+            an output_shape given too must agree with it, but for SAME_UPPER and SAME_LOWER, where the two
+            together are ONNX's output_shape rule (see pads_for).
         groups: G, as PyTorch and ONNX group channels (depthwise when G = in_channels).
 
     Returns:
@@ -505,16 +519,18 @@ def plan_conv_transpose(
             if o < 0:
                 _fail(op, f"{label}={o} must be >= 0")
 
-    if padded is not None:
+    onnx = spec.padding in ONNX_SAME and output_shape is not None  # ONNX's output_shape, with output_padding
+    if padded is not None and not onnx:
         for j, (label, o) in enumerate(zip(labels, out_spatial)):
             if o != padded[j][0]:
                 _fail(op, f"{label}={o} disagrees with output_padding[{j}]={output_padding[j]}, which makes the "
                           f"output {padded[j][0]} on spatial axis {j}: give one or the other")
         return Plan(op, spec, batch, c_in, c_out, in_spatial, kernel, out_spatial, tuple(p for _, p in padded),
                     tuple((o, o) for o in out_spatial), groups, output_padding)
+    ops = output_padding or (0,) * n
     ranges = []
-    for label, o, (i, k, s, d, pad) in zip(labels, out_spatial, axes):
-        legal = legal_output_range(i, k, s, d, pad)
+    for label, o, (i, k, s, d, pad), op_j in zip(labels, out_spatial, axes, ops):
+        legal = legal_output_range(i, k, s, d, pad, op_j)
         if legal is None or not legal[0] <= o <= legal[1]:
             sizes = "no output size is legal" if legal is None else f"legal sizes are {legal[0]}..{legal[1]}"
             _fail(
@@ -523,8 +539,9 @@ def plan_conv_transpose(
                 f"padding {padding_text(pad)}: {sizes} ({rule_text(pad)})",
             )
         ranges.append(legal)
-    pads = tuple(pads_for(i, o, k, s, d, pad) for o, (i, k, s, d, pad) in zip(out_spatial, axes))
-    return Plan(op, spec, batch, c_in, c_out, in_spatial, kernel, out_spatial, pads, tuple(ranges), groups)
+    pads = tuple(pads_for(i, o, k, s, d, pad, op_j) for o, (i, k, s, d, pad), op_j in zip(out_spatial, axes, ops))
+    return Plan(op, spec, batch, c_in, c_out, in_spatial, kernel, out_spatial, pads, tuple(ranges), groups,
+                output_padding)
 
 
 def plan_conv(input_shape, filters_shape, strides=1, padding="SAME", data_format=None, dilations=None) -> Plan:

@@ -39,7 +39,8 @@ def torch_flags(m):
 
 def onnx_flags(m):
     """ConvTranspose's attributes -> convt's flags: pads [b..., e...] as lo:hi pairs, auto_pad by name, the
-    output_shape attribute (auto_pad NOTSET: the odd pad first) as SAME_LOWER with --output-shape."""
+    output_shape attribute (auto_pad NOTSET: the odd pad first) as SAME_LOWER with --output-shape (and
+    output_padding as it is: ONNX's total pad counts it)."""
     n = m["n"]
     flags = dict(data_format="channels_first", filter_layout="onnx", strides=m["strides"], dilations=m["dilations"],
                  output_padding=m["output_padding"], groups=m["group"])
@@ -47,7 +48,6 @@ def onnx_flags(m):
         flags["padding"] = list(zip(m["pads"][:n], m["pads"][n:]))
     elif "output_shape" in m:
         flags.update(padding="SAME_LOWER", output_shape=m["output_shape"])
-        flags.pop("output_padding")
     else:
         flags["padding"] = m["auto_pad"]
     return flags

@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from loop_reference import conv_transpose_loop
 
-from convt_cli import ConvtError
+from convt_cli import ConvtError, conv_transpose
 from convt_cli.shapes import (
     default_output_size,
     forward_size,
@@ -313,9 +314,27 @@ def test_same_lower_is_same_with_the_odd_pad_first(i, k, s, d, data):
     same = plan_conv_transpose((1, i, 1), (k, 1, 1), [o], s, "SAME", dilations=d)
     lower = plan_conv_transpose((1, i, 1), (k, 1, 1), [o], s, "same_lower", dilations=d)
     upper = plan_conv_transpose((1, i, 1), (k, 1, 1), [o], s, "Same_Upper", dilations=d)
-    assert upper == same and lower.legal_ranges == same.legal_ranges
-    total = max(0, (i - 1) * s + (k - 1) * d + 1 - o)  # ONNX: the larger half at the beginning
+    assert upper.pads == same.pads and upper.output_shape == same.output_shape
+    full = (i - 1) * s + (k - 1) * d + 1
+    total = max(0, full - o)  # ONNX: the larger half at the beginning
     assert lower.pads == ((total - total // 2, total // 2),) and same.pads == ((total // 2, total - total // 2),)
+    # ONNX's names also take what ONNX's output_shape takes: any size with a total pad >= 0
+    assert lower.legal_ranges == upper.legal_ranges == ((1, max(i * s, full)),)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.integers(1, 6), st.integers(1, 4), st.integers(1, 4), st.integers(1, 3), st.data())
+def test_onnx_output_shape_with_output_padding_crops_the_full_result_as_onnx_says(i, k, s, d, data):
+    op = data.draw(st.integers(0, max(s, d) - 1))
+    full = (i - 1) * s + (k - 1) * d + 1
+    o = data.draw(st.integers(1, full + op))
+    total = full + op - o  # ONNX: total_padding = stride*(I-1) + output_padding + eff - output_shape
+    rng = np.random.default_rng([i, k, s, d, op, o])
+    x, w = rng.standard_normal((1, i, 2)), rng.standard_normal((k, 3, 2))
+    for name, lo in (("SAME_LOWER", total - total // 2), ("SAME_UPPER", total // 2)):
+        got = conv_transpose(x, w, [o], s, name, dilations=d, output_padding=op)
+        whole = conv_transpose_loop(x, w, (full + op + lo,), s, [(0, 0)], False, d)  # uncropped, zeros after
+        np.testing.assert_allclose(got, whole[:, lo:lo + o], rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("padding, pads", [(2, ((2, 2), (2, 2))), (np.int64(1), ((1, 1), (1, 1))),

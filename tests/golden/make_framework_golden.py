@@ -12,7 +12,8 @@ strides 1-3, dilations 1-3:
   (groups = in_channels, channel multiplier 1 or 2);
 - ONNX Runtime ConvTranspose (opset 17), float32 (it has no float64 ConvTranspose): explicit pads (begin and end
   apart), auto_pad SAME_UPPER, SAME_LOWER and VALID, output_padding, group, and the output_shape attribute with
-  auto_pad NOTSET; cases where ONNX Runtime's output shape is not the one the ONNX specification gives are not
+  auto_pad NOTSET (any size ONNX takes, with output_padding); cases where ONNX Runtime's output shape is not the
+  one the ONNX specification gives are not
   kept (counted and printed: SAME_* with eff + output_padding < stride);
 - JAX lax.conv_transpose, float64 and float32, SAME, VALID and explicit padding, transpose_kernel False and True.
 Made with torch 2.13.0, onnxruntime 1.32.0 (onnx 1.23.2) and jax 0.10.2 (the versions are stored in each case's meta).
@@ -82,12 +83,12 @@ def onnx_cases():
     for n, s, d, I, K in geometries():
         eff = [d * (k - 1) + 1 for k in K]
         for pad_kind in ("explicit", "SAME_UPPER", "SAME_LOWER", "VALID", "output_shape"):
-            op = [int(rng.integers(0, max(s, d)))] * n if pad_kind != "output_shape" else [0] * n
+            op = [int(rng.integers(0, max(s, d)))] * n
             attrs = dict(strides=[s] * n, dilations=[d] * n, output_padding=op)
             if pad_kind == "explicit":
                 attrs["pads"] = [int(rng.integers(0, e)) for e in eff] + [int(rng.integers(0, e)) for e in eff]
-            elif pad_kind == "output_shape":
-                attrs["output_shape"] = [int(rng.integers((i - 1) * s + 1, i * s + 1)) for i in I]
+            elif pad_kind == "output_shape":  # any size whose total pad (I-1)*s + eff + op - O is not negative
+                attrs["output_shape"] = [int(rng.integers(1, (i - 1) * s + e + o + 1)) for i, e, o in zip(I, eff, op)]
             else:
                 attrs["auto_pad"] = pad_kind
             cin, cog, g = channels(("one", "two", "depthwise")[idx % 3])
@@ -107,8 +108,9 @@ def onnx_cases():
                 print("onnxruntime refused", attrs, type(e).__name__)
                 skipped += 1
                 continue
-            if pad_kind.startswith("SAME") and list(y.shape[2:]) != [i * s for i in I]:
-                skipped += 1  # the specification says I*s
+            wanted = attrs.get("output_shape", [i * s for i in I] if pad_kind.startswith("SAME") else None)
+            if wanted is not None and list(y.shape[2:]) != wanted:
+                skipped += 1  # the specification's size: I*s, or the output_shape asked for
                 continue
             if y.size == 0:
                 continue
