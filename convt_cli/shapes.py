@@ -687,6 +687,47 @@ def input_window(o0: int, o1: int, i: int, k: int, s: int, d: int, lo: int) -> t
     return first, max(first, last)
 
 
+def tile_window(o0: int, o1: int, i: int, k: int, s: int, d: int, lo: int) -> tuple[int, int, int]:
+    """(i0, i1, lo_t) on one axis for the output tile [o0, o1): the input positions [i0, i1) that reach it
+    (input_window's, started early when needed so that lo_t >= 0: such a first position lands before the tile)
+    and the tile's own low pad lo_t = lo + o0 - i0*s. The tile is then conv_transpose of input[i0:i1] with low
+    pad lo_t and output size o1 - o0: term (j, t) of the window lands at j*s + t*d - lo_t in the tile, exactly
+    where term (i0 + j, t) lands in the whole output less o0. Empty window (i0 == i1): the tile is zeros.
+
+    >>> tile_window(0, 4, 8, 3, 2, 1, 1), tile_window(4, 8, 8, 3, 2, 1, 1), tile_window(1, 2, 3, 1, 4, 1, 0)
+    ((0, 3, 1), (2, 5, 1), (0, 0, 1))
+    """
+    first, last = input_window(o0, o1, i, k, s, d, lo)
+    i0 = min(first, (o0 + lo) // s)  # (o0 + lo) // s: the last start with lo_t >= 0
+    i1 = i0 if last == first else last
+    return i0, i1, lo + o0 - i0 * s
+
+
+def tile_starts(o: int, size: int) -> list[tuple[int, int]]:
+    """[o0, o1) of the tiles of `size` (the last one shorter) that cover [0, o) once each.
+
+    >>> tile_starts(10, 4), tile_starts(0, 4)
+    ([(0, 4), (4, 8), (8, 10)], [])
+    """
+    return [(o0, min(o, o0 + size)) for o0 in range(0, o, max(1, size))]
+
+
+def tile_plan(plan: Plan, box) -> tuple[Plan, tuple[tuple[int, int], ...]]:
+    """(the plan of the output tile `box` ([o0, o1) per spatial axis) of one batch element, the input window it
+    reads ([i0, i1) per axis)): an ordinary conv_transpose plan with the tile's own pads (see tile_window; hi is
+    the forward conv's, negative where the tile reaches past the window's last tap)."""
+    window, pads = [], []
+    for (o0, o1), i, k, s, d, (lo, _) in zip(box, plan.input_spatial, plan.kernel, plan.spec.strides,
+                                               plan.spec.dilations, plan.pads):
+        i0, i1, lo_t = tile_window(o0, o1, i, k, s, d, lo)
+        window.append((i0, i1))
+        pads.append((lo_t, (i1 - i0 - 1) * s + effective_kernel(k, d) - (o1 - o0) - lo_t))
+    sub = replace(plan, batch=1, input_spatial=tuple(i1 - i0 for i0, i1 in window),
+                  output_spatial=tuple(o1 - o0 for o0, o1 in box), pads=tuple(pads),
+                  legal_ranges=tuple((o1 - o0, o1 - o0) for o0, o1 in box))
+    return sub, tuple(window)
+
+
 def split_sizes(sizes, budget: int) -> tuple[int, ...]:
     """Per axis, a block of at most `budget` cells of an array of `sizes`, as close to a cube as halving
     allows: the largest block (the first of equals) is halved, rounding up, until the block fits. Blocks cut
