@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import sys
 
 import click
@@ -178,7 +179,7 @@ class Padding(_Flag):
             return value
         if value.strip().upper() in ("SAME", "VALID", "SAME_UPPER", "SAME_LOWER"):
             return value.strip().upper()
-        if value.strip().lstrip("+-").isdigit():
+        if re.fullmatch(r"[+-]?[0-9]+", value.strip()):  # ASCII digits: str.isdigit() takes '²', int() does not
             return int(value)
         pairs = []
         for part in value.split(","):
@@ -459,6 +460,8 @@ def shape(input_ref, filters_ref, output_shape, strides, padding, data_format, d
     per = info["batch_per_chunk"]
     how = ("in one piece" if pieces <= 1
            else f"in {pieces:,} pieces of {per:,} batch element{'s' if per != 1 else ''}")
+    if info["tile_shape"] is not None:
+        how = f"in {pieces:,} spatial tiles of {'x'.join(map(str, info['tile_shape']))} output positions"
     click.echo(f"memory        {info['memory_bytes']:,} bytes at once, {how}")
 
 

@@ -281,6 +281,11 @@ class Source:
         """Batch elements [b0, b1)."""
         return self._reader.read(b0, b1)
 
+    def read_box(self, b0: int, b1: int, index: tuple) -> np.ndarray:
+        """Batch elements [b0, b1), only the box `index` (a slice per axis after the batch's): an HDF5
+        hyperslab, positioned reads of an .npy file."""
+        return self._reader.read_box(b0, b1, index)
+
     def close(self) -> None:
         self._reader.close()
 
@@ -474,17 +479,31 @@ class Sink:
     def write(self, chunk: np.ndarray) -> None:
         """The next batch elements, in order."""
         chunk = np.ascontiguousarray(chunk, dtype=self.dtype)
+        self._guarded(lambda: self._put(chunk), chunk.nbytes)
+        self.done += len(chunk)
+
+    @property
+    def boxes(self) -> bool:
+        """Whether write_box can write this output (.npy, .h5, .safetensors and stdout's spool; not .npz)."""
+        return self._writer is not None and self._writer.boxes
+
+    def write_box(self, chunk: np.ndarray, start: int, index: tuple) -> None:
+        """Batch elements [start, start + len(chunk)), only the box `index` (a slice per axis after the batch's),
+        in any order: the spatial tiles of a run. The boxes must cover the output once before commit()."""
+        chunk = np.ascontiguousarray(chunk, dtype=self.dtype)
+        self._guarded(lambda: self._writer.put_box(chunk, start, index), chunk.nbytes)
+
+    def _guarded(self, put, nbytes: int) -> None:
         try:
-            self._put(chunk)
+            put()
         except (OSError, RuntimeError) as e:
             e = e if isinstance(e, OSError) else OSError(str(e))
-            reason = _reason(e, None if self.ref.is_std else _folder(self.ref), chunk.nbytes)
+            reason = _reason(e, None if self.ref.is_std else _folder(self.ref), nbytes)
             self.abort()
             self.ref.fail(f"could not be written: {reason}")
         except BaseException:
             self.abort()
             raise
-        self.done += len(chunk)
 
     def _put(self, chunk: np.ndarray) -> None:
         self._writer.put(chunk, self.done)

@@ -16,6 +16,7 @@ removed what it wrote.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 import numbers
 import os
@@ -33,7 +34,7 @@ from .errors import ConvtError
 from .interrupts import stop_if_signalled
 from .engine.layout import as_tf_filters, plan_with_layout
 from .shapes import filter_layout as filter_layout_name
-from .shapes import filters_shape_as_tf, layout_rank_problem
+from .shapes import effective_kernel, filters_shape_as_tf, layout_rank_problem, tile_plan, tile_starts
 
 PIECE_BYTES = 8 << 20  # input + output of one piece of a run: enough per piece to keep every thread busy
 
@@ -120,19 +121,27 @@ def run_files(input_ref, filters_ref, output_ref, *, output_shape=None, strides=
         io.check_output(out_ref, [x_ref, w_ref], bool(force), options)
         whole = ("input",) if x_src.whole else ()
         needs = run_needs(plan, x_src.dtype, w_dtype, out_dtype, whole=whole, threads=threads)
-        chunk = check_memory("run", needs, plan.batch, max_memory, available_memory, whole={"input": x_ref})
-        chunk = min(chunk, piece_batch(plan, x_src.dtype, out_dtype))
+        chunk, tile = _pieces(plan, needs, (x_src.dtype, w_dtype, out_dtype), x_ref, x_src.whole, max_memory,
+                              available_memory, threads)
         check_space(out_ref, math.prod(plan.output_shape) * out_dtype.itemsize)
         info = _summary(plan, out_dtype, (x_ref, w_ref, out_ref), layout)
         attrs = io.attributes(x_ref) if copy_attrs else {}
-        compute = _conv_transpose_of(plan, cast_to(w_ref, w_load(), out_dtype), threads)
+        w = cast_to(w_ref, w_load(), out_dtype)
+        compute = _conv_transpose_of(plan, w, threads) if tile is None else None
         provenance = {"convt_version": __version__, "convt_op": "conv_transpose", "convt_input": str(x_ref),
                       "convt_filters": str(w_ref), "convt_parameters": {k: info[k] for k in _PROVENANCE}}
         options = dataclasses.replace(options, chunk_batch=min(chunk, plan.batch), attrs=attrs)
         sink = io.Sink(out_ref, plan.output_shape, out_dtype, provenance, bool(force), options)
         seconds = 0.0
         try:
-            for b0 in range(0, plan.batch, chunk):
+            if tile is not None:
+                if not sink.boxes:
+                    out_ref.fail(f"one batch element does not fit the memory budget, so it is computed in spatial "
+                                 f"tiles, which a {out_format.title} output cannot take in place: write .npy, .h5 "
+                                 f".safetensors or stdout, or raise --max-memory")
+                seconds = _run_tiles(plan, tile, x_src, x_ref, w, sink, threads, report)
+                chunk = plan.batch  # no batch pieces: stops the loop below
+            for b0 in range(0, plan.batch if tile is None else 0, chunk):
                 b1 = min(plan.batch, b0 + chunk)
                 x = cast_to(x_ref, x_src.read(b0, b1), out_dtype, b0, chunk < plan.batch)
                 start = time.perf_counter()
@@ -153,8 +162,110 @@ def run_files(input_ref, filters_ref, output_ref, *, output_shape=None, strides=
         x_src.close()
     info.update(seconds=round(seconds, 6), wall_seconds=round(time.perf_counter() - began, 6),
                 gflop_per_s=round(plan.flops / seconds / 1e9, 3) if seconds > 0 else None,
-                batch_per_chunk=min(chunk, plan.batch), pieces=-(-plan.batch // chunk) if plan.batch else 0)
+                **_pieces_info(plan, chunk, tile))
     return info
+
+
+def _pieces_info(plan, chunk, tile) -> dict:
+    """batch_per_chunk, pieces and tile_shape for the summaries: batch pieces, or spatial tiles of one element."""
+    if tile is None:
+        return dict(batch_per_chunk=min(chunk, plan.batch), pieces=-(-plan.batch // chunk) if plan.batch else 0,
+                    tile_shape=None)
+    count = math.prod(len(tile_starts(o, t)) for o, t in zip(plan.output_spatial, tile))
+    return dict(batch_per_chunk=1, pieces=plan.batch * count, tile_shape=list(tile))
+
+
+def _pieces(plan, needs, dtypes, x_ref, x_whole: bool, max_memory, available_memory, threads):
+    """(batch elements per piece, None), or (1, the output tile shape) when one batch element does not fit the
+    budget and its tiles do (spatial_tiles). dtypes: the input's and filters' as read, the one computed in."""
+    try:
+        chunk = check_memory("run", needs, plan.batch, max_memory, available_memory, whole={"input": x_ref})
+    except ConvtError:
+        limit = max_memory if max_memory is not None else (available_memory or mem_available)()
+        tile = None if limit is None or x_whole else spatial_tiles(plan, *dtypes, limit, threads)
+        if tile is None:
+            raise
+        return 1, tile
+    return min(chunk, piece_batch(plan, dtypes[0], dtypes[2])), None
+
+
+TILE_PLANS = 2  # prepared filters kept for this many kinds of tile at once (first, inner, last along an axis)
+
+
+def tile_needs(plan, tile, x_dtype, w_dtype, dtype, threads) -> dict:
+    """{part: bytes} held at once while computing the output tiles of `tile` shape: the largest input window as
+    read and cast, the filters as read and cast, and the engine's output and work for the tile, its prepared
+    filters for TILE_PLANS kinds of tile."""
+    first, _ = tile_plan(dataclasses.replace(plan, batch=1), tuple((0, min(o, t)) for o, t in zip(
+        plan.output_spatial, tile)))
+    # the widest window of any tile: the terms landing in t positions come from ceil((t + eff - 1) / s) inputs,
+    # and tile_window may start one earlier
+    widest = tuple(min(i, -(-(min(o, t) + effective_kernel(k, d) - 1) // s) + 1) for o, t, i, k, s, d in zip(
+        plan.output_spatial, tile, plan.input_spatial, plan.kernel, plan.spec.strides, plan.spec.dilations))
+    sub = dataclasses.replace(first, input_spatial=widest)
+    x_n, w_n = math.prod(sub.input_shape), math.prod(sub.filters_shape)
+    cast = (x_n if x_dtype != dtype else 0) + (w_n if w_dtype != dtype else 0)
+    return {"input": x_n * x_dtype.itemsize, "filters": w_n * w_dtype.itemsize,
+            "output and work": TILE_PLANS * engine.estimate_bytes(sub, dtype, threads=threads) + cast * dtype.itemsize}
+
+
+def spatial_tiles(plan, x_dtype, w_dtype, dtype, limit: int, threads) -> tuple[int, ...] | None:
+    """The output tile shape for one batch element that does not fit `limit` bytes: the trailing spatial axes whole
+    as far as they fit, the next one cut to the most that fits (a multiple of its stride when it can be, so that
+    the inner tiles share one plan), the ones before it 1 -- slabs, whose rows are contiguous in the file; None
+    when not even one output position fits."""
+    spatial = plan.output_spatial
+
+    def fits(sizes) -> bool:
+        return sum(tile_needs(plan, sizes, x_dtype, w_dtype, dtype, threads).values()) <= limit
+
+    for m in range(len(spatial)):
+        def sizes(t):
+            return (*([1] * m), t, *spatial[m + 1:])
+
+        if not fits(sizes(1)):
+            continue
+        good, bad = 1, spatial[m] + 1
+        while bad - good > 1:  # bisection: the work is not linear in the size
+            mid = (good + bad) // 2
+            good, bad = (mid, bad) if fits(sizes(mid)) else (good, mid)
+        s = plan.spec.strides[m]
+        return sizes(good - good % s if good >= s else good)
+    return None
+
+
+def _run_tiles(plan, tile, x_src, x_ref, w, sink, threads, report) -> float:
+    """Each batch element's output a tile at a time (tile_plan: its input window, read alone, and its own pads),
+    written in place; the seconds spent computing."""
+    first = plan.spec.channels_first
+    boxes = list(itertools.product(*(tile_starts(o, t) for o, t in zip(plan.output_spatial, tile))))
+    prepared, seconds, done, total = {}, 0.0, 0, plan.batch * len(boxes)
+    for b in range(plan.batch):
+        for box in boxes:
+            sub, window = tile_plan(plan, box)
+            key = (sub.input_spatial, sub.pads)
+            if key not in prepared:
+                while len(prepared) >= TILE_PLANS:
+                    prepared.pop(next(iter(prepared)))
+                prepared[key] = engine.prepare(sub, w)
+            x = cast_to(x_ref, x_src.read_box(b, b + 1, _box_index(first, window)), w.dtype, b, True)
+            start = time.perf_counter()
+            with quiet_arithmetic():
+                y = prepared[key].run(x, threads=threads)
+            seconds += time.perf_counter() - start
+            del x
+            sink.write_box(y, b, _box_index(first, box))
+            del y
+            done += 1
+            report(1, done, total)
+            stop_if_signalled()
+    return seconds
+
+
+def _box_index(first: bool, box) -> tuple:
+    """The index, after the batch axis, of a spatial box ([a, b) per axis) with every channel."""
+    spans = tuple(slice(a, b) for a, b in box)
+    return (slice(None), *spans) if first else (*spans, slice(None))
 
 
 def run_many(items, filters_ref, **options):
@@ -375,13 +486,15 @@ def plan_files(input_ref, filters_ref, *, output_shape=None, strides=1, padding=
     whole = ("input",) if io.read_whole(x_ref) else ()
     needs = run_needs(plan, x_dtype, w_dtype, out_dtype, whole=whole, threads=threads)
     try:
-        chunk = min(check_memory("run", needs, plan.batch, max_memory, available_memory, whole={"input": x_ref}),
-                    piece_batch(plan, x_dtype, out_dtype))
+        chunk, tile = _pieces(plan, needs, (x_dtype, w_dtype, out_dtype), x_ref, bool(whole), max_memory,
+                              available_memory, threads)
     except ConvtError as e:
-        chunk, info["memory_error"] = None, str(e)
-    info.update(memory_bytes=sum(needs(min(chunk or 1, plan.batch)).values()),
-                batch_per_chunk=None if chunk is None else min(chunk, plan.batch),
-                pieces=None if chunk is None else -(-plan.batch // chunk) if plan.batch else 0)
+        info.update(memory_error=str(e), memory_bytes=sum(needs(min(1, plan.batch)).values()), batch_per_chunk=None,
+                    pieces=None, tile_shape=None)
+        return info
+    held = needs(min(chunk, plan.batch)) if tile is None else tile_needs(plan, tile, x_dtype, w_dtype, out_dtype,
+                                                                         threads)
+    info.update(memory_bytes=sum(held.values()), **_pieces_info(plan, chunk, tile))
     return info
 
 

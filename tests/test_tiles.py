@@ -8,14 +8,17 @@ SAME / VALID / explicit / SAME_LOWER / output_padding, groups, both data formats
 """
 
 import itertools
+import os
 
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from convt_cli import engine
+from conftest import error_line, invoke
+from convt_cli import engine, formats, io
 from convt_cli.shapes import plan_conv_transpose, tile_plan, tile_starts, tile_window
+from convt_cli.stream import plan_files, run_files
 from loop_reference import conv_transpose_loop
 
 
@@ -39,6 +42,7 @@ def test_a_window_holds_every_term_that_lands_in_its_tile_where_it_lands(i, k, s
     o1 = data.draw(st.integers(o0 + 1, o))
     i0, i1, lo_t = tile_window(o0, o1, i, k, s, d, lo)
     assert lo_t >= 0 and 0 <= i0 <= i1 and i1 <= max(i, i0)
+    assert i1 - i0 <= min(i, -(-(o1 - o0 + (k - 1) * d) // s) + 1)  # the bound the memory budget counts on
     for j, t in itertools.product(range(i), range(k)):
         where = j * s + t * d - lo  # in the whole output
         if o0 <= where < o1:
@@ -105,3 +109,115 @@ def test_every_strategy_runs_a_tile_plan(strategy):
     got = _tiled(plan, x, w, (5, 6), strategy)
     want = conv_transpose_loop(x, w, plan.output_spatial, 2, [(lo, 0) for lo, _ in plan.pads])
     np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Boxes read alone and written in any order, by every format that can
+
+
+@pytest.mark.parametrize("name", [n for n in formats.FORMATS])
+@pytest.mark.parametrize("dtype", ["float32", "int32", "bfloat16"])
+def test_boxes_are_read_alone_and_written_in_any_order(tmp_path, monkeypatch, name, dtype):
+    import ml_dtypes
+
+    monkeypatch.chdir(tmp_path)
+    dt = np.dtype(ml_dtypes.bfloat16) if dtype == "bfloat16" else np.dtype(dtype)
+    a = (np.arange(3 * 5 * 4 * 2).reshape(3, 5, 4, 2) - 7).astype(dt)
+    fmt = formats.FORMATS[name]
+    text = f"a{fmt.suffixes[0]}" + (":arr" if fmt.named else "")
+    sink = io.Sink(io.parse_ref("OUTPUT", text, must_exist=False), a.shape, a.dtype)
+    if not sink.boxes:
+        assert name == "npz"  # a zip member is written start to end
+        sink.abort()
+        return
+    boxes = [(b, (slice(r0, r1), slice(c0, c1), slice(None)))
+             for b in range(3) for r0, r1 in ((3, 5), (0, 3)) for c0, c1 in ((2, 4), (0, 2))]
+    for b, index in reversed(boxes):
+        sink.write_box(a[(slice(b, b + 1), *index)], b, index)
+    sink.commit()
+    ref = io.parse_ref("INPUT", text)
+    assert io.load(ref).tobytes() == a.tobytes()
+    source = io.Source(ref)
+    for b, index in boxes:
+        got = source.read_box(b, b + 1, index)
+        assert got.dtype == a.dtype and got.tobytes() == np.ascontiguousarray(a[(slice(b, b + 1), *index)]).tobytes()
+    source.close()
+
+
+
+# ---------------------------------------------------------------------------------------------------------
+# run_files when one batch element does not fit the budget
+
+
+@pytest.fixture
+def volume(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    rng = np.random.default_rng(11)
+    np.save("vol.npy", rng.standard_normal((2, 20, 18, 15, 4)).astype(np.float32))
+    np.save("vw.npy", rng.standard_normal((3, 3, 3, 4, 4)).astype(np.float32))
+    np.save("ivol.npy", rng.integers(-9, 10, (1, 9, 8, 7, 3)).astype(np.int32))
+    np.save("iw.npy", rng.integers(-9, 10, (3, 2, 3, 2, 3)).astype(np.int32))
+
+
+@pytest.mark.parametrize("output", ["t.npy", "t.h5:/y", "t.safetensors", "-"])
+def test_one_element_too_large_for_the_budget_runs_in_tiles(volume, output):
+    whole = run_files("vol.npy", "vw.npy", "whole.npy", strides=2)
+    assert whole["tile_shape"] is None
+    planned = plan_files("vol.npy", "vw.npy", strides=2, max_memory="1M")
+    if output == "-":
+        r = invoke("run", "vol.npy", "vw.npy", "--strides", "2", "--max-memory", "1M", "-o", "-", "--force")
+        assert r.exit_code == 0, r.stderr
+        import io as pyio
+
+        got = np.load(pyio.BytesIO(r.stdout_bytes))
+    else:
+        info = run_files("vol.npy", "vw.npy", output, strides=2, max_memory="1M")
+        assert info["tile_shape"] == planned["tile_shape"] and info["pieces"] == planned["pieces"] > 2
+        got = io.load(io.parse_ref("INPUT", output))
+    assert planned["memory_bytes"] <= 1 << 20 and planned["tile_shape"][0] < 40
+    want = np.load("whole.npy")
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    assert [p for p in os.listdir(".") if p.startswith(".convt")] == []
+
+
+def test_tiles_are_exact_for_int32_and_the_same_bits_on_any_thread_count(volume):
+    run_files("ivol.npy", "iw.npy", "iwhole.npy", strides=[2, 1, 3], padding="VALID")
+    for threads in (1, 2):
+        info = run_files("ivol.npy", "iw.npy", f"it{threads}.npy", strides=[2, 1, 3], padding="VALID",
+                         max_memory="40K", threads=threads)
+        assert info["tile_shape"] is not None
+        np.testing.assert_array_equal(np.load(f"it{threads}.npy"), np.load("iwhole.npy"))
+    info = run_files("vol.npy", "vw.npy", "f1.npy", strides=2, max_memory="1M", threads=1)
+    run_files("vol.npy", "vw.npy", "f2.npy", strides=2, max_memory="1M", threads=2)
+    assert info["tile_shape"] is not None and np.load("f1.npy").tobytes() == np.load("f2.npy").tobytes()
+
+
+def test_an_output_that_cannot_take_tiles_is_refused_before_any_work(volume):
+    r = invoke("run", "vol.npy", "vw.npy", "--strides", "2", "--max-memory", "1M", "-o", "t.npz")
+    assert error_line(r) == ("Error: OUTPUT 't.npz': one batch element does not fit the memory budget, so it is "
+                             "computed in spatial tiles, which a .npz output cannot take in place: write .npy, .h5 "
+                             ".safetensors or stdout, or raise --max-memory")
+    assert not [p for p in os.listdir(".") if p.startswith(("t.npz", ".convt"))]
+
+
+def test_an_interrupted_tiled_run_leaves_nothing(volume):
+    def stop(done, total):
+        if done == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_files("vol.npy", "vw.npy", "t.npy", strides=2, max_memory="1M", progress=stop)
+    assert not [p for p in os.listdir(".") if p.startswith(("t.npy", ".convt"))]
+
+
+def test_a_tiled_run_allocates_within_its_budget(volume):
+    import tracemalloc
+
+    run_files("vol.npy", "vw.npy", "warm.npy", strides=2, max_memory="2M")  # the worker threads' first GEMMs
+    tracemalloc.start()
+    try:
+        info = run_files("vol.npy", "vw.npy", "t.npy", strides=2, max_memory="2M", force=True)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert info["tile_shape"] is not None and peak <= 2 << 20

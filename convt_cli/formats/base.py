@@ -12,6 +12,9 @@ References are `io.ArrayRef`s: `.path` (None for stdin/stdout), `.name` (a membe
 from __future__ import annotations
 
 import errno
+import itertools
+import math
+import os
 import re
 import shutil
 from dataclasses import dataclass, field
@@ -129,6 +132,11 @@ class Reader:
         """Batch elements [b0, b1)."""
         raise NotImplementedError
 
+    def read_box(self, b0: int, b1: int, index: tuple) -> np.ndarray:
+        """Batch elements [b0, b1), only the box `index` (one slice, step 1, per axis after the batch's), as a
+        new array: formats that can read it alone override this."""
+        return np.ascontiguousarray(self.read(b0, b1)[(slice(None), *index)])
+
     def close(self) -> None:
         pass
 
@@ -152,7 +160,10 @@ class WholeReader(Reader):
 
 
 class Writer:
-    """An output being written. Subclasses acquire what they write to in _open(); a failure there undoes it."""
+    """An output being written. Subclasses acquire what they write to in _open(); a failure there undoes it.
+    Those with `boxes` also write any box of it in any order (put_box): the spatial tiles of a run."""
+
+    boxes = False
 
     def __init__(self):
         try:
@@ -168,6 +179,11 @@ class Writer:
         """Batch elements [start, start + len(chunk)) of a C-contiguous chunk of the output's dtype, in order."""
         raise NotImplementedError
 
+    def put_box(self, chunk: np.ndarray, start: int, index: tuple) -> None:
+        """Batch elements [start, start + len(chunk)), box `index` (a slice per axis after the batch's), of a
+        C-contiguous chunk of the output's dtype; boxes come in any order, and cover the output once."""
+        raise NotImplementedError
+
     def finish(self) -> None:
         """Complete the output: a file writer's file is then whole (still under its temporary name), a direct
         writer's output visible under its own name."""
@@ -180,9 +196,24 @@ class Writer:
 
 
 class FileWriter(Writer):
-    """A writer of one open file, `_file` (opened in _open): finish() closes it, abort() closes it quietly."""
+    """A writer of one open file, `_file` (opened in _open): finish() closes it, abort() closes it quietly. Its
+    data, C-ordered from `_data_at` bytes into the file, takes boxes by positioned writes (no memory map: its
+    pages would count against the memory budget)."""
 
     _file = None
+    _data_at = 0
+    boxes = True
+
+    def put_box(self, chunk, start, index):
+        self._file.flush()
+        fd = self._file.fileno()
+        size = np.dtype(chunk.dtype).itemsize
+        flat = chunk.reshape(-1).view(np.uint8)
+        at = 0
+        for offset, count in box_runs(self.shape, (slice(start, start + len(chunk)), *index)):
+            n = count * size
+            os.pwrite(fd, flat[at:at + n].data, self._data_at + offset * size)
+            at += n
 
     def finish(self) -> None:
         self._file.close()
@@ -193,6 +224,43 @@ class FileWriter(Writer):
                 self._file.close()
         except Exception:
             pass
+
+
+def box_runs(shape, index) -> list[tuple[int, int]]:
+    """The box `index` (a slice, step 1, per axis) of a C-ordered array of `shape` as runs of contiguous elements,
+    (first element's offset, count), in the box's own C order: the axes after the last one the box cuts are
+    whole, and each run is a row of the box along that axis times them.
+
+    >>> box_runs((2, 4, 3), (slice(1, 2), slice(1, 3), slice(0, 3))), box_runs((4, 3), (slice(0, 2), slice(1, 2)))
+    ([(15, 6)], [(1, 1), (4, 1)])
+    """
+    bounds = [sl.indices(n)[:2] for sl, n in zip(index, shape)]
+    strides = [math.prod(shape[j + 1:]) for j in range(len(shape))]
+    cut = max((j for j, ((a, b), n) in enumerate(zip(bounds, shape)) if (a, b) != (0, n)), default=0)
+    a, b = bounds[cut]
+    if b <= a or any(y <= x for x, y in bounds):
+        return []
+    count = (b - a) * strides[cut]
+    return [(sum(i * st for i, st in zip(idx, strides)) + a * strides[cut], count)
+            for idx in itertools.product(*(range(x, y) for x, y in bounds[:cut]))]
+
+
+def read_runs(path: str, data_at: int, dtype: np.dtype, shape, index) -> np.ndarray:
+    """The box `index` of the C-ordered array of `shape` stored raw from byte `data_at` of the file, read by
+    positioned reads into a new array."""
+    size = dtype.itemsize
+    box = tuple(len(range(*sl.indices(n))) for sl, n in zip(index, shape))
+    out = np.empty(box, dtype)
+    flat = out.reshape(-1).view(np.uint8)
+    at = 0
+    with open(path, "rb") as f:
+        for offset, count in box_runs(shape, index):
+            n = count * size
+            f.seek(data_at + offset * size)
+            if f.readinto(flat[at:at + n].data) != n:
+                raise OSError(f"short read at byte {data_at + offset * size}")
+            at += n
+    return out
 
 
 def one_of(words) -> str:

@@ -438,6 +438,10 @@ class H5Reader(Reader):
         with deferred():
             return fix_dtype(np_guard(self.ref, lambda: self._dataset[b0:b1]))
 
+    def read_box(self, b0, b1, index):  # a hyperslab
+        with deferred():
+            return fix_dtype(np_guard(self.ref, lambda: self._dataset[(slice(b0, b1), *index)]))
+
     def close(self):
         with deferred(reraise=False):  # cleanup, also after the output is in place: a signal waits for the next check
             if self._h5 is not None:
@@ -447,10 +451,15 @@ class H5Reader(Reader):
 
 class _DatasetWriter(Writer):
     _h5 = _dataset = None
+    boxes = True
 
     def put(self, chunk, start):
         with deferred():
             self._dataset[start : start + len(chunk)] = chunk
+
+    def put_box(self, chunk, start, index):  # a hyperslab
+        with deferred():
+            self._dataset[(slice(start, start + len(chunk)), *index)] = chunk
 
 
 class H5FileWriter(_DatasetWriter):

@@ -7,7 +7,8 @@ import os
 
 import numpy as np
 
-from .base import FileWriter, Format, Reader, WriteOptions, check_plain, fix_dtype, fix_header_dtype, np_guard
+from .base import (FileWriter, Format, Reader, WriteOptions, check_plain, fix_dtype, fix_header_dtype, np_guard,
+                   read_runs)
 
 NPY_MAGIC = b"\x93NUMPY"
 
@@ -89,6 +90,12 @@ class NpyReader(Reader):
         if fortran and len(self.shape) > 1:
             self._mmap = np.load(ref.path, mmap_mode="r", allow_pickle=False)
 
+    def read_box(self, b0, b1, index):
+        if self._mmap is not None:
+            return super().read_box(b0, b1, index)
+        box = read_runs(self.ref.path, self._offset, self._raw_dtype, self.shape, (slice(b0, b1), *index))
+        return fix_dtype(box)
+
     def read(self, b0, b1):
         if self._mmap is not None:
             return fix_dtype(np.array(self._mmap[b0:b1]))
@@ -110,3 +117,4 @@ class NpyFileWriter(NpyStreamWriter):
     def _open(self):
         self._file = open(self.path, "wb")
         write_npy_header(self._file, self.shape, self.dtype)
+        self._data_at = self._file.tell()

@@ -183,7 +183,10 @@ def _identity(st: os.stat_result):
 
 class NpzFileWriter(NpyStreamWriter):
     """One member, streamed into a new zip (ZIP64: a member may pass 4 GiB). With an existing file at the target:
-    its entries before the member are copied first, those after it on finish(); the new file keeps its mode."""
+    its entries before the member are copied first, those after it on finish(); the new file keeps its mode.
+    A zip member is written in order, start to end: no boxes."""
+
+    boxes = False
 
     _zip = _old = _old_file = _seen = None
 

@@ -140,6 +140,12 @@ class SafetensorsReader(Reader):
         self.shape, self.dtype = _spec(ref, self._file, self._name)
         self._slice = self._file.get_slice(self._name)
 
+    def read_box(self, b0, b1, index):
+        box = (b1 - b0, *(len(range(*sl.indices(n))) for sl, n in zip(index, self.shape[1:])))
+        if 0 in box:
+            return np.zeros(box, self.dtype)
+        return np.ascontiguousarray(self._slice[(slice(b0, b1), *index)]).view(self.dtype).reshape(box)
+
     def read(self, b0, b1):
         if not self.shape or math.prod(self.shape[1:]) == 0 or b1 <= b0:
             return np.zeros((max(0, b1 - b0), *self.shape[1:]), self.dtype)
@@ -170,6 +176,10 @@ class SafetensorsWriter(FileWriter):
         text += b" " * (-len(text) % 8)
         self._file = open(self.path, "wb")
         self._file.write(struct.pack("<Q", len(text)) + text)
+        self._data_at = 8 + len(text)
+
+    def put_box(self, chunk, start, index):
+        super().put_box(np.ascontiguousarray(chunk, dtype=chunk.dtype.newbyteorder("<")), start, index)
 
     def put(self, chunk, start):
         if chunk.size:  # the format is little-endian

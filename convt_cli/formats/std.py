@@ -58,6 +58,7 @@ class SpoolWriter(NpyStreamWriter):
     def _open(self):
         self._file = tempfile.TemporaryFile(prefix=".convt-")
         write_npy_header(self._file, self.shape, self.dtype)
+        self._data_at = self._file.tell()
 
     def finish(self):
         self._file.seek(0)
