@@ -211,27 +211,16 @@ def tile_needs(plan, tile, x_dtype, w_dtype, dtype, threads) -> dict:
 
 def spatial_tiles(plan, x_dtype, w_dtype, dtype, limit: int, threads) -> tuple[int, ...] | None:
     """The output tile shape for one batch element that does not fit `limit` bytes: the trailing spatial axes whole
-    as far as they fit, the next one cut to the most that fits (a multiple of its stride when it can be, so that
-    the inner tiles share one plan), the ones before it 1 -- slabs, whose rows are contiguous in the file; None
-    when not even one output position fits."""
-    spatial = plan.output_spatial
-
+    as far as they fit, the next one cut to the most that fits (a multiple of its stride, so that the inner tiles
+    share one plan), the ones before it 1 -- slabs, whose rows are contiguous in the file; None when not even one
+    output position fits."""
     def fits(sizes) -> bool:
         return sum(tile_needs(plan, sizes, x_dtype, w_dtype, dtype, threads).values()) <= limit
 
-    for m in range(len(spatial)):
-        def sizes(t):
-            return (*([1] * m), t, *spatial[m + 1:])
-
-        if not fits(sizes(1)):
-            continue
-        good, bad = 1, spatial[m] + 1
-        while bad - good > 1:  # bisection: the work is not linear in the size
-            mid = (good + bad) // 2
-            good, bad = (mid, bad) if fits(sizes(mid)) else (good, mid)
-        s = plan.spec.strides[m]
-        return sizes(good - good % s if good >= s else good)
-    return None
+    found = _largest_tile(plan.output_spatial, plan.spec.strides, fits)
+    if found is None and fits((1,) * len(plan.output_spatial)):  # not even one stride's rows: one position
+        found = _largest_tile(plan.output_spatial, (1,) * len(plan.output_spatial), fits)
+    return found
 
 
 def _run_tiles(plan, tile, x_src, x_ref, w, sink, threads, report) -> float:
@@ -243,15 +232,10 @@ def _run_tiles(plan, tile, x_src, x_ref, w, sink, threads, report) -> float:
     for b in range(plan.batch):
         for box in boxes:
             sub, window = tile_plan(plan, box)
-            key = (sub.input_spatial, sub.pads)
-            if key not in prepared:
-                while len(prepared) >= TILE_PLANS:
-                    prepared.pop(next(iter(prepared)))
-                prepared[key] = engine.prepare(sub, w)
             x = cast_to(x_ref, x_src.read_box(b, b + 1, _box_index(first, window)), w.dtype, b, True)
             start = time.perf_counter()
             with quiet_arithmetic():
-                y = prepared[key].run(x, threads=threads)
+                y = _prepared(prepared, sub, w).run(x, threads=threads)
             seconds += time.perf_counter() - start
             del x
             sink.write_box(y, b, _box_index(first, box))
@@ -387,17 +371,29 @@ def verify_files(input_ref, filters_ref, output_ref=None, *, output_shape=None, 
         whole = tuple(name for name, src in (("input", x_src), ("output", y_src)) if src is not None and src.whole)
         needs = run_needs(plan, x_src.dtype, w_dtype, out_dtype, None if y_src is None else (y_src.shape, y_src.dtype),
                           whole=whole, threads=threads)
-        chunk = check_memory("verify", with_verify_work(needs, plan, out_dtype, probes, threads), plan.batch,
-                             max_memory, available_memory, whole={"input": x_ref, "output": y_ref})
+        tile = None
+        try:
+            chunk = check_memory("verify", with_verify_work(needs, plan, out_dtype, probes, threads), plan.batch,
+                                 max_memory, available_memory, whole={"input": x_ref, "output": y_ref})
+        except ConvtError:  # one batch element does not fit: tiles of it, on verify's own grid of tiles
+            limit = max_memory if max_memory is not None else (available_memory or mem_available)()
+            tile = None if limit is None or whole else verify_tiles(
+                plan, (x_src.dtype, w_dtype, out_dtype), None if y_src is None else y_src.dtype, limit, probes,
+                threads)
+            if tile is None:
+                raise
+            chunk = 1
         chunk = min(chunk, piece_batch(plan, x_src.dtype, out_dtype))
-        if y_src is not None and max_memory is not None:  # pieces no larger than run's under the same budget
+        if y_src is not None and max_memory is not None and tile is None:  # pieces no larger than run's
             run = run_needs(plan, x_src.dtype, w_dtype, out_dtype, whole=whole, threads=threads)
             chunk = min(chunk, max(1, _most_that_fit(run, chunk, max_memory)))
         w = cast_to(w_ref, w_load(), out_dtype)
         check = AdjointCheck(plan, w, out_dtype.name, probes=probes, seed=seed, rtol=rtol, threads=threads)
-        compute = _conv_transpose_of(plan, w, threads) if y_src is None else None
+        compute = _conv_transpose_of(plan, w, threads) if y_src is None and tile is None else None
         with quiet_arithmetic():
-            for b0 in range(0, plan.batch, chunk):
+            if tile is not None:
+                _verify_tiles(plan, tile, x_src, x_ref, y_src, w, check, threads, report)
+            for b0 in range(0, plan.batch if tile is None else 0, chunk):
                 b1 = min(plan.batch, b0 + chunk)
                 x = cast_to(x_ref, x_src.read(b0, b1), out_dtype, b0, chunk < plan.batch)
                 y = compute(x) if y_src is None else y_src.read(b0, b1)
@@ -406,7 +402,7 @@ def verify_files(input_ref, filters_ref, output_ref=None, *, output_shape=None, 
                 report(b1 - b0, b1, plan.batch)
                 stop_if_signalled()
             result = check.report()
-            if y_src is not None and result.failing_tiles:  # someone else's output: say what it looks like
+            if y_src is not None and result.failing_tiles and tile is None:  # someone else's: what it looks like
                 b = result.failing_tiles[0].batch
                 x = cast_to(x_ref, x_src.read(b, b + 1), out_dtype, b, True)
                 hint = likely_cause(plan, x, w, y_src.read(b, b + 1), b, dict(
@@ -418,8 +414,77 @@ def verify_files(input_ref, filters_ref, output_ref=None, *, output_shape=None, 
     info = _summary(plan, out_dtype, (x_ref, w_ref, y_ref if y_ref is not None else "(computed)"), layout)
     for key in ("output_bytes", "flops"):
         del info[key]
-    info.update(wall_seconds=round(time.perf_counter() - began, 6), batch_per_chunk=min(chunk, plan.batch))
+    info.update(wall_seconds=round(time.perf_counter() - began, 6), **_pieces_info(plan, chunk, tile))
     return dataclasses.replace(result, context=info)
+
+
+def verify_tiles(plan, dtypes, y_dtype, limit: int, probes, threads) -> tuple[int, ...] | None:
+    """The output tile shape for verify of one batch element that does not fit `limit` bytes: whole tiles of
+    verify's own grid (verify.tile_sizes), so that the report is the one a whole check makes: the trailing axes
+    whole as far as they fit, the next one cut to the most grid tiles that fit, the ones before it one grid tile.
+    With y_dtype None the output is computed here, a tile at a time, as run computes it (tile_needs)."""
+    from .verify import tile_sizes, work_bytes
+
+    x_dtype, w_dtype, dtype = dtypes
+    blocks = tile_sizes(plan, probes or 8)
+    one = dataclasses.replace(plan, batch=1)
+    fixed = work_bytes(one, dtype, probes, threads, 1)
+
+    def fits(sizes) -> bool:
+        parts = tile_needs(plan, sizes, x_dtype, w_dtype, dtype, threads)
+        if y_dtype is not None:  # the output as read, not computed
+            parts["output and work"] = math.prod(sizes) * plan.out_channels * y_dtype.itemsize
+        return sum(parts.values()) + fixed <= limit
+
+    return _largest_tile(plan.output_spatial, blocks, fits)
+
+
+def _largest_tile(spatial, steps, fits) -> tuple[int, ...] | None:
+    """The largest tile shape that fits: axes after m whole, axis m a multiple of steps[m] (or whole), the axes
+    before m one step; over m = 0, 1, ... the first that fits. None when not even one step on every axis does."""
+    for m in range(len(spatial)):
+        def sizes(n):
+            return (*steps[:m], min(spatial[m], n * steps[m]), *spatial[m + 1:])
+
+        if not fits(sizes(1)):
+            continue
+        good, bad = 1, -(-spatial[m] // steps[m]) + 1
+        while bad - good > 1:  # bisection: the work is not linear in the size
+            mid = (good + bad) // 2
+            good, bad = (mid, bad) if fits(sizes(mid)) else (good, mid)
+        return sizes(good)
+    return None
+
+
+def _verify_tiles(plan, tile, x_src, x_ref, y_src, w, check, threads, report) -> None:
+    """check.add on each batch element a tile at a time: the tile's input window and output box read alone (or
+    its output computed from the window, as run computes it)."""
+    first = plan.spec.channels_first
+    boxes = list(itertools.product(*(tile_starts(o, t) for o, t in zip(plan.output_spatial, tile))))
+    prepared, done, total = {}, 0, plan.batch * len(boxes)
+    for b in range(plan.batch):
+        for box in boxes:
+            sub, window = tile_plan(plan, box)
+            x = cast_to(x_ref, x_src.read_box(b, b + 1, _box_index(first, window)), w.dtype, b, True)
+            if y_src is not None:
+                y = y_src.read_box(b, b + 1, _box_index(first, box))
+            else:
+                y = _prepared(prepared, sub, w).run(x, threads=threads)
+            check.add(x, y, batch_offset=b, box=box, window=window)
+            del x, y
+            done += 1
+            report(1, done, total)
+            stop_if_signalled()
+
+
+def _prepared(cache: dict, sub, w):
+    """engine.prepare(sub, w), kept for the last TILE_PLANS kinds of tile."""
+    key = (sub.input_spatial, sub.output_spatial, sub.pads)
+    if key not in cache:
+        while len(cache) >= TILE_PLANS:
+            cache.pop(next(iter(cache)))
+        cache[key] = engine.prepare(sub, w)
+    return cache[key]
 
 
 def likely_cause(plan, x, w, y, batch_index: int, flags: dict) -> str:

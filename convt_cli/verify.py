@@ -91,6 +91,7 @@ Non-finite values in the output fail the check without evaluating the identity (
 
 from __future__ import annotations
 
+import itertools
 import math
 import numbers
 from dataclasses import dataclass, field
@@ -382,26 +383,36 @@ class AdjointCheck:
         self.nonfinite = 0
         self.parts: list[tuple] = []  # per chunk: its batch offset and (K, nb, tiles) arrays of a, b, S^2
 
-    def add(self, x: np.ndarray, y: np.ndarray, batch_offset: int = 0) -> None:
-        """Batch elements [batch_offset, batch_offset + len(x)) of input and output."""
+    def add(self, x: np.ndarray, y: np.ndarray, batch_offset: int = 0, box=None, window=None) -> None:
+        """Batch elements [batch_offset, batch_offset + len(x)) of input and output; or, given `box` ([o0, o1) per
+        spatial axis, on the tiles' grid: a multiple of `blocks` or the output's end) and `window` (the input
+        positions [i0, i1) per axis that reach it, shapes.tile_window's), only that box of the output and that
+        window of the input: the tiles in the box are checked, with the numbers they have in a whole check."""
         from .engine import runtime
 
-        nb, tiles = y.shape[0], math.prod(self.grid)
+        nb = y.shape[0]
+        if box is None:
+            ids, y_at, x_at = range(math.prod(self.grid)), (0,) * len(self.grid), (0,) * len(self.grid)
+        else:
+            spans = [range(o0 // size, -(-o1 // size)) for (o0, o1), size in zip(box, self.blocks)]
+            ids = [int(np.ravel_multi_index(j, self.grid)) for j in itertools.product(*spans)]
+            y_at, x_at = tuple(o0 for o0, _ in box), tuple(i0 for i0, _ in window)
+        tiles = len(ids)
         cdt = np.complex128 if self.probe.complex else np.float64
         sums = _Sums(np.zeros((self.k, nb, tiles), cdt), np.zeros((self.k, nb, tiles), cdt),
                      np.zeros((self.k, nb, tiles)), np.zeros((nb, tiles), np.int64), np.zeros((nb, tiles), np.int64))
-        group = 1 if tiles > 1 else self.probe.group
-        jobs = [(n0, min(nb, n0 + group), m) for n0 in range(0, nb, group) for m in range(tiles)]
+        group = 1 if math.prod(self.grid) > 1 else self.probe.group
+        jobs = [(n0, min(nb, n0 + group), j) for n0 in range(0, nb, group) for j in range(tiles)]
 
         def work(some):
             with np.errstate(all="ignore"):  # overflows are looked for, and non-finite values fail the check
-                for n0, n1, m in some:
-                    self.probe.tile(x, y, n0, n1, m, self._box(m), batch_offset, sums)
+                for n0, n1, j in some:
+                    self.probe.tile(x, y, n0, n1, ids[j], self._box(ids[j]), batch_offset, sums, j, y_at, x_at)
 
         if nb and tiles:
             runtime.over_jobs(jobs, work, self.threads)
         self.nonfinite += int(sums.nonfinite.sum())
-        self.parts.append((batch_offset, sums))
+        self.parts.append((batch_offset, tuple(ids), sums))
 
     def _box(self, m: int) -> tuple[tuple[int, int], ...]:
         where = np.unravel_index(m, self.grid)
@@ -418,20 +429,21 @@ class AdjointCheck:
             "terms_per_output": terms_per_output(self.plan),
             "output_shape": tuple(int(v) for v in self.plan.output_shape),
         }
-        parts = sorted(self.parts, key=lambda part: part[0])
+        parts = sorted(self.parts, key=lambda part: part[:2])
         count = self.plan.batch * math.prod(self.grid)
         where = {"tile_count": count, "output_spatial": tuple(int(n) for n in self.plan.output_spatial)}
         if self.nonfinite:  # the tiles that hold them
-            tiles = tuple(Tile(offset + int(n), self._box(int(m)), math.nan)
-                          for offset, p in parts for n, m in np.argwhere(p.nonfinite > 0))
+            tiles = tuple(sorted((Tile(offset + int(n), self._box(ids[m]), math.nan)
+                                  for offset, ids, p in parts for n, m in np.argwhere(p.nonfinite > 0)),
+                                 key=lambda tile: (tile.batch, tile.box)))
             return VerifyReport(passed=False, probes=(), nonfinite_output=self.nonfinite, failing_tiles=tiles,
                                 **where, **common)
-        top = max((int(p.exponent.max()) for _, p in parts if p.exponent.size), default=0)
+        top = max((int(p.exponent.max()) for _, _, p in parts if p.exponent.size), default=0)
         # every tile on the largest tile's scale (2**-top), then summed exactly
-        shift = [np.ldexp(1.0, p.exponent - top) for _, p in parts]
+        shift = [np.ldexp(1.0, p.exponent - top) for _, _, p in parts]
         a, b, scale2 = ([np.concatenate([(getattr(p, key) * f ** (2 if key == "scale2" else 1)).reshape(self.k, -1)
-                                         for (_, p), f in zip(parts, shift)], axis=1) for key in ("a", "b", "scale2")]
-                         if parts else [np.zeros((self.k, 0))] * 3)
+                                         for (_, _, p), f in zip(parts, shift)], axis=1)
+                         for key in ("a", "b", "scale2")] if parts else [np.zeros((self.k, 0))] * 3)
         results = []
         for ak, bk, sk in zip(_fsum_rows(a), _fsum_rows(b), [_fsum(row) for row in scale2]):
             residual = _residual(abs(ak - bk), sk)
@@ -440,10 +452,11 @@ class AdjointCheck:
                           else float(np.ldexp(v, top)) for v in (ak, bk))
                 results.append(Probe(ak, bk, float(np.ldexp(math.sqrt(sk), top)), residual))
         tiles = []
-        for offset, p in parts:
+        for offset, ids, p in parts:
             worst = _residuals(np.abs(p.a - p.b), p.scale2).max(axis=0)  # (nb, tiles): each tile's worst probe
             for n, m in np.argwhere(~(worst <= self.tol)):
-                tiles.append(Tile(offset + int(n), self._box(int(m)), float(worst[n, m])))
+                tiles.append(Tile(offset + int(n), self._box(ids[m]), float(worst[n, m])))
+        tiles.sort(key=lambda tile: (tile.batch, tile.box))
         passed = all(p.residual <= self.tol for p in results) and not tiles
         return VerifyReport(passed=passed, probes=tuple(results), nonfinite_output=0, failing_tiles=tuple(tiles),
                             **where, **common)
@@ -659,25 +672,27 @@ class _Probes:
                           k * math.prod(plan.kernel) * p_in / PRODUCT_VALUES)
         return max(1, int(1 / per_element)) if per_element > 0 else 1
 
-    def tile(self, x, y, n0: int, n1: int, m: int, box, offset: int, sums: _Sums) -> None:
-        """a, b and S^2 of tile m (spatial box) of batch elements n0..n1 of the chunk, into sums."""
+    def tile(self, x, y, n0: int, n1: int, m: int, box, offset: int, sums: _Sums, j: int, y_at, x_at) -> None:
+        """a, b and S^2 of tile m (spatial box) of batch elements n0..n1 of the chunk, into sums[..., j]; y holds
+        the output from position y_at on, x the input from x_at on."""
         plan, k, first, nb = self.plan, self.k, self.plan.spec.channels_first, n1 - n0
         shape = tuple(o1 - o0 for o0, o1 in box)
-        ym = _matrix(y[_index(n0, n1, tuple(slice(o0, o1) for o0, o1 in box), first)], first, plan.out_channels)
+        ym = _matrix(y[_index(n0, n1, tuple(slice(o0 - a, o1 - a) for (o0, o1), a in zip(box, y_at)), first)], first,
+                     plan.out_channels)
         # a side: OUT's channels against conj(v), conj'd, against u over positions
         ch = self.short if self.short is not None and plan.out_channels <= self.n else self.wide
         # (nb, c): sum |OUT|^2 over the tile; the tile's numbers are worked out and stored scaled by 2**-e (_Sums)
         ym, ch, e, norms = self._in_range(ym, ch, lambda m: _channel_norms2(m, first))
         if norms is None:
             finite = np.isfinite(ym).reshape(nb, -1)
-            sums.nonfinite[n0:n1, m] = finite.shape[1] - np.count_nonzero(finite, axis=1)
+            sums.nonfinite[n0:n1, j] = finite.shape[1] - np.count_nonzero(finite, axis=1)
             return
-        sums.exponent[n0:n1, m] = e
+        sums.exponent[n0:n1, j] = e
         u = np.empty((nb, k, *shape), dtype=ch.v.dtype)
         for n in range(n0, n1):
             u[n - n0] = _signs([self.seed, 1, offset + n, m], (k, *shape), self.complex)
         za = _contract(ch.v, ym, first)  # (nb, K, P)
-        sums.a[:, n0:n1, m] = _sum_products(u.reshape(za.shape), _conj(za)).T
+        sums.a[:, n0:n1, j] = _sum_products(u.reshape(za.shape), _conj(za)).T
         # (nb, K): sum |v|^2 (|OUT|^2 + tiny^2) over the tile, tiny the dtype's smallest normal value
         scale2 = _per_element(norms.astype(np.float64), self.v2)
         if self.tiny is not None:
@@ -687,12 +702,13 @@ class _Probes:
         window = [input_window(o0, o1, i, kk, s, d, lo) for (o0, o1), i, kk, s, d, (lo, _) in zip(
             box, plan.input_spatial, plan.kernel, plan.spec.strides, plan.spec.dilations, plan.pads)]
         if any(i1 == i0 for i0, i1 in window) or plan.in_channels == 0:
-            sums.scale2[:, n0:n1, m] = scale2.T
+            sums.scale2[:, n0:n1, j] = scale2.T
             return
         counts = [i1 - i0 for i0, i1 in window]
         lows = [lo + o0 - i0 * s for (o0, _), (i0, _), s, (lo, _) in zip(box, window, plan.spec.strides, plan.pads)]
         landing = self._landing(shape, counts, lows)  # per axis (k, window)
-        xm = _matrix(x[_index(n0, n1, tuple(slice(i0, i1) for i0, i1 in window), first)], first, plan.in_channels)
+        xm = _matrix(x[_index(n0, n1, tuple(slice(i0 - a, i1 - a) for (i0, i1), a in zip(window, x_at)), first)],
+                     first, plan.in_channels)
         ch = self.short_in if self.short_in is not None else self.wide
         # (nb, c, taps): sum |IN|^2 over landing positions; IN scaled by 2**-e_in from here on (non-finite IN: as
         # it is, in float64, for a nan result)
@@ -702,7 +718,7 @@ class _Probes:
             ch, e_in, reached = self.wide, 0, _reached(xm, landing, first)
         q = _per_element(np.ldexp(reached.astype(np.float64), 2 * (e_in + self.e_big - e)).reshape(nb, -1),
                          self.wv2t)
-        sums.scale2[:, n0:n1, m] = (scale2 + q).T
+        sums.scale2[:, n0:n1, j] = (scale2 + q).T
         # the tile's probe, zero-padded so that every term of the window lands inside it: term (j, t) of an axis
         # lands at buffer index j*s + t*d + base, where base = off - lo_t and lo_t = lo + o0 - i0*s is the
         # tile's own low pad
@@ -720,7 +736,7 @@ class _Probes:
             z = z.reshape(nb, k, t1 - t0, *plan.kernel[1:], *counts)
             b += _sum_products(_reach(upad, bases, t0, t1, plan, counts), _conj(z))
             del z
-        sums.b[:, n0:n1, m] = _scaled(b, e - e_in - ch.e_w).T
+        sums.b[:, n0:n1, j] = _scaled(b, e - e_in - ch.e_w).T
 
     def _in_range(self, m: np.ndarray, ch: _Channels, sums_of):
         """(m, ch, e, sums_of(m)) with m in ch's precision, as it is when its sums of squares neither overflow nor

@@ -221,3 +221,58 @@ def test_a_tiled_run_allocates_within_its_budget(volume):
     finally:
         tracemalloc.stop()
     assert info["tile_shape"] is not None and peak <= 2 << 20
+
+
+# ---------------------------------------------------------------------------------------------------------
+# verify in tiles: the report a whole check makes
+
+
+def _report_numbers(report):
+    d = report.to_dict()
+    return {k: d[k] for k in ("passed", "probes", "failing_tiles", "tolerance", "tile_count")}
+
+
+@pytest.mark.parametrize("first", [False, True])
+def test_checking_boxes_of_the_tile_grid_gives_the_whole_checks_report(first):
+    from convt_cli.verify import AdjointCheck
+
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((2, 3, 40, 33) if first else (2, 40, 33, 3)).astype(np.float32)
+    w = rng.standard_normal((3, 4, 512, 3)).astype(np.float32)  # 512 output channels: small tiles
+    fmt = "channels_first" if first else None
+    plan = plan_conv_transpose(x.shape, w.shape, None, 2, "SAME", fmt)
+    y = engine.run_conv_transpose(plan, x, w)
+    y[(1, 5, 17, 30) if first else (1, 17, 30, 5)] += 10.0
+    whole = AdjointCheck(plan, w, "float32")
+    whole.add(x, y)
+    boxed = AdjointCheck(plan, w, "float32", threads=1)
+    assert boxed.grid[0] * boxed.grid[1] > 4, boxed.blocks  # several tiles on each axis
+    tile = tuple(size * n for size, n in zip(boxed.blocks, (2, 1)))
+    boxes = list(itertools.product(*(tile_starts(o, t) for o, t in zip(plan.output_spatial, tile))))
+    for b in (1, 0):
+        for box in reversed(boxes):
+            _, window = tile_plan(plan, box)
+            xs = (b, slice(None), *(slice(*s_) for s_ in window)) if first else (b, *(slice(*s_) for s_ in window))
+            ys = (b, slice(None), *(slice(*s_) for s_ in box)) if first else (b, *(slice(*s_) for s_ in box))
+            boxed.add(x[xs][None], y[ys][None], batch_offset=b, box=box, window=window)
+    assert _report_numbers(boxed.report()) == _report_numbers(whole.report())
+    assert not whole.report().passed and whole.report().failing_tiles[0].batch == 1
+
+
+def test_verify_of_one_element_too_large_tiles_with_the_same_report(volume):
+    rng = np.random.default_rng(12)
+    np.save("big.npy", rng.standard_normal((2, 40, 36, 30, 4)).astype(np.float32))
+    run_files("big.npy", "vw.npy", "y.npy", strides=2)
+    y = np.load("y.npy")
+    y[1, 13, 4, 9, 2] += 0.5
+    np.save("bad.npy", y)
+    from convt_cli.stream import verify_files
+
+    for name in ("y.npy", "bad.npy"):
+        whole = verify_files("big.npy", "vw.npy", name, strides=2)
+        tiled = verify_files("big.npy", "vw.npy", name, strides=2, max_memory="9M")
+        assert whole.context["tile_shape"] is None and tiled.context["tile_shape"] is not None
+        assert _report_numbers(tiled) == _report_numbers(whole)
+        assert tiled.passed == (name == "y.npy")
+    computed = verify_files("big.npy", "vw.npy", strides=2, max_memory="12M")
+    assert computed.passed and computed.context["tile_shape"] is not None
