@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import threading
 import math
 import numbers
 import os
@@ -120,9 +121,11 @@ def run_files(input_ref, filters_ref, output_ref, *, output_shape=None, strides=
         # every mistake the headers and flags show, then the output's own: 'exists' never hides a flag's mistake
         io.check_output(out_ref, [x_ref, w_ref], bool(force), options)
         whole = ("input",) if x_src.whole else ()
-        needs = run_needs(plan, x_src.dtype, w_dtype, out_dtype, whole=whole, threads=threads)
-        chunk, tile = _pieces(plan, needs, (x_src.dtype, w_dtype, out_dtype), x_ref, x_src.whole, max_memory,
-                              available_memory, threads)
+        def needs(ahead):
+            return run_needs(plan, x_src.dtype, w_dtype, out_dtype, whole=whole, threads=threads, overlap=ahead)
+
+        chunk, tile, ahead = _pieces(plan, needs, (x_src.dtype, w_dtype, out_dtype), x_ref, x_src.whole,
+                                     max_memory, available_memory, threads)
         check_space(out_ref, math.prod(plan.output_shape) * out_dtype.itemsize)
         info = _summary(plan, out_dtype, (x_ref, w_ref, out_ref), layout)
         attrs = io.attributes(x_ref) if copy_attrs else {}
@@ -132,27 +135,19 @@ def run_files(input_ref, filters_ref, output_ref, *, output_shape=None, strides=
                       "convt_filters": str(w_ref), "convt_parameters": {k: info[k] for k in _PROVENANCE}}
         options = dataclasses.replace(options, chunk_batch=min(chunk, plan.batch), attrs=attrs)
         sink = io.Sink(out_ref, plan.output_shape, out_dtype, provenance, bool(force), options)
-        seconds = 0.0
         try:
-            if tile is not None:
-                if not sink.boxes:
-                    out_ref.fail(f"one batch element does not fit the memory budget, so it is computed in spatial "
-                                 f"tiles, which a {out_format.title} output cannot take in place: write .npy, .h5 "
-                                 f".safetensors or stdout, or raise --max-memory")
-                seconds = _run_tiles(plan, tile, x_src, x_ref, w, sink, threads, report)
-                chunk = plan.batch  # no batch pieces: stops the loop below
-            for b0 in range(0, plan.batch if tile is None else 0, chunk):
-                b1 = min(plan.batch, b0 + chunk)
-                x = cast_to(x_ref, x_src.read(b0, b1), out_dtype, b0, chunk < plan.batch)
-                start = time.perf_counter()
-                with quiet_arithmetic():
-                    y = compute(x)
-                seconds += time.perf_counter() - start
-                del x
-                sink.write(y)
-                del y
-                report(b1 - b0, b1, plan.batch)
-                stop_if_signalled()
+            if tile is not None and not sink.boxes:
+                out_ref.fail(f"one batch element does not fit the memory budget, so it is computed in spatial "
+                             f"tiles, which a {out_format.title} output cannot take in place: write .npy, .h5 "
+                             f".safetensors or stdout, or raise --max-memory")
+            if tile is None:
+                pieces = [(b0, min(plan.batch, b0 + chunk)) for b0 in range(0, plan.batch, chunk)]
+                seconds = overlapped(
+                    pieces, lambda p: cast_to(x_ref, x_src.read(*p), out_dtype, p[0], chunk < plan.batch),
+                    lambda p, x: compute(x), lambda p, y: sink.write(y),
+                    lambda p: report(p[1] - p[0], p[1], plan.batch), ahead)
+            else:
+                seconds = _run_tiles(plan, tile, x_src, x_ref, w, sink, threads, report, ahead)
             stop_if_signalled()
             sink.commit()
         except BaseException:
@@ -176,26 +171,33 @@ def _pieces_info(plan, chunk, tile) -> dict:
 
 
 def _pieces(plan, needs, dtypes, x_ref, x_whole: bool, max_memory, available_memory, threads):
-    """(batch elements per piece, None), or (1, the output tile shape) when one batch element does not fit the
-    budget and its tiles do (spatial_tiles). dtypes: the input's and filters' as read, the one computed in."""
-    try:
-        chunk = check_memory("run", needs, plan.batch, max_memory, available_memory, whole={"input": x_ref})
-    except ConvtError:
-        limit = max_memory if max_memory is not None else (available_memory or mem_available)()
-        tile = None if limit is None or x_whole else spatial_tiles(plan, *dtypes, limit, threads)
-        if tile is None:
-            raise
-        return 1, tile
-    return min(chunk, piece_batch(plan, dtypes[0], dtypes[2])), None
+    """(batch elements per piece, None, ahead), or (1, the output tile shape, ahead) when one batch element does
+    not fit the budget and its tiles do (spatial_tiles). `needs(overlap)` is run_needs' function with or without
+    the pieces read and written ahead; `ahead`: whether they fit (else the pieces take turns, as one element that
+    fits alone still beats tiles, which change the strategy and so the bits). dtypes: the input's and filters' as
+    read, the one computed in."""
+    for ahead in (True, False):
+        try:
+            chunk = check_memory("run", needs(ahead), plan.batch, max_memory, available_memory,
+                                 whole={"input": x_ref})
+            return min(chunk, piece_batch(plan, dtypes[0], dtypes[2])), None, ahead
+        except ConvtError as e:
+            refused = e
+    limit = max_memory if max_memory is not None else (available_memory or mem_available)()
+    for ahead in (True, False):
+        tile = None if limit is None or x_whole else spatial_tiles(plan, *dtypes, limit, threads, overlap=ahead)
+        if tile is not None:
+            return 1, tile, ahead
+    raise refused
 
 
 TILE_PLANS = 2  # prepared filters kept for this many kinds of tile at once (first, inner, last along an axis)
 
 
-def tile_needs(plan, tile, x_dtype, w_dtype, dtype, threads) -> dict:
+def tile_needs(plan, tile, x_dtype, w_dtype, dtype, threads, overlap=False) -> dict:
     """{part: bytes} held at once while computing the output tiles of `tile` shape: the largest input window as
     read and cast, the filters as read and cast, and the engine's output and work for the tile, its prepared
-    filters for TILE_PLANS kinds of tile."""
+    filters for TILE_PLANS kinds of tile; with `overlap`, a second window and output tile (see run_needs)."""
     first, _ = tile_plan(dataclasses.replace(plan, batch=1), tuple((0, min(o, t)) for o, t in zip(
         plan.output_spatial, tile)))
     # the widest window of any tile: the terms landing in t positions come from ceil((t + eff - 1) / s) inputs,
@@ -205,17 +207,21 @@ def tile_needs(plan, tile, x_dtype, w_dtype, dtype, threads) -> dict:
     sub = dataclasses.replace(first, input_spatial=widest)
     x_n, w_n = math.prod(sub.input_shape), math.prod(sub.filters_shape)
     cast = (x_n if x_dtype != dtype else 0) + (w_n if w_dtype != dtype else 0)
-    return {"input": x_n * x_dtype.itemsize, "filters": w_n * w_dtype.itemsize,
-            "output and work": TILE_PLANS * engine.estimate_bytes(sub, dtype, threads=threads) + cast * dtype.itemsize}
+    parts = {"input": x_n * x_dtype.itemsize, "filters": w_n * w_dtype.itemsize,
+             "output and work": TILE_PLANS * engine.estimate_bytes(sub, dtype, threads=threads) + cast * dtype.itemsize}
+    if overlap:
+        parts["reading and writing ahead"] = (x_n * (x_dtype.itemsize + (dtype.itemsize if x_dtype != dtype else 0))
+                                              + math.prod(sub.output_shape) * dtype.itemsize)
+    return parts
 
 
-def spatial_tiles(plan, x_dtype, w_dtype, dtype, limit: int, threads) -> tuple[int, ...] | None:
+def spatial_tiles(plan, x_dtype, w_dtype, dtype, limit: int, threads, overlap=False) -> tuple[int, ...] | None:
     """The output tile shape for one batch element that does not fit `limit` bytes: the trailing spatial axes whole
     as far as they fit, the next one cut to the most that fits (a multiple of its stride, so that the inner tiles
     share one plan), the ones before it 1 -- slabs, whose rows are contiguous in the file; None when not even one
     output position fits."""
     def fits(sizes) -> bool:
-        return sum(tile_needs(plan, sizes, x_dtype, w_dtype, dtype, threads).values()) <= limit
+        return sum(tile_needs(plan, sizes, x_dtype, w_dtype, dtype, threads, overlap).values()) <= limit
 
     found = _largest_tile(plan.output_spatial, plan.spec.strides, fits)
     if found is None and fits((1,) * len(plan.output_spatial)):  # not even one stride's rows: one position
@@ -223,27 +229,115 @@ def spatial_tiles(plan, x_dtype, w_dtype, dtype, limit: int, threads) -> tuple[i
     return found
 
 
-def _run_tiles(plan, tile, x_src, x_ref, w, sink, threads, report) -> float:
+def _run_tiles(plan, tile, x_src, x_ref, w, sink, threads, report, ahead=True) -> float:
     """Each batch element's output a tile at a time (tile_plan: its input window, read alone, and its own pads),
-    written in place; the seconds spent computing."""
+    written in place, reading and writing overlapped with the compute; the seconds spent computing."""
     first = plan.spec.channels_first
     boxes = list(itertools.product(*(tile_starts(o, t) for o, t in zip(plan.output_spatial, tile))))
-    prepared, seconds, done, total = {}, 0.0, 0, plan.batch * len(boxes)
-    for b in range(plan.batch):
-        for box in boxes:
-            sub, window = tile_plan(plan, box)
-            x = cast_to(x_ref, x_src.read_box(b, b + 1, _box_index(first, window)), w.dtype, b, True)
+    pieces = [(b, box, *tile_plan(plan, box)) for b in range(plan.batch) for box in boxes]
+    prepared = {}
+
+    def read(piece):
+        b, _, _, window = piece
+        return cast_to(x_ref, x_src.read_box(b, b + 1, _box_index(first, window)), w.dtype, b, True)
+
+    done = [0]
+
+    def tell(piece):
+        done[0] += 1
+        report(1, done[0], len(pieces))
+
+    return overlapped(pieces, read, lambda piece, x: _prepared(prepared, piece[2], w).run(x, threads=threads),
+                      lambda piece, y: sink.write_box(y, piece[0], _box_index(first, piece[1])), tell, ahead)
+
+
+def overlapped(pieces: list, read, compute, write, done, ahead: bool = True) -> float:
+    """For each piece in order: read(piece) on a reader thread, compute(piece, x) here, write(piece, y) on a writer
+    thread, done(piece) here once it is handed to the writer: while piece k is computed, piece k+1 is read and
+    piece k-1 written. At most two pieces' inputs and two pieces' outputs exist at once (the memory budget counts
+    them: run_needs, tile_needs); one of each without `ahead` (then reading piece k+1 overlaps only writing k). A failure or KeyboardInterrupt anywhere stops all three and is raised here,
+    after both threads have ended (so that the caller's abort never races a write). Returns the seconds spent
+    in compute."""
+    import queue
+
+    stop = threading.Event()
+    inputs, outputs = (threading.Semaphore(2 if ahead else 1) for _ in range(2))  # pieces alive at once, each side
+    inbox, outbox = queue.Queue(), queue.Queue()
+    failed: list[BaseException] = []
+
+    def acquire(slots) -> bool:
+        while not slots.acquire(timeout=0.05):
+            if stop.is_set():
+                return False
+        return not stop.is_set()
+
+    def reader():
+        try:
+            for piece in pieces:
+                if not acquire(inputs):
+                    return
+                inbox.put(read(piece))
+        except BaseException as e:  # given to the main thread, which raises it
+            failed.append(e)
+            stop.set()
+
+    def writer():
+        try:
+            for piece in pieces:
+                y = _take(outbox, stop)
+                if y is None:
+                    return
+                write(piece, y)
+                del y
+                outputs.release()
+        except BaseException as e:
+            failed.append(e)
+            stop.set()
+
+    threads = [threading.Thread(target=reader, name="convt-reader", daemon=True),
+               threading.Thread(target=writer, name="convt-writer", daemon=True)]
+    for thread in threads:
+        thread.start()
+    seconds = 0.0
+    try:
+        for piece in pieces:
+            x = _take(inbox, stop)
+            if x is None:
+                break
+            if not acquire(outputs):
+                break
             start = time.perf_counter()
             with quiet_arithmetic():
-                y = _prepared(prepared, sub, w).run(x, threads=threads)
+                y = compute(piece, x)
             seconds += time.perf_counter() - start
             del x
-            sink.write_box(y, b, _box_index(first, box))
+            inputs.release()
+            outbox.put(y)
             del y
-            done += 1
-            report(1, done, total)
+            done(piece)
             stop_if_signalled()
+        while threads[1].is_alive() and not stop.is_set():  # the last pieces written
+            threads[1].join(timeout=0.05)
+            stop_if_signalled()
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join()
+    if failed:
+        raise failed[0]
     return seconds
+
+
+def _take(box, stop):
+    """The next item of a queue, or None once `stop` is set."""
+    import queue
+
+    while True:
+        try:
+            return box.get(timeout=0.05)
+        except queue.Empty:
+            if stop.is_set():
+                return None
 
 
 def _box_index(first: bool, box) -> tuple:
@@ -549,16 +643,18 @@ def plan_files(input_ref, filters_ref, *, output_shape=None, strides=1, padding=
     out_dtype = checked_dtype(cast, (x_ref, x_dtype), (w_ref, w_dtype))
     info = _summary(plan, out_dtype, (x_ref, w_ref), layout)
     whole = ("input",) if io.read_whole(x_ref) else ()
-    needs = run_needs(plan, x_dtype, w_dtype, out_dtype, whole=whole, threads=threads)
+    def needs(ahead):
+        return run_needs(plan, x_dtype, w_dtype, out_dtype, whole=whole, threads=threads, overlap=ahead)
+
     try:
-        chunk, tile = _pieces(plan, needs, (x_dtype, w_dtype, out_dtype), x_ref, bool(whole), max_memory,
-                              available_memory, threads)
+        chunk, tile, ahead = _pieces(plan, needs, (x_dtype, w_dtype, out_dtype), x_ref, bool(whole), max_memory,
+                                     available_memory, threads)
     except ConvtError as e:
-        info.update(memory_error=str(e), memory_bytes=sum(needs(min(1, plan.batch)).values()), batch_per_chunk=None,
-                    pieces=None, tile_shape=None)
+        info.update(memory_error=str(e), memory_bytes=sum(needs(False)(min(1, plan.batch)).values()),
+                    batch_per_chunk=None, pieces=None, tile_shape=None)
         return info
-    held = needs(min(chunk, plan.batch)) if tile is None else tile_needs(plan, tile, x_dtype, w_dtype, out_dtype,
-                                                                         threads)
+    held = needs(ahead)(min(chunk, plan.batch)) if tile is None else tile_needs(
+        plan, tile, x_dtype, w_dtype, out_dtype, threads, overlap=ahead)
     info.update(memory_bytes=sum(held.values()), **_pieces_info(plan, chunk, tile))
     return info
 
@@ -680,11 +776,21 @@ def _most_that_fit(needs, batch: int, limit: int) -> int:
     return fits
 
 
-def run_needs(plan, x_dtype, w_dtype, dtype, output=None, whole=(), threads=None):
+def run_needs(plan, x_dtype, w_dtype, dtype, output=None, whole=(), threads=None, overlap=False):
     """needs(b) for check_memory: b batch elements of the arrays as read, their casts to dtype, and the output
     with the engine's work (or, given output=(shape, dtype), the output as read). `whole` names the arrays that
-    are held whole whatever b ("input", "output": stdin and .npz members are read at once)."""
+    are held whole whatever b ("input", "output": stdin and .npz members are read at once). With `overlap` (run's
+    reading and writing beside the compute: `overlapped`), a second piece of input and of output."""
     def needs(batch):
+        parts = _needs(batch)
+        if overlap and batch:
+            one = dataclasses.replace(plan, batch=batch)
+            ahead = 0 if "input" in whole else math.prod(one.input_shape) * (
+                x_dtype.itemsize + (dtype.itemsize if x_dtype != dtype else 0))
+            parts["reading and writing ahead"] = ahead + math.prod(one.output_shape) * dtype.itemsize
+        return parts
+
+    def _needs(batch):
         p = dataclasses.replace(plan, batch=batch)
         x_n, w_n = math.prod(p.input_shape), math.prod(p.filters_shape)
         held = {"input": math.prod(plan.input_shape) * x_dtype.itemsize if "input" in whole else 0,

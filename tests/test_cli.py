@@ -441,7 +441,7 @@ def test_a_run_over_the_memory_budget_streams_and_writes_the_same_bytes(work, mo
     x = np.random.default_rng(3).standard_normal((8, 5, 6, 3)).astype(np.float32)
     np.save("x8.npy", x)
     f32 = np.dtype(np.float32)
-    needs = stream.run_needs(plan_conv_transpose(x.shape, (3, 3, 4, 3), strides=2), f32, f32, f32)
+    needs = stream.run_needs(plan_conv_transpose(x.shape, (3, 3, 4, 3), strides=2), f32, f32, f32, overlap=True)
     limit = sum(needs(3).values())
     monkeypatch.setattr(cli_module, "_available_memory", lambda: 1 << 40)
     for target in ("whole.npy", "whole.h5:/y", "whole.npz:y"):
