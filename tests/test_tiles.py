@@ -276,3 +276,95 @@ def test_verify_of_one_element_too_large_tiles_with_the_same_report(volume):
         assert tiled.passed == (name == "y.npy")
     computed = verify_files("big.npy", "vw.npy", strides=2, max_memory="12M")
     assert computed.passed and computed.context["tile_shape"] is not None
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Reading and writing beside the compute (stream.overlapped)
+
+
+def test_overlapped_keeps_the_order_and_at_most_two_pieces_on_each_side():
+    import threading
+
+    from convt_cli.stream import overlapped
+
+    alive = {"in": 0, "out": 0, "most_in": 0, "most_out": 0}
+    lock = threading.Lock()
+    written = []
+
+    def read(p):
+        with lock:
+            alive["in"] += 1
+            alive["most_in"] = max(alive["most_in"], alive["in"])
+        return np.full(3, p)
+
+    def compute(p, x):
+        with lock:
+            alive["in"] -= 1
+            alive["out"] += 1
+            alive["most_out"] = max(alive["most_out"], alive["out"])
+        return x * 2
+
+    def write(p, y):
+        written.append((p, y.tolist()))
+        with lock:
+            alive["out"] -= 1
+
+    overlapped(list(range(40)), read, compute, write, lambda p: None)
+    assert written == [(p, [2 * p] * 3) for p in range(40)]
+    assert alive["most_in"] <= 2 and alive["most_out"] <= 2
+    assert not [t for t in threading.enumerate() if t.name in ("convt-reader", "convt-writer")]
+
+
+@pytest.mark.parametrize("where", ["read", "compute", "write", "done"])
+def test_a_failure_on_any_side_stops_both_threads_and_is_raised(where):
+    import threading
+
+    from convt_cli.stream import overlapped
+
+    def boom(name, p):
+        if where == name and p == 5:
+            raise ValueError(f"{name} failed")
+
+    with pytest.raises(ValueError, match=f"{where} failed"):
+        overlapped(list(range(20)), lambda p: boom("read", p) or p, lambda p, x: boom("compute", p) or x,
+                   lambda p, y: boom("write", p), lambda p: boom("done", p))
+    assert not [t for t in threading.enumerate() if t.name in ("convt-reader", "convt-writer")]
+
+
+def test_an_interrupted_streamed_run_leaves_nothing(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    np.save("x.npy", np.ones((40, 16, 16, 8), np.float32))
+    np.save("w.npy", np.ones((3, 3, 8, 8), np.float32))
+
+    def stop(done, total):
+        if done >= 10:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_files("x.npy", "w.npy", "y.npy", strides=2, max_memory="1M", progress=stop)
+    assert sorted(os.listdir(".")) == ["w.npy", "x.npy"]
+
+
+@pytest.mark.parametrize("folder", ["tmp", "/dev/shm"])  # a disk file system takes O_DIRECT; tmpfs refuses it
+def test_direct_writes_give_the_same_bytes_as_plain_ones(tmp_path, folder):
+    from convt_cli.formats.base import DirectFile
+
+    if folder == "/dev/shm" and not os.path.isdir(folder):
+        folder = "tmp"
+    path = str(tmp_path / "d.bin") if folder == "tmp" else os.path.join(folder, f"convt-test-{os.getpid()}.bin")
+    rng = np.random.default_rng(1)
+    parts = [rng.integers(0, 256, n, dtype=np.uint8) for n in (128, 5000, DirectFile.STAGE + 7, 4096, 3, 70000)]
+    try:
+        f = DirectFile(path)
+        for part in parts:
+            assert f.write(part.data) == len(part)
+        assert f.tell() == sum(map(len, parts))
+        f.flush()  # what positioned writes then see
+        os.pwrite(f.fileno(), b"XY", 10)
+        f.close()
+        want = bytearray(b"".join(p.tobytes() for p in parts))
+        want[10:12] = b"XY"
+        assert open(path, "rb").read() == bytes(want)
+    finally:
+        if os.path.exists(path):
+            os.remove(path)

@@ -226,6 +226,88 @@ class FileWriter(Writer):
             pass
 
 
+class DirectFile:
+    """A new file written start to end (write, tell, flush, fileno, close, as `open(path, "wb")`), its whole
+    blocks through O_DIRECT where the filesystem takes it: the data goes from a staging buffer to the disk with no
+    copy into the page cache, which on some machines costs more CPU than the compute it runs beside (5 s of system
+    time per GiB written, against 0.2 s direct). What is not a whole block -- the end, and whatever flush()
+    pushes out for positioned writes (fileno(): a plain descriptor) -- goes through the page cache as usual."""
+
+    BLOCK = 4096  # O_DIRECT's alignment of offsets, sizes and memory on Linux filesystems
+    STAGE = 8 << 20  # bytes staged before a direct write
+
+    def __init__(self, path: str):
+        import mmap
+
+        self._plain = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
+        self._direct = None
+        if hasattr(os, "O_DIRECT"):
+            try:
+                self._direct = os.open(path, os.O_WRONLY | os.O_DIRECT)
+            except OSError:  # tmpfs and others: the page cache it is
+                self._direct = None
+        self._stage = memoryview(mmap.mmap(-1, self.STAGE))  # page-aligned, as O_DIRECT needs
+        self._bytes = np.frombuffer(self._stage, np.uint8)  # NumPy copies into it without the GIL
+        self._at = 0  # file offset of the stage's first byte
+        self._used = 0
+
+    def write(self, data) -> int:
+        data = np.frombuffer(memoryview(data).cast("B"), np.uint8)
+        n = len(data)
+        while len(data):
+            take = min(len(data), self.STAGE - self._used)
+            self._bytes[self._used:self._used + take] = data[:take]
+            self._used += take
+            data = data[take:]
+            if self._used == self.STAGE:
+                self._drain(whole_blocks=True)
+        return n
+
+    def tell(self) -> int:
+        return self._at + self._used
+
+    def _drain(self, whole_blocks: bool) -> None:
+        """Write the staged bytes: whole blocks directly (when the stage starts on a block), the rest plainly
+        unless whole_blocks; what is left stays staged."""
+        done = 0
+        if self._direct is not None and self._at % self.BLOCK == 0:
+            done = self._used - self._used % self.BLOCK
+            written = 0
+            while written < done:
+                written += os.pwrite(self._direct, self._stage[written:done], self._at + written)
+        if not whole_blocks or self._direct is None or self._at % self.BLOCK:
+            _pwrite_all(self._plain, self._stage[done:self._used], self._at + done)
+            done = self._used
+        rest = self._used - done
+        self._bytes[:rest] = self._bytes[done:self._used].copy()
+        self._at += done
+        self._used = rest
+
+    def flush(self) -> None:
+        self._drain(whole_blocks=False)
+
+    def fileno(self) -> int:
+        return self._plain
+
+    def close(self) -> None:
+        try:
+            if self._plain is not None and self._used:
+                self._drain(whole_blocks=False)
+        finally:
+            for fd in (self._direct, self._plain):
+                if fd is not None:
+                    os.close(fd)
+            self._direct = self._plain = None
+            self._bytes = None
+            self._stage.release()
+
+
+def _pwrite_all(fd: int, data, offset: int) -> None:
+    written = 0
+    while written < len(data):
+        written += os.pwrite(fd, data[written:], offset + written)
+
+
 def box_runs(shape, index) -> list[tuple[int, int]]:
     """The box `index` (a slice, step 1, per axis) of a C-ordered array of `shape` as runs of contiguous elements,
     (first element's offset, count), in the box's own C order: the axes after the last one the box cuts are

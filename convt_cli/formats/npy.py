@@ -7,7 +7,7 @@ import os
 
 import numpy as np
 
-from .base import (FileWriter, Format, Reader, WriteOptions, check_plain, fix_dtype, fix_header_dtype, np_guard,
+from .base import (DirectFile, FileWriter, Format, Reader, WriteOptions, check_plain, fix_dtype, fix_header_dtype, np_guard,
                    read_runs)
 
 NPY_MAGIC = b"\x93NUMPY"
@@ -115,6 +115,6 @@ class NpyFileWriter(NpyStreamWriter):
         super().__init__()
 
     def _open(self):
-        self._file = open(self.path, "wb")
+        self._file = DirectFile(self.path)
         write_npy_header(self._file, self.shape, self.dtype)
         self._data_at = self._file.tell()
