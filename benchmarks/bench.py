@@ -136,6 +136,14 @@ def peak_rss_mb(args, cwd):
     return int(rss_kb) / 1024
 
 
+def emit(result: dict, path: str | None) -> None:
+    """Print a benchmark's result as JSON, and write it to `path` too when one is given."""
+    print(json.dumps(result, indent=1))
+    if path:
+        with open(path, "w") as f:
+            json.dump(result, f, indent=1)
+
+
 def convt_cmd():
     return [sys.executable, "-m", "convt_cli"]
 

@@ -34,7 +34,7 @@ import h5py
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench import blas_info, convt_cmd, peak_rss_mb  # noqa: E402
+from bench import blas_info, convt_cmd, emit, peak_rss_mb  # noqa: E402
 
 PER = (64, 64, 64)  # one batch element: 1 MiB of float32
 
@@ -179,10 +179,7 @@ def main():
         results = {"blas": blas_info(), "input_gib": round(batch / 1024, 2), "budget": args.budget,
                    "formats": [measure(fmt, folder, batch, block, w, args.budget, args.repeat)
                                for fmt in args.formats.split(",")]}
-        print(json.dumps(results, indent=1))
-        if args.json:
-            with open(args.json, "w") as f:
-                json.dump(results, f, indent=1)
+        emit(results, args.json)
     finally:
         if not args.folder:
             shutil.rmtree(folder, ignore_errors=True)

@@ -24,7 +24,7 @@ import tempfile
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench import blas_info, convt_cmd, peak_rss_mb  # noqa: E402
+from bench import blas_info, convt_cmd, emit, peak_rss_mb  # noqa: E402
 
 IN_MEMORY = """
 import json, time, numpy as np
@@ -85,10 +85,7 @@ def main():
         }
         if budget_mb:
             result["under_budget_plus_baseline"] = rss <= budget_mb + base
-        print(json.dumps(result, indent=1))
-        if args.json:
-            with open(args.json, "w") as f:
-                json.dump(result, f, indent=1)
+        emit(result, args.json)
     finally:
         if not args.folder:
             shutil.rmtree(folder, ignore_errors=True)
