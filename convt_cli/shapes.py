@@ -272,9 +272,9 @@ def pads_for(i: int, o: int, k: int, s: int, d: int, padding, op: int = 0) -> tu
 def padded_output(i: int, k: int, s: int, d: int, padding, op: int) -> tuple[int, tuple[int, int]]:
     """(O, (lo, hi)) with PyTorch's and ONNX's output_padding op: explicit (lo, hi) or VALID give O =
     (I-1)*s + eff - lo - hi + op; SAME, SAME_UPPER and SAME_LOWER give O = I*s with a total pad of
-    (I-1)*s + eff + op - O (at least 0) split as pads_for splits it (ONNX's auto_pad with output_padding). The pair returned is the
-    forward conv's (hi = (I-1)*s + eff - O - lo, negative when the output reaches past the last tap: those
-    positions are zero, as in PyTorch).
+    (I-1)*s + eff + op - O (at least 0) split as pads_for splits it (ONNX's auto_pad with output_padding). The
+    pair returned is the forward conv's (hi = (I-1)*s + eff - O - lo, negative when the output reaches past the
+    last tap: those positions are zero, as in PyTorch).
 
     >>> padded_output(12, 1, 1, 2, (0, 0), 1), padded_output(5, 3, 2, 1, (1, 1), 1)
     ((13, (0, -1)), (10, (1, 0)))

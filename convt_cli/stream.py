@@ -124,12 +124,12 @@ def run_files(input_ref, filters_ref, output_ref, *, output_shape=None, strides=
         def needs(ahead):
             return run_needs(plan, x_src.dtype, w_dtype, out_dtype, whole=whole, threads=threads, overlap=ahead)
 
-        chunk, tile, ahead = _pieces(plan, needs, (x_src.dtype, w_dtype, out_dtype), x_ref, x_src.whole,
-                                     max_memory, available_memory, threads)
+        w = cast_to(w_ref, w_load(), out_dtype)  # before the pieces are sized: whether its taps are finite
+        chunk, tile, ahead, _ = _pieces(plan, needs, (x_src.dtype, w_dtype, out_dtype), x_ref, x_src.whole,
+                                     max_memory, available_memory, threads, lambda: _finite(w))
         check_space(out_ref, math.prod(plan.output_shape) * out_dtype.itemsize)
         info = _summary(plan, out_dtype, (x_ref, w_ref, out_ref), layout)
         attrs = io.attributes(x_ref) if copy_attrs else {}
-        w = cast_to(w_ref, w_load(), out_dtype)
         compute = _conv_transpose_of(plan, w, threads) if tile is None else None
         provenance = {"convt_version": __version__, "convt_op": "conv_transpose", "convt_input": str(x_ref),
                       "convt_filters": str(w_ref), "convt_parameters": {k: info[k] for k in _PROVENANCE}}
@@ -170,34 +170,43 @@ def _pieces_info(plan, chunk, tile) -> dict:
     return dict(batch_per_chunk=1, pieces=plan.batch * count, tile_shape=list(tile))
 
 
-def _pieces(plan, needs, dtypes, x_ref, x_whole: bool, max_memory, available_memory, threads):
-    """(batch elements per piece, None, ahead), or (1, the output tile shape, ahead) when one batch element does
-    not fit the budget and its tiles do (spatial_tiles). `needs(overlap)` is run_needs' function with or without
+def _finite(w: np.ndarray) -> bool:
+    """Whether filters hold no inf or nan: then no run of them goes to "taps" (engine.estimate_bytes)."""
+    return bool(np.isfinite(w).all()) if w.dtype.kind in "fcV" else True
+
+
+def _pieces(plan, needs, dtypes, x_ref, x_whole: bool, max_memory, available_memory, threads, finite=None):
+    """(batch elements per piece, None, ahead, False), or (1, the output tile shape, ahead, finite) when one batch
+    element does not fit the budget and its tiles do (spatial_tiles; finite: whether they were sized for filters
+    without inf or nan). `needs(overlap)` is run_needs' function with or without
     the pieces read and written ahead; `ahead`: whether they fit (else the pieces take turns, as one element that
     fits alone still beats tiles, which change the strategy and so the bits). dtypes: the input's and filters' as
-    read, the one computed in."""
+    read, the one computed in. finite(): whether the filters hold no inf or nan, asked only for tiles."""
     for ahead in (True, False):
         try:
             chunk = check_memory("run", needs(ahead), plan.batch, max_memory, available_memory,
                                  whole={"input": x_ref})
-            return min(chunk, piece_batch(plan, dtypes[0], dtypes[2])), None, ahead
+            return min(chunk, piece_batch(plan, dtypes[0], dtypes[2])), None, ahead, False
         except ConvtError as e:
             refused = e
     limit = max_memory if max_memory is not None else (available_memory or mem_available)()
+    clean = finite() if finite is not None and limit is not None and not x_whole else False
     for ahead in (True, False):
-        tile = None if limit is None or x_whole else spatial_tiles(plan, *dtypes, limit, threads, overlap=ahead)
+        tile = None if limit is None or x_whole else spatial_tiles(plan, *dtypes, limit, threads, overlap=ahead,
+                                                                   finite=clean)
         if tile is not None:
-            return 1, tile, ahead
+            return 1, tile, ahead, clean
     raise refused
 
 
 TILE_PLANS = 2  # prepared filters kept for this many kinds of tile at once (first, inner, last along an axis)
 
 
-def tile_needs(plan, tile, x_dtype, w_dtype, dtype, threads, overlap=False) -> dict:
+def tile_needs(plan, tile, x_dtype, w_dtype, dtype, threads, overlap=False, finite=False) -> dict:
     """{part: bytes} held at once while computing the output tiles of `tile` shape: the largest input window as
     read and cast, the filters as read and cast, and the engine's output and work for the tile, its prepared
-    filters for TILE_PLANS kinds of tile; with `overlap`, a second window and output tile (see run_needs)."""
+    filters for TILE_PLANS kinds of tile; with `overlap`, a second window and output tile (see run_needs); with
+    `finite` (filters without inf or nan), not the workspace of "taps", which only such filters use."""
     first, _ = tile_plan(dataclasses.replace(plan, batch=1), tuple((0, min(o, t)) for o, t in zip(
         plan.output_spatial, tile)))
     # the widest window of any tile: the terms landing in t positions come from ceil((t + eff - 1) / s) inputs,
@@ -208,20 +217,22 @@ def tile_needs(plan, tile, x_dtype, w_dtype, dtype, threads, overlap=False) -> d
     x_n, w_n = math.prod(sub.input_shape), math.prod(sub.filters_shape)
     cast = (x_n if x_dtype != dtype else 0) + (w_n if w_dtype != dtype else 0)
     parts = {"input": x_n * x_dtype.itemsize, "filters": w_n * w_dtype.itemsize,
-             "output and work": TILE_PLANS * engine.estimate_bytes(sub, dtype, threads=threads) + cast * dtype.itemsize}
+             "output and work": TILE_PLANS * engine.estimate_bytes(sub, dtype, threads=threads, finite_filters=finite)
+             + cast * dtype.itemsize}
     if overlap:
         parts["reading and writing ahead"] = (x_n * (x_dtype.itemsize + (dtype.itemsize if x_dtype != dtype else 0))
                                               + math.prod(sub.output_shape) * dtype.itemsize)
     return parts
 
 
-def spatial_tiles(plan, x_dtype, w_dtype, dtype, limit: int, threads, overlap=False) -> tuple[int, ...] | None:
+def spatial_tiles(plan, x_dtype, w_dtype, dtype, limit: int, threads, overlap=False,
+                  finite=False) -> tuple[int, ...] | None:
     """The output tile shape for one batch element that does not fit `limit` bytes: the trailing spatial axes whole
     as far as they fit, the next one cut to the most that fits (a multiple of its stride, so that the inner tiles
     share one plan), the ones before it 1 -- slabs, whose rows are contiguous in the file; None when not even one
     output position fits."""
     def fits(sizes) -> bool:
-        return sum(tile_needs(plan, sizes, x_dtype, w_dtype, dtype, threads, overlap).values()) <= limit
+        return sum(tile_needs(plan, sizes, x_dtype, w_dtype, dtype, threads, overlap, finite).values()) <= limit
 
     found = _largest_tile(plan.output_spatial, plan.spec.strides, fits)
     if found is None and fits((1,) * len(plan.output_spatial)):  # not even one stride's rows: one position
@@ -255,9 +266,9 @@ def overlapped(pieces: list, read, compute, write, done, ahead: bool = True) -> 
     """For each piece in order: read(piece) on a reader thread, compute(piece, x) here, write(piece, y) on a writer
     thread, done(piece) here once it is handed to the writer: while piece k is computed, piece k+1 is read and
     piece k-1 written. At most two pieces' inputs and two pieces' outputs exist at once (the memory budget counts
-    them: run_needs, tile_needs); one of each without `ahead` (then reading piece k+1 overlaps only writing k). A failure or KeyboardInterrupt anywhere stops all three and is raised here,
-    after both threads have ended (so that the caller's abort never races a write). Returns the seconds spent
-    in compute."""
+    them: run_needs, tile_needs); one of each without `ahead` (then reading piece k+1 overlaps only writing k).
+    A failure or KeyboardInterrupt anywhere stops all three and is raised here, after both threads have ended
+    (so that the caller's abort never races a write). Returns the seconds spent in compute."""
     import queue
 
     stop = threading.Event()
@@ -465,6 +476,7 @@ def verify_files(input_ref, filters_ref, output_ref=None, *, output_shape=None, 
         whole = tuple(name for name, src in (("input", x_src), ("output", y_src)) if src is not None and src.whole)
         needs = run_needs(plan, x_src.dtype, w_dtype, out_dtype, None if y_src is None else (y_src.shape, y_src.dtype),
                           whole=whole, threads=threads)
+        w = cast_to(w_ref, w_load(), out_dtype)
         tile = None
         try:
             chunk = check_memory("verify", with_verify_work(needs, plan, out_dtype, probes, threads), plan.batch,
@@ -473,7 +485,7 @@ def verify_files(input_ref, filters_ref, output_ref=None, *, output_shape=None, 
             limit = max_memory if max_memory is not None else (available_memory or mem_available)()
             tile = None if limit is None or whole else verify_tiles(
                 plan, (x_src.dtype, w_dtype, out_dtype), None if y_src is None else y_src.dtype, limit, probes,
-                threads)
+                threads, _finite(w))
             if tile is None:
                 raise
             chunk = 1
@@ -481,7 +493,6 @@ def verify_files(input_ref, filters_ref, output_ref=None, *, output_shape=None, 
         if y_src is not None and max_memory is not None and tile is None:  # pieces no larger than run's
             run = run_needs(plan, x_src.dtype, w_dtype, out_dtype, whole=whole, threads=threads)
             chunk = min(chunk, max(1, _most_that_fit(run, chunk, max_memory)))
-        w = cast_to(w_ref, w_load(), out_dtype)
         check = AdjointCheck(plan, w, out_dtype.name, probes=probes, seed=seed, rtol=rtol, threads=threads)
         compute = _conv_transpose_of(plan, w, threads) if y_src is None and tile is None else None
         with quiet_arithmetic():
@@ -512,7 +523,7 @@ def verify_files(input_ref, filters_ref, output_ref=None, *, output_shape=None, 
     return dataclasses.replace(result, context=info)
 
 
-def verify_tiles(plan, dtypes, y_dtype, limit: int, probes, threads) -> tuple[int, ...] | None:
+def verify_tiles(plan, dtypes, y_dtype, limit: int, probes, threads, finite=False) -> tuple[int, ...] | None:
     """The output tile shape for verify of one batch element that does not fit `limit` bytes: whole tiles of
     verify's own grid (verify.tile_sizes), so that the report is the one a whole check makes: the trailing axes
     whole as far as they fit, the next one cut to the most grid tiles that fit, the ones before it one grid tile.
@@ -525,7 +536,7 @@ def verify_tiles(plan, dtypes, y_dtype, limit: int, probes, threads) -> tuple[in
     fixed = work_bytes(one, dtype, probes, threads, 1)
 
     def fits(sizes) -> bool:
-        parts = tile_needs(plan, sizes, x_dtype, w_dtype, dtype, threads)
+        parts = tile_needs(plan, sizes, x_dtype, w_dtype, dtype, threads, finite=finite)
         if y_dtype is not None:  # the output as read, not computed
             parts["output and work"] = math.prod(sizes) * plan.out_channels * y_dtype.itemsize
         return sum(parts.values()) + fixed <= limit
@@ -616,7 +627,8 @@ def likely_cause(plan, x, w, y, batch_index: int, flags: dict) -> str:
 def plan_files(input_ref, filters_ref, *, output_shape=None, strides=1, padding="SAME", data_format=None,
                filter_layout="tf", dilations=None, output_padding=None, groups=1, dtype=None, max_memory=None,
                threads=None, available_memory=None) -> dict:
-    """The plan of run_files from the headers alone (no data is read), as `convt shape --json` prints it.
+    """The plan of run_files from the headers alone, as `convt shape --json` prints it. The data is not read; the
+    filters are, when one batch element does not fit and tiles are sized (see tile_needs), as a run sizes them.
 
     Args:
         input_ref, filters_ref, output_shape, strides, padding, data_format, dilations, output_padding, groups,
@@ -637,7 +649,7 @@ def plan_files(input_ref, filters_ref, *, output_shape=None, strides=1, padding=
     cast, max_memory, threads = _dtype_name(dtype), _memory_limit(max_memory), runtime.resolve_threads(threads)
     layout = filter_layout_name("filters", filter_layout)
     x_ref, w_ref = _refs(input_ref, filters_ref)
-    (x_shape, x_dtype, _), (w_shape, w_dtype, _) = _open(x_ref), _open_filters(w_ref, layout)
+    (x_shape, x_dtype, _), (w_shape, w_dtype, w_load) = _open(x_ref), _open_filters(w_ref, layout)
     plan = _plan(x_ref, x_shape, w_shape, output_shape, strides, padding, data_format, dilations, layout,
                  output_padding=output_padding, groups=groups)
     out_dtype = checked_dtype(cast, (x_ref, x_dtype), (w_ref, w_dtype))
@@ -647,14 +659,14 @@ def plan_files(input_ref, filters_ref, *, output_shape=None, strides=1, padding=
         return run_needs(plan, x_dtype, w_dtype, out_dtype, whole=whole, threads=threads, overlap=ahead)
 
     try:
-        chunk, tile, ahead = _pieces(plan, needs, (x_dtype, w_dtype, out_dtype), x_ref, bool(whole), max_memory,
-                                     available_memory, threads)
+        chunk, tile, ahead, clean = _pieces(plan, needs, (x_dtype, w_dtype, out_dtype), x_ref, bool(whole), max_memory,
+                                     available_memory, threads, lambda: _finite(w_load()))
     except ConvtError as e:
         info.update(memory_error=str(e), memory_bytes=sum(needs(False)(min(1, plan.batch)).values()),
                     batch_per_chunk=None, pieces=None, tile_shape=None)
         return info
     held = needs(ahead)(min(chunk, plan.batch)) if tile is None else tile_needs(
-        plan, tile, x_dtype, w_dtype, out_dtype, threads, overlap=ahead)
+        plan, tile, x_dtype, w_dtype, out_dtype, threads, overlap=ahead, finite=clean)
     info.update(memory_bytes=sum(held.values()), **_pieces_info(plan, chunk, tile))
     return info
 

@@ -210,17 +210,23 @@ def test_an_interrupted_tiled_run_leaves_nothing(volume):
     assert not [p for p in os.listdir(".") if p.startswith(("t.npy", ".convt"))]
 
 
-def test_a_tiled_run_allocates_within_its_budget(volume):
+@pytest.mark.filterwarnings("ignore:invalid value:RuntimeWarning")
+@pytest.mark.parametrize("filters", ["vw.npy", "inf.npy"])  # an inf tap sends the run to "taps": larger tiles' work
+def test_a_tiled_run_allocates_within_its_budget(volume, filters):
     import tracemalloc
 
-    run_files("vol.npy", "vw.npy", "warm.npy", strides=2, max_memory="2M")  # the worker threads' first GEMMs
+    w = np.load("vw.npy")
+    w[1, 1, 1, 0, 0] = np.inf
+    np.save("inf.npy", w)
+    run_files("vol.npy", filters, "warm.npy", strides=2, max_memory="2M")  # the worker threads' first GEMMs
     tracemalloc.start()
     try:
-        info = run_files("vol.npy", "vw.npy", "t.npy", strides=2, max_memory="2M", force=True)
+        info = run_files("vol.npy", filters, "t.npy", strides=2, max_memory="2M", force=True)
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
     assert info["tile_shape"] is not None and peak <= 2 << 20
+    assert info["tile_shape"] == plan_files("vol.npy", filters, strides=2, max_memory="2M")["tile_shape"]
 
 
 # ---------------------------------------------------------------------------------------------------------

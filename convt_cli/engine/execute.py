@@ -236,12 +236,14 @@ def merged_groups(plan: Plan) -> int:
                 plan.groups)
 
 
-def estimate_bytes(plan: Plan, dtype, threads=None, strategy: str | None = None) -> int:
+def estimate_bytes(plan: Plan, dtype, threads=None, strategy: str | None = None, finite_filters: bool = False) -> int:
     """Peak bytes run_conv_transpose allocates for this plan beyond its input and filters (an upper bound): the
     output; the workspace of the strategy chosen (or `strategy`, when forced) or of either fallback ("offsets",
     "taps"), each thread's at once;
     the filters converted to the compute dtype; and what the strategies that may run prepare from them. Not
     counted: the 2.25 MiB per thread that the worker threads' first GEMMs take once per process (see runtime).
+    With `finite_filters` (a caller that has seen them), "taps" is not counted unless chosen: only filters holding
+    inf or nan send a run there (dispatch).
 
     >>> from convt_cli.shapes import plan_conv_transpose
     >>> estimate_bytes(plan_conv_transpose((1, 8, 8, 16), (4, 4, 8, 16), None, 2), np.float32, threads=1) > 0
@@ -254,17 +256,18 @@ def estimate_bytes(plan: Plan, dtype, threads=None, strategy: str | None = None)
         # what "taps" takes for the groups together
         sub = plan.group_plan(merged_groups(plan))
         blocks = plan.groups // merged_groups(plan)
-        one = estimate_bytes(sub, dtype, threads, strategy)
-        filters = one - math.prod(sub.output_shape) * dtype.itemsize - _work_bytes(sub, dtype, threads, strategy)
+        one = estimate_bytes(sub, dtype, threads, strategy, finite_filters)
+        filters = one - math.prod(sub.output_shape) * dtype.itemsize - _work_bytes(sub, dtype, threads, strategy,
+                                                                                   finite_filters)
         merged = one + (blocks - 1) * filters + math.prod(plan.output_shape) * dtype.itemsize
         # the finite check, and for a batch with images that are not finite: their copy and "taps"' filters and
         # work beside the blocks'
         return merged + math.prod(plan.input_shape) * (1 + dtype.itemsize) + _bytes(plan, dtype, threads, "taps")
-    return _bytes(plan, dtype, threads, strategy)
+    return _bytes(plan, dtype, threads, strategy, finite_filters)
 
 
-def _bytes(plan: Plan, dtype: np.dtype, threads: int, strategy: str | None) -> int:
-    work = _work_bytes(plan, dtype, threads, strategy)
+def _bytes(plan: Plan, dtype: np.dtype, threads: int, strategy: str | None, finite_filters: bool = False) -> int:
+    work = _work_bytes(plan, dtype, threads, strategy, finite_filters)
     chosen = REGISTRY[strategy or choose_strategy(plan)]
     copy = math.prod(plan.filters_shape) * compute_dtype(dtype).itemsize
     weights = chosen.weights_bytes(plan, dtype) + (OFFSETS.weights_bytes(plan, dtype) if chosen.redoes_wild else 0)
@@ -272,6 +275,7 @@ def _bytes(plan: Plan, dtype: np.dtype, threads: int, strategy: str | None) -> i
     return math.prod(plan.output_shape) * dtype.itemsize + work + copy + weights
 
 
-def _work_bytes(plan: Plan, dtype, threads: int, strategy: str | None) -> int:
+def _work_bytes(plan: Plan, dtype, threads: int, strategy: str | None, finite_filters: bool = False) -> int:
     chosen = REGISTRY[strategy or choose_strategy(plan)]
-    return max(s.workspace_bytes(plan, dtype, threads) for s in (chosen, OFFSETS, TAPS))
+    fallbacks = (OFFSETS,) if finite_filters else (OFFSETS, TAPS)
+    return max(s.workspace_bytes(plan, dtype, threads) for s in (chosen, *fallbacks))

@@ -7,8 +7,8 @@ import os
 
 import numpy as np
 
-from .base import (DirectFile, FileWriter, Format, Reader, WriteOptions, check_plain, fix_dtype, fix_header_dtype, np_guard,
-                   read_runs)
+from .base import (DirectFile, FileWriter, Format, Reader, WriteOptions, check_plain, fix_dtype, fix_header_dtype,
+                   np_guard, read_runs)
 
 NPY_MAGIC = b"\x93NUMPY"
 
