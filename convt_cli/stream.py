@@ -2,10 +2,13 @@
 
 `run_files` plans from the headers alone, checks the memory budget and the free space, prepares the filters once,
 then reads the input a piece of the batch at a time, computes the piece and appends it to an atomic io.Sink, which
-makes the output visible only when it is whole; `run_many` does that for many (input, output) pairs, reporting
-each pair's mistake and going on with the next; `verify_files` feeds the adjoint check piece by piece the same
-way; `plan_files` is the plan alone. Pieces never change a bit of the result: the engine's blocks are fixed by the
-shapes, and verify's probes are drawn per batch element.
+makes the output visible only when it is whole; reading and writing run on their own threads beside the compute
+(`overlapped`). A batch element larger than the budget is computed in spatial tiles instead (`spatial_tiles`,
+shapes.tile_plan: each tile's input window read alone, its output written in place). `run_many` does that for
+many (input, output) pairs, reporting each pair's mistake and going on with the next; `verify_files` feeds the
+adjoint check piece by piece, or tile by tile on its own grid, the same way; `plan_files` is the plan alone.
+Batch pieces never change a bit of the result: the engine's blocks are fixed by the shapes, and verify's probes
+are drawn per batch element; tiles give the same bits on every run for a given tiling.
 
 Nothing here prints. A user's mistake raises ConvtError (a ValueError), whose message names the parameter; the
 memory, dtype and overwrite messages use the CLI's spelling of the keyword arguments (--max-memory, --dtype,
@@ -87,7 +90,8 @@ def run_files(input_ref, filters_ref, output_ref, *, output_shape=None, strides=
         The summary `convt run --json` prints (see SUMMARY_KEYS): schema_version, convt_version, input, filters,
         output, shapes, dtype, the parameters as resolved (padding: the (lo, hi) pairs, padding_given: as
         spelled), legal_output_sizes, flops, output_bytes, seconds (computing only), wall_seconds (the whole
-        call: reading, computing, writing), gflop_per_s (over seconds), batch_per_chunk and pieces.
+        call: reading, computing, writing), gflop_per_s (over seconds), batch_per_chunk, pieces, and tile_shape
+        (the output tile of one batch element computed in spatial tiles, or None).
 
     Raises:
         ConvtError: a bad argument, file, shape or dtype, an existing output without force, too little memory
