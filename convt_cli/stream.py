@@ -142,7 +142,7 @@ def run_files(input_ref, filters_ref, output_ref, *, output_shape=None, strides=
         try:
             if tile is not None and not sink.boxes:
                 out_ref.fail(f"one batch element does not fit the memory budget, so it is computed in spatial "
-                             f"tiles, which a {out_format.title} output cannot take in place: write .npy, .h5 "
+                             f"tiles, which a {out_format.title} output cannot take in place: write .npy, .h5, "
                              f".safetensors or stdout, or raise --max-memory")
             if tile is None:
                 pieces = [(b0, min(plan.batch, b0 + chunk)) for b0 in range(0, plan.batch, chunk)]
@@ -195,9 +195,14 @@ def _pieces(plan, needs, dtypes, x_ref, x_whole: bool, max_memory, available_mem
             refused = e
     limit = max_memory if max_memory is not None else (available_memory or mem_available)()
     clean = finite() if finite is not None and limit is not None and not x_whole else False
+    # sized for every usable core whatever --threads says (fewer threads take less): a tiling, and so the bits,
+    # the same for any thread count
+    sizing = max(threads, runtime.resolve_threads(None))
     for ahead in (True, False):
-        tile = None if limit is None or x_whole else spatial_tiles(plan, *dtypes, limit, threads, overlap=ahead,
+        tile = None if limit is None or x_whole else spatial_tiles(plan, *dtypes, limit, sizing, overlap=ahead,
                                                                    finite=clean)
+        if tile == tuple(plan.output_spatial):  # the whole element fits after all (the tile's tighter estimate)
+            return 1, None, ahead, False
         if tile is not None:
             return 1, tile, ahead, clean
     raise refused
@@ -272,9 +277,13 @@ def overlapped(pieces: list, read, compute, write, done, ahead: bool = True) -> 
     piece k-1 written. At most two pieces' inputs and two pieces' outputs exist at once (the memory budget counts
     them: run_needs, tile_needs); one of each without `ahead` (then reading piece k+1 overlaps only writing k).
     A failure or KeyboardInterrupt anywhere stops all three and is raised here, after both threads have ended
-    (so that the caller's abort never races a write). Returns the seconds spent in compute."""
+    (so that the caller's abort never races a write). Under an address-space limit, and for one piece, the pieces
+    take turns on this thread. Returns the seconds spent in compute."""
     import queue
 
+    if address_space_left() is not None or len(pieces) < 2:
+        # under an address-space limit no threads: each one's malloc arena reserves 64 MiB of it
+        return _in_turn(pieces, read, compute, write, done)
     stop = threading.Event()
     inputs, outputs = (threading.Semaphore(2 if ahead else 1) for _ in range(2))  # pieces alive at once, each side
     inbox, outbox = queue.Queue(), queue.Queue()
@@ -340,6 +349,23 @@ def overlapped(pieces: list, read, compute, write, done, ahead: bool = True) -> 
             thread.join()
     if failed:
         raise failed[0]
+    return seconds
+
+
+def _in_turn(pieces: list, read, compute, write, done) -> float:
+    """overlapped's work on this thread alone: each piece read, computed and written in turn."""
+    seconds = 0.0
+    for piece in pieces:
+        x = read(piece)
+        start = time.perf_counter()
+        with quiet_arithmetic():
+            y = compute(piece, x)
+        seconds += time.perf_counter() - start
+        del x
+        write(piece, y)
+        del y
+        done(piece)
+        stop_if_signalled()
     return seconds
 
 
@@ -713,16 +739,40 @@ def bytes_text(n: int) -> str:
     return f"{n} B"
 
 
+AS_MARGIN = 64 << 20  # address space a run takes beside its budget: BLAS's buffers, worker threads' stacks
+
+
 def mem_available() -> int | None:
-    """MemAvailable of /proc/meminfo: what can be allocated without swapping; None where it is not known."""
+    """MemAvailable of /proc/meminfo: what can be allocated without swapping; None where it is not known. Under an
+    address-space limit (RLIMIT_AS, ulimit -v), no more than what is left of it, less AS_MARGIN."""
+    found = None
     try:
         with open("/proc/meminfo") as f:
             for line in f:
                 if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
+                    found = int(line.split()[1]) * 1024
+                    break
     except (OSError, ValueError, IndexError):
         pass
-    return None
+    room = address_space_left()
+    if room is not None:
+        found = max(0, room - AS_MARGIN) if found is None else min(found, max(0, room - AS_MARGIN))
+    return found
+
+
+def address_space_left() -> int | None:
+    """What an address-space limit (RLIMIT_AS) leaves of it now; None without one."""
+    try:
+        import resource
+
+        limit = resource.getrlimit(resource.RLIMIT_AS)[0]
+        if limit == resource.RLIM_INFINITY:
+            return None
+        with open("/proc/self/status") as f:
+            size = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmSize:"))
+        return max(0, limit - size)
+    except (ImportError, OSError, ValueError, StopIteration):
+        return None
 
 
 def piece_batch(plan, x_dtype, out_dtype) -> int:

@@ -65,3 +65,25 @@ def test_input_several_times_the_budget_streams_under_a_real_memory_cap(tmp_path
     assert in_memory.returncode != 0 and "MemoryError" in in_memory.stderr, in_memory.stderr
     assert not (tmp_path / "in_memory.npy").exists()
     assert not [p for p in os.listdir(tmp_path) if p.startswith(".convt")]
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="needs /proc to measure the address space")
+def test_one_volume_larger_than_a_real_memory_cap_runs_in_tiles_without_being_told(tmp_path):
+    # no --max-memory: the budget is what the address-space limit leaves (under a limit the run starts no reader
+    # or writer thread either, whose malloc arenas would take 64 MiB of it each)
+    rng = np.random.default_rng(1)
+    np.save(tmp_path / "tiny.npy", rng.standard_normal((1, 17, 16, 16, 8)).astype(np.float32))  # starts workers
+    np.save(tmp_path / "vol.npy", rng.standard_normal((1, 64, 96, 96, 8)).astype(np.float32))  # 18 MiB in, 144 out
+    np.save(tmp_path / "w.npy", (rng.standard_normal((3, 3, 3, 8, 8)) / 9).astype(np.float32))
+    flags = ["w.npy", "--strides", "2", "--force"]
+    baseline = _vm_peak_kb(["run", "tiny.npy", *flags, "-o", "tiny_out.npy"], tmp_path) * 1024
+    cap = baseline + 96 * 2**20  # the output alone does not fit
+    run = [sys.executable, "-m", "convt_cli", "run", "vol.npy", *flags, "-o", "capped.npy", "--json"]
+    capped = subprocess.run(run, cwd=tmp_path, capture_output=True, text=True, preexec_fn=_capped(cap), env=ENV)
+    assert capped.returncode == 0, capped.stderr
+    assert '"tile_shape": [' in capped.stdout
+    free = subprocess.run(run[:-3] + ["-o", "free.npy"], cwd=tmp_path, capture_output=True, text=True)
+    assert free.returncode == 0, free.stderr
+    np.testing.assert_allclose(np.load(tmp_path / "capped.npy"), np.load(tmp_path / "free.npy"), rtol=1e-5,
+                               atol=1e-5)
+    assert not [p for p in os.listdir(tmp_path) if p.startswith(".convt")]

@@ -195,7 +195,7 @@ def test_tiles_are_exact_for_int32_and_the_same_bits_on_any_thread_count(volume)
 def test_an_output_that_cannot_take_tiles_is_refused_before_any_work(volume):
     r = invoke("run", "vol.npy", "vw.npy", "--strides", "2", "--max-memory", "1M", "-o", "t.npz")
     assert error_line(r) == ("Error: OUTPUT 't.npz': one batch element does not fit the memory budget, so it is "
-                             "computed in spatial tiles, which a .npz output cannot take in place: write .npy, .h5 "
+                             "computed in spatial tiles, which a .npz output cannot take in place: write .npy, .h5, "
                              ".safetensors or stdout, or raise --max-memory")
     assert not [p for p in os.listdir(".") if p.startswith(("t.npz", ".convt"))]
 
@@ -374,3 +374,25 @@ def test_direct_writes_give_the_same_bytes_as_plain_ones(tmp_path, folder):
     finally:
         if os.path.exists(path):
             os.remove(path)
+
+
+def test_the_tiling_and_so_the_bits_do_not_depend_on_the_thread_count(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    rng = np.random.default_rng(0)
+    np.save("x.npy", rng.standard_normal((1, 6, 20, 36, 36), dtype=np.float32))
+    np.save("w.npy", rng.standard_normal((3, 3, 3, 4, 6), dtype=np.float32))
+    infos = [run_files("x.npy", "w.npy", f"t{n}.npy", strides=2, data_format="NCDHW", max_memory="16M", threads=n)
+             for n in (1, 2)]
+    assert infos[0]["tile_shape"] == infos[1]["tile_shape"] is not None
+    assert np.load("t1.npy").tobytes() == np.load("t2.npy").tobytes()
+
+
+def test_a_whole_element_that_fits_as_one_tile_is_no_tile(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    rng = np.random.default_rng(0)
+    np.save("a.npy", rng.standard_normal((2, 64, 64, 32), dtype=np.float32))
+    np.save("k.npy", rng.standard_normal((7, 7, 16, 32), dtype=np.float32))
+    for budget in ("28M", "36M", "43M"):
+        info = run_files("a.npy", "k.npy", f"o{budget}.npz", strides=2, max_memory=budget)
+        assert info["tile_shape"] is None and plan_files("a.npy", "k.npy", strides=2, max_memory=budget)[
+            "tile_shape"] is None
