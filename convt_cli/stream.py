@@ -213,9 +213,10 @@ TILE_PLANS = 2  # prepared filters kept for this many kinds of tile at once (fir
 
 def tile_needs(plan, tile, x_dtype, w_dtype, dtype, threads, overlap=False, finite=False) -> dict:
     """{part: bytes} held at once while computing the output tiles of `tile` shape: the largest input window as
-    read and cast, the filters as read and cast, and the engine's output and work for the tile, its prepared
-    filters for TILE_PLANS kinds of tile; with `overlap`, a second window and output tile (see run_needs); with
-    `finite` (filters without inf or nan), not the workspace of "taps", which only such filters use."""
+    read and cast, the filters as read and cast, and the engine's output and work for one tile at a time, with
+    the prepared filters of TILE_PLANS kinds of tile; with `overlap`, a second window and output tile (see
+    run_needs); with `finite` (filters without inf or nan), not the workspace of "taps", which only such filters
+    use."""
     first, _ = tile_plan(dataclasses.replace(plan, batch=1), tuple((0, min(o, t)) for o, t in zip(
         plan.output_spatial, tile)))
     # the widest window of any tile: the terms landing in t positions come from ceil((t + eff - 1) / s) inputs,
@@ -226,12 +227,18 @@ def tile_needs(plan, tile, x_dtype, w_dtype, dtype, threads, overlap=False, fini
     x_n, w_n = math.prod(sub.input_shape), math.prod(sub.filters_shape)
     cast = (x_n if x_dtype != dtype else 0) + (w_n if w_dtype != dtype else 0)
     parts = {"input": x_n * x_dtype.itemsize, "filters": w_n * w_dtype.itemsize,
-             "output and work": TILE_PLANS * engine.estimate_bytes(sub, dtype, threads=threads, finite_filters=finite)
-             + cast * dtype.itemsize}
+             "output and work": engine.estimate_bytes(sub, dtype, threads=threads, finite_filters=finite)
+             + (TILE_PLANS - 1) * _prepared_bytes(sub, dtype) + cast * dtype.itemsize}
     if overlap:
         parts["reading and writing ahead"] = (x_n * (x_dtype.itemsize + (dtype.itemsize if x_dtype != dtype else 0))
                                               + math.prod(sub.output_shape) * dtype.itemsize)
     return parts
+
+
+def _prepared_bytes(sub, dtype) -> int:
+    """engine.prepared_bytes of a tile's plan; for groups, whose blocks' filters are harder to count, all of
+    engine.estimate_bytes (more than enough)."""
+    return engine.prepared_bytes(sub, dtype) if sub.groups == 1 else engine.estimate_bytes(sub, dtype)
 
 
 def spatial_tiles(plan, x_dtype, w_dtype, dtype, limit: int, threads, overlap=False,

@@ -23,6 +23,7 @@ _HOMES = {
     "COMPUTE_DTYPES": "dtypes", "DTYPES": "dtypes", "as_arrays": "dtypes", "check_dtypes": "dtypes",
     "choose_strategy": "choose", "STRATEGIES": "strategies",
     "Prepared": "execute", "conv_transpose": "execute", "estimate_bytes": "execute", "prepare": "execute",
+    "prepared_bytes": "execute",
     "run_conv_transpose": "execute",
     "conv": "forward", "run_conv": "forward",
 }

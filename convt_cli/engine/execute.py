@@ -268,11 +268,18 @@ def estimate_bytes(plan: Plan, dtype, threads=None, strategy: str | None = None,
 
 def _bytes(plan: Plan, dtype: np.dtype, threads: int, strategy: str | None, finite_filters: bool = False) -> int:
     work = _work_bytes(plan, dtype, threads, strategy, finite_filters)
+    return math.prod(plan.output_shape) * dtype.itemsize + work + prepared_bytes(plan, dtype, strategy)
+
+
+def prepared_bytes(plan: Plan, dtype, strategy: str | None = None) -> int:
+    """What a Prepared holds of the filters for this plan (groups 1): their copy in the compute dtype and what the
+    strategies that may run make of them; part of estimate_bytes. A caller that keeps several Prepared at once
+    counts this for each but one."""
+    dtype = np.dtype(dtype)
     chosen = REGISTRY[strategy or choose_strategy(plan)]
     copy = math.prod(plan.filters_shape) * compute_dtype(dtype).itemsize
     weights = chosen.weights_bytes(plan, dtype) + (OFFSETS.weights_bytes(plan, dtype) if chosen.redoes_wild else 0)
-    weights = max(weights, OFFSETS.weights_bytes(plan, dtype), TAPS.weights_bytes(plan, dtype))
-    return math.prod(plan.output_shape) * dtype.itemsize + work + copy + weights
+    return copy + max(weights, OFFSETS.weights_bytes(plan, dtype), TAPS.weights_bytes(plan, dtype))
 
 
 def _work_bytes(plan: Plan, dtype, threads: int, strategy: str | None, finite_filters: bool = False) -> int:
