@@ -20,12 +20,13 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import threading
 import math
 import numbers
 import os
+import queue
 import re
 import sys
+import threading
 import time
 from fractions import Fraction
 
@@ -36,7 +37,7 @@ from .engine import runtime
 from .dtype_names import DTYPES
 from .errors import ConvtError
 from .interrupts import stop_if_signalled
-from .engine.layout import as_tf_filters, plan_with_layout
+from .engine.layout import as_tf_filters, at, plan_with_layout
 from .shapes import filter_layout as filter_layout_name
 from .shapes import effective_kernel, filters_shape_as_tf, layout_rank_problem, tile_plan, tile_starts
 
@@ -125,12 +126,13 @@ def run_files(input_ref, filters_ref, output_ref, *, output_shape=None, strides=
         # every mistake the headers and flags show, then the output's own: 'exists' never hides a flag's mistake
         io.check_output(out_ref, [x_ref, w_ref], bool(force), options)
         whole = ("input",) if x_src.whole else ()
+
         def needs(ahead):
             return run_needs(plan, x_src.dtype, w_dtype, out_dtype, whole=whole, threads=threads, overlap=ahead)
 
         w = cast_to(w_ref, w_load(), out_dtype)  # before the pieces are sized: whether its taps are finite
         chunk, tile, ahead, _ = _pieces(plan, needs, (x_src.dtype, w_dtype, out_dtype), x_ref, x_src.whole,
-                                     max_memory, available_memory, threads, lambda: _finite(w))
+                                        max_memory, available_memory, threads, lambda: _finite(w))
         check_space(out_ref, math.prod(plan.output_shape) * out_dtype.itemsize)
         info = _summary(plan, out_dtype, (x_ref, w_ref, out_ref), layout)
         attrs = io.attributes(x_ref) if copy_attrs else {}
@@ -193,7 +195,7 @@ def _pieces(plan, needs, dtypes, x_ref, x_whole: bool, max_memory, available_mem
             return min(chunk, piece_batch(plan, dtypes[0], dtypes[2])), None, ahead, False
         except ConvtError as e:
             refused = e
-    limit = max_memory if max_memory is not None else (available_memory or mem_available)()
+    limit = _limit(max_memory, available_memory)
     clean = finite() if finite is not None and limit is not None and not x_whole else False
     # sized for every usable core whatever --threads says (fewer threads take less): a tiling, and so the bits,
     # the same for any thread count
@@ -206,6 +208,11 @@ def _pieces(plan, needs, dtypes, x_ref, x_whole: bool, max_memory, available_mem
         if tile is not None:
             return 1, tile, ahead, clean
     raise refused
+
+
+def _limit(max_memory, available_memory) -> int | None:
+    """The budget: max_memory, else what available_memory() (default mem_available) reports."""
+    return max_memory if max_memory is not None else (available_memory or mem_available)()
 
 
 TILE_PLANS = 2  # prepared filters kept for this many kinds of tile at once (first, inner, last along an axis)
@@ -228,17 +235,11 @@ def tile_needs(plan, tile, x_dtype, w_dtype, dtype, threads, overlap=False, fini
     cast = (x_n if x_dtype != dtype else 0) + (w_n if w_dtype != dtype else 0)
     parts = {"input": x_n * x_dtype.itemsize, "filters": w_n * w_dtype.itemsize,
              "output and work": engine.estimate_bytes(sub, dtype, threads=threads, finite_filters=finite)
-             + (TILE_PLANS - 1) * _prepared_bytes(sub, dtype) + cast * dtype.itemsize}
+             + (TILE_PLANS - 1) * engine.prepared_bytes(sub, dtype) + cast * dtype.itemsize}
     if overlap:
         parts["reading and writing ahead"] = (x_n * (x_dtype.itemsize + (dtype.itemsize if x_dtype != dtype else 0))
                                               + math.prod(sub.output_shape) * dtype.itemsize)
     return parts
-
-
-def _prepared_bytes(sub, dtype) -> int:
-    """engine.prepared_bytes of a tile's plan; for groups, whose blocks' filters are harder to count, all of
-    engine.estimate_bytes (more than enough)."""
-    return engine.prepared_bytes(sub, dtype) if sub.groups == 1 else engine.estimate_bytes(sub, dtype)
 
 
 def spatial_tiles(plan, x_dtype, w_dtype, dtype, limit: int, threads, overlap=False,
@@ -256,12 +257,17 @@ def spatial_tiles(plan, x_dtype, w_dtype, dtype, limit: int, threads, overlap=Fa
     return found
 
 
+def _tiles(plan, tile) -> list:
+    """(box, its tile plan, its input window) for each output tile of `tile` shape of a batch element, in order."""
+    boxes = itertools.product(*(tile_starts(o, t) for o, t in zip(plan.output_spatial, tile)))
+    return [(box, *tile_plan(plan, box)) for box in boxes]
+
+
 def _run_tiles(plan, tile, x_src, x_ref, w, sink, threads, report, ahead=True) -> float:
     """Each batch element's output a tile at a time (tile_plan: its input window, read alone, and its own pads),
     written in place, reading and writing overlapped with the compute; the seconds spent computing."""
     first = plan.spec.channels_first
-    boxes = list(itertools.product(*(tile_starts(o, t) for o, t in zip(plan.output_spatial, tile))))
-    pieces = [(b, box, *tile_plan(plan, box)) for b in range(plan.batch) for box in boxes]
+    pieces = [(b, *piece) for b in range(plan.batch) for piece in _tiles(plan, tile)]  # (b, box, sub, window)
     prepared = {}
 
     def read(piece):
@@ -286,8 +292,6 @@ def overlapped(pieces: list, read, compute, write, done, ahead: bool = True) -> 
     A failure or KeyboardInterrupt anywhere stops all three and is raised here, after both threads have ended
     (so that the caller's abort never races a write). Under an address-space limit, and for one piece, the pieces
     take turns on this thread. Returns the seconds spent in compute."""
-    import queue
-
     if address_space_left() is not None or len(pieces) < 2:
         # under an address-space limit no threads: each one's malloc arena reserves 64 MiB of it
         return _in_turn(pieces, read, compute, write, done)
@@ -337,10 +341,8 @@ def overlapped(pieces: list, read, compute, write, done, ahead: bool = True) -> 
                 break
             if not acquire(outputs):
                 break
-            start = time.perf_counter()
-            with quiet_arithmetic():
-                y = compute(piece, x)
-            seconds += time.perf_counter() - start
+            y, spent = _timed(compute, piece, x)
+            seconds += spent
             del x
             inputs.release()
             outbox.put(y)
@@ -364,10 +366,8 @@ def _in_turn(pieces: list, read, compute, write, done) -> float:
     seconds = 0.0
     for piece in pieces:
         x = read(piece)
-        start = time.perf_counter()
-        with quiet_arithmetic():
-            y = compute(piece, x)
-        seconds += time.perf_counter() - start
+        y, spent = _timed(compute, piece, x)
+        seconds += spent
         del x
         write(piece, y)
         del y
@@ -376,10 +376,16 @@ def _in_turn(pieces: list, read, compute, write, done) -> float:
     return seconds
 
 
+def _timed(compute, piece, x):
+    """(compute(piece, x), the seconds it took), floating-point warnings off as for every piece."""
+    start = time.perf_counter()
+    with quiet_arithmetic():
+        y = compute(piece, x)
+    return y, time.perf_counter() - start
+
+
 def _take(box, stop):
     """The next item of a queue, or None once `stop` is set."""
-    import queue
-
     while True:
         try:
             return box.get(timeout=0.05)
@@ -390,8 +396,7 @@ def _take(box, stop):
 
 def _box_index(first: bool, box) -> tuple:
     """The index, after the batch axis, of a spatial box ([a, b) per axis) with every channel."""
-    spans = tuple(slice(a, b) for a, b in box)
-    return (slice(None), *spans) if first else (*spans, slice(None))
+    return at(first, tuple(slice(a, b) for a, b in box))
 
 
 def run_many(items, filters_ref, **options):
@@ -519,7 +524,7 @@ def verify_files(input_ref, filters_ref, output_ref=None, *, output_shape=None, 
             chunk = check_memory("verify", with_verify_work(needs, plan, out_dtype, probes, threads), plan.batch,
                                  max_memory, available_memory, whole={"input": x_ref, "output": y_ref})
         except ConvtError:  # one batch element does not fit: tiles of it, on verify's own grid of tiles
-            limit = max_memory if max_memory is not None else (available_memory or mem_available)()
+            limit = _limit(max_memory, available_memory)
             tile = None if limit is None or whole else verify_tiles(
                 plan, (x_src.dtype, w_dtype, out_dtype), None if y_src is None else y_src.dtype, limit, probes,
                 threads, _finite(w))
@@ -602,11 +607,10 @@ def _verify_tiles(plan, tile, x_src, x_ref, y_src, w, check, threads, report) ->
     """check.add on each batch element a tile at a time: the tile's input window and output box read alone (or
     its output computed from the window, as run computes it)."""
     first = plan.spec.channels_first
-    boxes = list(itertools.product(*(tile_starts(o, t) for o, t in zip(plan.output_spatial, tile))))
-    prepared, done, total = {}, 0, plan.batch * len(boxes)
+    tiles = _tiles(plan, tile)
+    prepared, done, total = {}, 0, plan.batch * len(tiles)
     for b in range(plan.batch):
-        for box in boxes:
-            sub, window = tile_plan(plan, box)
+        for box, sub, window in tiles:
             x = cast_to(x_ref, x_src.read_box(b, b + 1, _box_index(first, window)), w.dtype, b, True)
             if y_src is not None:
                 y = y_src.read_box(b, b + 1, _box_index(first, box))
@@ -692,12 +696,13 @@ def plan_files(input_ref, filters_ref, *, output_shape=None, strides=1, padding=
     out_dtype = checked_dtype(cast, (x_ref, x_dtype), (w_ref, w_dtype))
     info = _summary(plan, out_dtype, (x_ref, w_ref), layout)
     whole = ("input",) if io.read_whole(x_ref) else ()
+
     def needs(ahead):
         return run_needs(plan, x_dtype, w_dtype, out_dtype, whole=whole, threads=threads, overlap=ahead)
 
     try:
-        chunk, tile, ahead, clean = _pieces(plan, needs, (x_dtype, w_dtype, out_dtype), x_ref, bool(whole), max_memory,
-                                     available_memory, threads, lambda: _finite(w_load()))
+        chunk, tile, ahead, clean = _pieces(plan, needs, (x_dtype, w_dtype, out_dtype), x_ref, bool(whole),
+                                            max_memory, available_memory, threads, lambda: _finite(w_load()))
     except ConvtError as e:
         info.update(memory_error=str(e), memory_bytes=sum(needs(False)(min(1, plan.batch)).values()),
                     batch_per_chunk=None, pieces=None, tile_shape=None)

@@ -396,3 +396,23 @@ def test_a_whole_element_that_fits_as_one_tile_is_no_tile(tmp_path, monkeypatch)
         info = run_files("a.npy", "k.npy", f"o{budget}.npz", strides=2, max_memory=budget)
         assert info["tile_shape"] is None and plan_files("a.npy", "k.npy", strides=2, max_memory=budget)[
             "tile_shape"] is None
+
+
+def test_a_tiled_grouped_run_allocates_within_its_budget(tmp_path, monkeypatch):
+    # a grouped tile plan's prepared filters are every block's and "taps"' (engine.prepared_bytes)
+    import tracemalloc
+
+    monkeypatch.chdir(tmp_path)
+    rng = np.random.default_rng(2)
+    np.save("g.npy", rng.standard_normal((1, 30, 40, 128)).astype(np.float32))
+    np.save("gw.npy", rng.standard_normal((3, 3, 1, 128)).astype(np.float32))  # depthwise, two blocks of 64
+    run_files("g.npy", "gw.npy", "warm.npy", strides=2, groups=128, max_memory="3M")
+    tracemalloc.start()
+    try:
+        info = run_files("g.npy", "gw.npy", "t.npy", strides=2, groups=128, max_memory="3M", force=True)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert info["tile_shape"] is not None and peak <= 3 << 20
+    want = conv_transpose_loop(np.load("g.npy")[..., :1], np.load("gw.npy")[..., :1], (60, 80), 2)
+    np.testing.assert_allclose(np.load("t.npy")[..., :1], want, rtol=1e-5, atol=1e-5)

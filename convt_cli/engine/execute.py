@@ -257,9 +257,8 @@ def estimate_bytes(plan: Plan, dtype, threads=None, strategy: str | None = None,
         sub = plan.group_plan(merged_groups(plan))
         blocks = plan.groups // merged_groups(plan)
         one = estimate_bytes(sub, dtype, threads, strategy, finite_filters)
-        filters = one - math.prod(sub.output_shape) * dtype.itemsize - _work_bytes(sub, dtype, threads, strategy,
-                                                                                   finite_filters)
-        merged = one + (blocks - 1) * filters + math.prod(plan.output_shape) * dtype.itemsize
+        merged = (one + (blocks - 1) * prepared_bytes(sub, dtype, strategy)
+                  + math.prod(plan.output_shape) * dtype.itemsize)
         # the finite check, and for a batch with images that are not finite: their copy and "taps"' filters and
         # work beside the blocks'
         return merged + math.prod(plan.input_shape) * (1 + dtype.itemsize) + _bytes(plan, dtype, threads, "taps")
@@ -272,10 +271,14 @@ def _bytes(plan: Plan, dtype: np.dtype, threads: int, strategy: str | None, fini
 
 
 def prepared_bytes(plan: Plan, dtype, strategy: str | None = None) -> int:
-    """What a Prepared holds of the filters for this plan (groups 1): their copy in the compute dtype and what the
-    strategies that may run make of them; part of estimate_bytes. A caller that keeps several Prepared at once
-    counts this for each but one."""
+    """What `prepare` holds of the filters for this plan: their copy in the compute dtype and what the strategies
+    that may run make of them (with groups, every block's, and "taps"' for images that are not finite); part of
+    estimate_bytes. A caller that keeps several prepared filters at once counts this for each but one."""
     dtype = np.dtype(dtype)
+    if plan.groups > 1:
+        b = merged_groups(plan)
+        taps = 2 * math.prod(plan.filters_shape) * compute_dtype(dtype).itemsize  # its copy and its GEMMs' filters
+        return plan.groups // b * prepared_bytes(plan.group_plan(b), dtype, strategy) + taps
     chosen = REGISTRY[strategy or choose_strategy(plan)]
     copy = math.prod(plan.filters_shape) * compute_dtype(dtype).itemsize
     weights = chosen.weights_bytes(plan, dtype) + (OFFSETS.weights_bytes(plan, dtype) if chosen.redoes_wild else 0)
