@@ -150,8 +150,8 @@ def run_files(input_ref, filters_ref, output_ref, *, output_shape=None, strides=
                 pieces = [(b0, min(plan.batch, b0 + chunk)) for b0 in range(0, plan.batch, chunk)]
                 seconds = overlapped(
                     pieces, lambda p: cast_to(x_ref, x_src.read(*p), out_dtype, p[0], chunk < plan.batch),
-                    lambda p, x: compute(x), lambda p, y: sink.write(y),
-                    lambda p: report(p[1] - p[0], p[1], plan.batch), ahead)
+                    lambda p, x, n: compute(x, n), lambda p, y: sink.write(y),
+                    lambda p: report(p[1] - p[0], p[1], plan.batch), ahead, threads)
             else:
                 seconds = _run_tiles(plan, tile, x_src, x_ref, w, sink, threads, report, ahead)
             stop_if_signalled()
@@ -200,11 +200,12 @@ def _pieces(plan, needs, dtypes, x_ref, x_whole: bool, max_memory, available_mem
     # sized for every usable core whatever --threads says (fewer threads take less): a tiling, and so the bits,
     # the same for any thread count
     sizing = max(threads, runtime.resolve_threads(None))
-    for ahead in (True, False):
-        tile = None if limit is None or x_whole else spatial_tiles(plan, *dtypes, limit, sizing, overlap=ahead,
-                                                                   finite=clean)
+    found = [(None if limit is None or x_whole else spatial_tiles(plan, *dtypes, limit, sizing, overlap=ahead,
+                                                                 finite=clean), ahead) for ahead in (True, False)]
+    for tile, ahead in found:
         if tile == tuple(plan.output_spatial):  # the whole element fits after all (the tile's tighter estimate)
             return 1, None, ahead, False
+    for tile, ahead in found:
         if tile is not None:
             return 1, tile, ahead, clean
     raise refused
@@ -221,9 +222,10 @@ TILE_PLANS = 2  # prepared filters kept for this many kinds of tile at once (fir
 def tile_needs(plan, tile, x_dtype, w_dtype, dtype, threads, overlap=False, finite=False) -> dict:
     """{part: bytes} held at once while computing the output tiles of `tile` shape: the largest input window as
     read and cast, the filters as read and cast, and the engine's output and work for one tile at a time, with
-    the prepared filters of TILE_PLANS kinds of tile; with `overlap`, a second window and output tile (see
-    run_needs); with `finite` (filters without inf or nan), not the workspace of "taps", which only such filters
-    use."""
+    the prepared filters of TILE_PLANS kinds of tile; with `overlap`, one tile computed per thread, each with its
+    window, its output, one thread's work and the prepared filters it holds, and one more window and output tile
+    (see run_needs); with `finite` (filters without inf or nan), not the workspace of "taps", which only such
+    filters use."""
     first, _ = tile_plan(dataclasses.replace(plan, batch=1), tuple((0, min(o, t)) for o, t in zip(
         plan.output_spatial, tile)))
     # the widest window of any tile: the terms landing in t positions come from ceil((t + eff - 1) / s) inputs,
@@ -233,12 +235,17 @@ def tile_needs(plan, tile, x_dtype, w_dtype, dtype, threads, overlap=False, fini
     sub = dataclasses.replace(first, input_spatial=widest)
     x_n, w_n = math.prod(sub.input_shape), math.prod(sub.filters_shape)
     cast = (x_n if x_dtype != dtype else 0) + (w_n if w_dtype != dtype else 0)
+    lanes = runtime.resolve_threads(threads) if overlap else 1
+    prepared = engine.prepared_bytes(sub, dtype)
+    one = engine.estimate_bytes(sub, dtype, threads=1 if overlap else threads, finite_filters=finite)
     parts = {"input": x_n * x_dtype.itemsize, "filters": w_n * w_dtype.itemsize,
-             "output and work": engine.estimate_bytes(sub, dtype, threads=threads, finite_filters=finite)
-             + (TILE_PLANS - 1) * engine.prepared_bytes(sub, dtype) + cast * dtype.itemsize}
+             "output and work": one + (TILE_PLANS - 1) * prepared + cast * dtype.itemsize}
     if overlap:
-        parts["reading and writing ahead"] = (x_n * (x_dtype.itemsize + (dtype.itemsize if x_dtype != dtype else 0))
-                                              + math.prod(sub.output_shape) * dtype.itemsize)
+        window = x_n * (x_dtype.itemsize + (dtype.itemsize if x_dtype != dtype else 0))
+        # each other thread: its window, its output and work, and the prepared filters of a tile kind the cache
+        # may have let go of meanwhile
+        parts["tiles computed side by side"] = (lanes - 1) * (window + one)
+        parts["reading and writing ahead"] = window + math.prod(sub.output_shape) * dtype.itemsize
     return parts
 
 
@@ -280,24 +287,39 @@ def _run_tiles(plan, tile, x_src, x_ref, w, sink, threads, report, ahead=True) -
         done[0] += 1
         report(1, done[0], len(pieces))
 
-    return overlapped(pieces, read, lambda piece, x: _prepared(prepared, piece[2], w).run(x, threads=threads),
-                      lambda piece, y: sink.write_box(y, piece[0], _box_index(first, piece[1])), tell, ahead)
+    kept = threading.Lock()  # the compute threads share the prepared filters
+
+    def compute(piece, x, n):
+        with kept:
+            prepared_filters = _prepared(prepared, piece[2], w)
+        return prepared_filters.run(x, threads=n)
+
+    return overlapped(pieces, read, compute, lambda piece, y: sink.write_box(y, piece[0], _box_index(first, piece[1])),
+                      tell, ahead, threads)
 
 
-def overlapped(pieces: list, read, compute, write, done, ahead: bool = True) -> float:
-    """For each piece in order: read(piece) on a reader thread, compute(piece, x) here, write(piece, y) on a writer
-    thread, done(piece) here once it is handed to the writer: while piece k is computed, piece k+1 is read and
-    piece k-1 written. At most two pieces' inputs and two pieces' outputs exist at once (the memory budget counts
-    them: run_needs, tile_needs); one of each without `ahead` (then reading piece k+1 overlaps only writing k).
-    A failure or KeyboardInterrupt anywhere stops all three and is raised here, after both threads have ended
-    (so that the caller's abort never races a write). Under an address-space limit, and for one piece, the pieces
-    take turns on this thread. Returns the seconds spent in compute."""
+def overlapped(pieces: list, read, compute, write, done, ahead: bool = True, threads: int = 1) -> float:
+    """For each piece in order: read(piece) on a reader thread, compute(piece, x, threads) on the compute threads,
+    write(piece, y) and then done(piece) on a writer thread, in order: while pieces are computed, the next is read
+    and the last written. With `ahead` and threads > 1 the pieces are computed side by side, one per thread
+    (`lanes`, on the engine's worker threads, each computing with threads=1): pieces of a few MB keep every core
+    busy that way with no wait between them, and the engine's bits do not depend on its threads. At most lanes + 1
+    pieces' inputs and lanes + 1 pieces' outputs exist at once (the memory budget counts them: run_needs,
+    tile_needs); without `ahead`, one of each, computed with `threads` (reading piece k+1 then overlaps only
+    writing k). A failure or KeyboardInterrupt anywhere stops them all and is raised here, after every thread has
+    ended (so that the caller's abort never races a write). Under an address-space limit, and for one piece, the
+    pieces take turns on this thread. Returns the seconds spent in compute (per lane)."""
     if address_space_left() is not None or len(pieces) < 2:
         # under an address-space limit no threads: each one's malloc arena reserves 64 MiB of it
-        return _in_turn(pieces, read, compute, write, done)
+        return _in_turn(pieces, read, lambda piece, x: compute(piece, x, threads), write, done)
+    lanes = max(1, min(threads, len(pieces))) if ahead else 1
+    inner = 1 if lanes > 1 else threads
     stop = threading.Event()
-    inputs, outputs = (threading.Semaphore(2 if ahead else 1) for _ in range(2))  # pieces alive at once, each side
-    inbox, outbox = queue.Queue(), queue.Queue()
+    inputs, outputs = (threading.Semaphore(lanes + 1 if ahead else 1) for _ in range(2))  # alive at once, each side
+    inbox: queue.Queue = queue.Queue()
+    ready: dict = {}  # piece index -> its output, until the writer takes it
+    turn, taking = threading.Condition(), threading.Lock()
+    state = {"next": 0, "seconds": 0.0}
     failed: list[BaseException] = []
 
     def acquire(slots) -> bool:
@@ -316,49 +338,65 @@ def overlapped(pieces: list, read, compute, write, done, ahead: bool = True) -> 
             failed.append(e)
             stop.set()
 
+    def lane():
+        while True:
+            # an output slot, then the next input, under one lock: slots go to the pieces in order, so the piece
+            # the writer waits for always holds one (no deadlock)
+            with taking:
+                if state["next"] == len(pieces) or not acquire(outputs):
+                    return
+                x = _take(inbox, stop)
+                if x is None:
+                    return
+                k = state["next"]
+                state["next"] += 1
+            try:
+                y, spent = _timed(compute, pieces[k], x, inner)
+            except BaseException:
+                stop.set()
+                raise
+            del x
+            inputs.release()
+            with turn:
+                ready[k] = y
+                state["seconds"] += spent
+                turn.notify_all()
+            del y
+
     def writer():
         try:
-            for piece in pieces:
-                y = _take(outbox, stop)
-                if y is None:
-                    return
+            for k, piece in enumerate(pieces):
+                with turn:
+                    while k not in ready:
+                        if stop.is_set():
+                            return
+                        turn.wait(0.05)
+                    y = ready.pop(k)
                 write(piece, y)
                 del y
                 outputs.release()
+                done(piece)
         except BaseException as e:
             failed.append(e)
             stop.set()
 
-    threads = [threading.Thread(target=reader, name="convt-reader", daemon=True),
+    helpers = [threading.Thread(target=reader, name="convt-reader", daemon=True),
                threading.Thread(target=writer, name="convt-writer", daemon=True)]
-    for thread in threads:
+    for thread in helpers:
         thread.start()
-    seconds = 0.0
     try:
-        for piece in pieces:
-            x = _take(inbox, stop)
-            if x is None:
-                break
-            if not acquire(outputs):
-                break
-            y, spent = _timed(compute, piece, x)
-            seconds += spent
-            del x
-            inputs.release()
-            outbox.put(y)
-            del y
-            done(piece)
-            stop_if_signalled()
-        while threads[1].is_alive() and not stop.is_set():  # the last pieces written
-            threads[1].join(timeout=0.05)
+        runtime.run_tasks([(lane,)] * lanes, lanes, stop)
+        while helpers[1].is_alive() and not stop.is_set():  # the last pieces written
+            helpers[1].join(timeout=0.05)
             stop_if_signalled()
     finally:
         stop.set()
-        for thread in threads:
+        for thread in helpers:
             thread.join()
     if failed:
         raise failed[0]
-    return seconds
+    stop_if_signalled()
+    return state["seconds"] / lanes
 
 
 def _in_turn(pieces: list, read, compute, write, done) -> float:
@@ -376,11 +414,11 @@ def _in_turn(pieces: list, read, compute, write, done) -> float:
     return seconds
 
 
-def _timed(compute, piece, x):
-    """(compute(piece, x), the seconds it took), floating-point warnings off as for every piece."""
+def _timed(compute, piece, x, *args):
+    """(compute(piece, x, *args), the seconds it took), floating-point warnings off as for every piece."""
     start = time.perf_counter()
     with quiet_arithmetic():
-        y = compute(piece, x)
+        y = compute(piece, x, *args)
     return y, time.perf_counter() - start
 
 
@@ -858,17 +896,23 @@ def run_needs(plan, x_dtype, w_dtype, dtype, output=None, whole=(), threads=None
     """needs(b) for check_memory: b batch elements of the arrays as read, their casts to dtype, and the output
     with the engine's work (or, given output=(shape, dtype), the output as read). `whole` names the arrays that
     are held whole whatever b ("input", "output": stdin and .npz members are read at once). With `overlap` (run's
-    reading and writing beside the compute: `overlapped`), a second piece of input and of output."""
+    reading and writing beside the compute: `overlapped`), one piece computed per thread (each with one thread's
+    work, the prepared filters shared), and one more piece of input and of output."""
+    lanes = runtime.resolve_threads(threads)
+
     def needs(batch):
-        parts = _needs(batch)
-        if overlap and batch:
-            one = dataclasses.replace(plan, batch=batch)
-            ahead = 0 if "input" in whole else math.prod(one.input_shape) * (
-                x_dtype.itemsize + (dtype.itemsize if x_dtype != dtype else 0))
-            parts["reading and writing ahead"] = ahead + math.prod(one.output_shape) * dtype.itemsize
+        if not (overlap and batch):
+            return _needs(batch, threads)
+        parts = _needs(batch, 1)
+        one = dataclasses.replace(plan, batch=batch)
+        piece = 0 if "input" in whole else math.prod(one.input_shape) * (
+            x_dtype.itemsize + (dtype.itemsize if x_dtype != dtype else 0))
+        lane = piece + engine.estimate_bytes(one, dtype, threads=1) - engine.prepared_bytes(one, dtype)
+        parts["pieces computed side by side"] = (lanes - 1) * lane
+        parts["reading and writing ahead"] = piece + math.prod(one.output_shape) * dtype.itemsize
         return parts
 
-    def _needs(batch):
+    def _needs(batch, threads):
         p = dataclasses.replace(plan, batch=batch)
         x_n, w_n = math.prod(p.input_shape), math.prod(p.filters_shape)
         held = {"input": math.prod(plan.input_shape) * x_dtype.itemsize if "input" in whole else 0,
@@ -1101,7 +1145,7 @@ def _conv_transpose_of(plan, w, threads):
     """x -> conv_transpose(x, w) under plan, for every piece: the filters (Winograd's transform of them included)
     prepared once per run, not once per piece."""
     prepared = engine.prepare(plan, w)
-    return lambda x: prepared.run(x, threads=threads)
+    return lambda x, n=threads: prepared.run(x, threads=n)
 
 
 # of the --json summaries; 2: resolved padding pairs, padding_given, wall_seconds, pieces; 3: output_padding, groups

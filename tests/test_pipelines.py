@@ -154,11 +154,11 @@ def _interrupt_at(monkeypatch, call: int):
     def conv_transpose_of(*args):
         compute = real(*args)
 
-        def interrupted(x):
+        def interrupted(x, *threads):
             calls.append(1)
             if len(calls) == call:
                 raise KeyboardInterrupt
-            return compute(x)
+            return compute(x, *threads)
 
         return interrupted
 
@@ -481,7 +481,7 @@ def test_a_signal_during_an_import_is_held_not_raised_inside_it(tmp_path, monkey
 
 def test_a_signal_wrapped_in_another_exception_is_still_an_interrupt(work, monkeypatch, signals):
     def compute_of(*args):
-        def compute(x):
+        def compute(x, *threads):
             try:
                 signals()
             except KeyboardInterrupt as e:  # as threading's Condition.wait does, re-acquiring its lock

@@ -303,7 +303,7 @@ def test_overlapped_keeps_the_order_and_at_most_two_pieces_on_each_side():
             alive["most_in"] = max(alive["most_in"], alive["in"])
         return np.full(3, p)
 
-    def compute(p, x):
+    def compute(p, x, threads):
         with lock:
             alive["in"] -= 1
             alive["out"] += 1
@@ -332,7 +332,7 @@ def test_a_failure_on_any_side_stops_both_threads_and_is_raised(where):
             raise ValueError(f"{name} failed")
 
     with pytest.raises(ValueError, match=f"{where} failed"):
-        overlapped(list(range(20)), lambda p: boom("read", p) or p, lambda p, x: boom("compute", p) or x,
+        overlapped(list(range(20)), lambda p: boom("read", p) or p, lambda p, x, n: boom("compute", p) or x,
                    lambda p, y: boom("write", p), lambda p: boom("done", p))
     assert not [t for t in threading.enumerate() if t.name in ("convt-reader", "convt-writer")]
 
@@ -381,7 +381,7 @@ def test_the_tiling_and_so_the_bits_do_not_depend_on_the_thread_count(tmp_path, 
     rng = np.random.default_rng(0)
     np.save("x.npy", rng.standard_normal((1, 6, 20, 36, 36), dtype=np.float32))
     np.save("w.npy", rng.standard_normal((3, 3, 3, 4, 6), dtype=np.float32))
-    infos = [run_files("x.npy", "w.npy", f"t{n}.npy", strides=2, data_format="NCDHW", max_memory="16M", threads=n)
+    infos = [run_files("x.npy", "w.npy", f"t{n}.npy", strides=2, data_format="NCDHW", max_memory="8M", threads=n)
              for n in (1, 2)]
     assert infos[0]["tile_shape"] == infos[1]["tile_shape"] is not None
     assert np.load("t1.npy").tobytes() == np.load("t2.npy").tobytes()

@@ -205,15 +205,7 @@ class FileWriter(Writer):
     boxes = True
 
     def put_box(self, chunk, start, index):
-        self._file.flush()
-        fd = self._file.fileno()
-        size = np.dtype(chunk.dtype).itemsize
-        flat = chunk.reshape(-1).view(np.uint8)
-        at = 0
-        for offset, count in box_runs(self.shape, (slice(start, start + len(chunk)), *index)):
-            n = count * size
-            os.pwrite(fd, flat[at:at + n].data, self._data_at + offset * size)
-            at += n
+        write_box(self._file, self._data_at, self.shape, chunk, start, index)
 
     def finish(self) -> None:
         self._file.close()
@@ -227,19 +219,21 @@ class FileWriter(Writer):
 
 
 class DirectFile:
-    """A new file written start to end (write, tell, flush, fileno, close, as `open(path, "wb")`), its whole
-    blocks through O_DIRECT where the filesystem takes it: the data goes from a staging buffer to the disk with no
-    copy into the page cache, which on some machines costs more CPU than the compute it runs beside (5 s of system
-    time per GiB written, against 0.2 s direct). What is not a whole block -- the end, and whatever flush()
-    pushes out for positioned writes (fileno(): a plain descriptor) -- goes through the page cache as usual."""
+    """A new file written start to end (write, tell, flush, fileno, close, as `open(path, "wb")`), or any byte
+    range of a file at any time (write_at), its whole blocks through O_DIRECT where the filesystem takes it: the
+    data goes from a staging buffer to the disk with no copy into the page cache, which on some machines costs
+    more CPU than the compute it runs beside (5 s of system time per GiB written, against 0.2 s direct). What is
+    not a whole block -- the end, the partial blocks at either end of a write_at, and whatever flush() pushes out
+    (fileno(): a plain descriptor) -- goes through the page cache as usual. A block is never written both ways by
+    writes of disjoint ranges. With truncate=False an existing file is written into (an HDF5 dataset's storage)."""
 
     BLOCK = 4096  # O_DIRECT's alignment of offsets, sizes and memory on Linux filesystems
     STAGE = 8 << 20  # bytes staged before a direct write
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, truncate: bool = True):
         import mmap
 
-        self._plain = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
+        self._plain = os.open(path, os.O_WRONLY | (os.O_CREAT | os.O_TRUNC if truncate else 0), 0o666)
         self._direct = None
         if hasattr(os, "O_DIRECT"):
             try:
@@ -266,15 +260,30 @@ class DirectFile:
     def tell(self) -> int:
         return self._at + self._used
 
+    def write_at(self, offset: int, data) -> None:
+        """All of `data` at byte `offset`, after what write() staged: the whole blocks inside the range through the
+        stage and O_DIRECT, the partial ones at its ends plainly."""
+        self.flush()
+        data = np.frombuffer(memoryview(data).cast("B"), np.uint8)
+        n = len(data)
+        done = n if self._direct is None else min(n, -offset % self.BLOCK)
+        if done:
+            _pwrite_all(self._plain, data[:done], offset)
+        while n - done >= self.BLOCK:
+            take = min(self.STAGE, (n - done) // self.BLOCK * self.BLOCK)
+            self._bytes[:take] = data[done:done + take]
+            _pwrite_all(self._direct, self._stage[:take], offset + done)
+            done += take
+        if done < n:
+            _pwrite_all(self._plain, data[done:], offset + done)
+
     def _drain(self, whole_blocks: bool) -> None:
         """Write the staged bytes: whole blocks directly (when the stage starts on a block), the rest plainly
         unless whole_blocks; what is left stays staged."""
         done = 0
         if self._direct is not None and self._at % self.BLOCK == 0:
             done = self._used - self._used % self.BLOCK
-            written = 0
-            while written < done:
-                written += os.pwrite(self._direct, self._stage[written:done], self._at + written)
+            _pwrite_all(self._direct, self._stage[:done], self._at)
         if not whole_blocks or self._direct is None or self._at % self.BLOCK:
             _pwrite_all(self._plain, self._stage[done:self._used], self._at + done)
             done = self._used
@@ -302,6 +311,26 @@ class DirectFile:
             self._stage.release()
 
 
+def write_box(file, data_at: int, shape, chunk: np.ndarray, start: int, index: tuple) -> None:
+    """Batch elements [start, start + len(chunk)), box `index`, of the C-ordered array of `shape` stored raw from
+    byte `data_at` of an open file: a DirectFile's write_at, or positioned writes on a plain file's descriptor."""
+    size = np.dtype(chunk.dtype).itemsize
+    flat = chunk.reshape(-1).view(np.uint8)
+    if isinstance(file, DirectFile):
+        write = file.write_at
+    else:
+        file.flush()
+        fd = file.fileno()
+
+        def write(at, data):
+            _pwrite_all(fd, data, at)
+    at = 0
+    for offset, count in box_runs(shape, (slice(start, start + len(chunk)), *index)):
+        n = count * size
+        write(data_at + offset * size, flat[at:at + n].data)
+        at += n
+
+
 def _pwrite_all(fd: int, data, offset: int) -> None:
     written = 0
     while written < len(data):
@@ -327,21 +356,26 @@ def box_runs(shape, index) -> list[tuple[int, int]]:
             for idx in itertools.product(*(range(x, y) for x, y in bounds[:cut]))]
 
 
-def read_runs(path: str, data_at: int, dtype: np.dtype, shape, index) -> np.ndarray:
+def read_runs(path: str, data_at: int, dtype: np.dtype, shape, index, out: np.ndarray | None = None) -> np.ndarray:
     """The box `index` of the C-ordered array of `shape` stored raw from byte `data_at` of the file, read by
-    positioned reads into a new array."""
+    positioned reads into a new array (or into `out`, C-contiguous, of the box's shape)."""
     size = dtype.itemsize
     box = tuple(len(range(*sl.indices(n))) for sl, n in zip(index, shape))
-    out = np.empty(box, dtype)
+    out = np.empty(box, dtype) if out is None else out
     flat = out.reshape(-1).view(np.uint8)
     at = 0
-    with open(path, "rb") as f:
+    fd = os.open(path, os.O_RDONLY)
+    try:
         for offset, count in box_runs(shape, index):
-            n = count * size
-            f.seek(data_at + offset * size)
-            if f.readinto(flat[at:at + n].data) != n:
-                raise OSError(f"short read at byte {data_at + offset * size}")
+            n, done = count * size, 0
+            while done < n:  # positioned reads, without the GIL
+                got = os.preadv(fd, [flat[at + done:at + n].data], data_at + offset * size + done)
+                if got == 0:
+                    raise OSError(f"short read at byte {data_at + offset * size + done}")
+                done += got
             at += n
+    finally:
+        os.close(fd)
     return out
 
 

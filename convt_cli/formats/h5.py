@@ -22,11 +22,12 @@ import numpy as np
 from ..errors import ConvtError
 from ..interrupts import deferred
 from ..shapes import block_sizes
-from .base import (Format, Reader, WriteOptions, Writer, check_plain, fix_dtype, fix_header_dtype, np_guard,
-                   reason)
+from .base import (DirectFile, Format, Reader, WriteOptions, Writer, check_plain, fix_dtype, fix_header_dtype,
+                   np_guard, read_runs, reason, write_box)
 
 CHUNK_BYTES = 1 << 20  # the most a chunk holds: h5py's advice (10 KiB - 1 MiB), and HDF5's default chunk cache
 GZIP_LEVELS = range(10)
+RAW_BYTES = 1 << 20  # outputs this large are written raw, beside h5py (_DatasetWriter)
 
 HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
 
@@ -165,8 +166,18 @@ def _divisors(n: int) -> list[int]:
 
 def create_dataset(ref, f, name: str, shape, dtype, provenance: dict, options: WriteOptions = WriteOptions()):
     """The output dataset, with the attributes copied from the input, then convt's own: the bfloat16 tag and
-    the provenance (`convt_*`), which win over copied ones of the same name."""
-    d = f.create_dataset(name, shape=shape, dtype=dtype, **storage(shape, dtype, options))
+    the provenance (`convt_*`), which win over copied ones of the same name. Contiguous storage of RAW_BYTES or
+    more is allocated at once and never filled (every element of an output is written), so that its bytes can be
+    written raw (`raw_offset`); smaller outputs are left to h5py (early allocation costs many small outputs in one
+    file room)."""
+    keywords = storage(shape, dtype, options)
+    if not keywords and math.prod(shape) * np.dtype(dtype).itemsize >= RAW_BYTES:
+        from h5py import h5d, h5p
+
+        dcpl = h5p.create(h5p.DATASET_CREATE)
+        dcpl.set_alloc_time(h5d.ALLOC_TIME_EARLY)
+        keywords = dict(dcpl=dcpl, fill_time="never")
+    d = f.create_dataset(name, shape=shape, dtype=dtype, **keywords)
     for key, value in options.attrs.items():
         if key == "dtype" and str(_plain(value)) != dtype.name:
             continue  # a dtype tag (bfloat16's) names the input's values, not a cast output's
@@ -423,24 +434,61 @@ def _attributes(d) -> dict:
 
 
 class H5Reader(Reader):
+    """Hyperslabs through h5py, or, for a dataset stored raw (raw_offset: contiguous; or chunked without filters,
+    each chunk whole batch elements), by positioned reads of its file (read_runs), which need not hold the GIL
+    as h5py does through every read. A chunk never written (its fill value) is read through h5py."""
+
     def __init__(self, ref):
         self.ref = ref
+        self._chunks: dict[int, int | None] = {}  # first batch element of a chunk -> its byte offset
         with deferred():
             self._h5 = open_h5(ref)
             try:
                 self._dataset = find_dataset(ref, self._h5)
+                d = self._dataset
+                self.shape, self.dtype = tuple(d.shape), fix_header_dtype(d.dtype)
+                self._path, self._at = d.file.filename, raw_offset(d)
+                self._per_chunk = d.chunks[0] if _whole_elements(d) else None
             except BaseException:
                 self._h5.close()
                 raise
-            self.shape, self.dtype = tuple(self._dataset.shape), fix_header_dtype(self._dataset.dtype)
 
     def read(self, b0, b1):
-        with deferred():
-            return fix_dtype(np_guard(self.ref, lambda: self._dataset[b0:b1]))
+        return self.read_box(b0, b1, tuple(slice(0, n) for n in self.shape[1:]))
 
     def read_box(self, b0, b1, index):  # a hyperslab
+        full = (slice(b0, b1), *index)
+        try:
+            if self._at is not None:
+                return fix_dtype(read_runs(self._path, self._at, self._dataset.dtype, self.shape, full))
+            if self._per_chunk is not None and b1 > b0:
+                return self._read_chunks(b0, b1, index)
+        except OSError as e:
+            self.ref.fail(f"cannot be read ({reason(e)})")
         with deferred():
-            return fix_dtype(np_guard(self.ref, lambda: self._dataset[(slice(b0, b1), *index)]))
+            return fix_dtype(np_guard(self.ref, lambda: self._dataset[full]))
+
+    def _read_chunks(self, b0, b1, index):
+        c, dtype = self._per_chunk, self._dataset.dtype
+        rest = self.shape[1:]
+        offsets = [(first, self._chunk_at(first)) for first in range(b0 - b0 % c, b1, c)]
+        if any(at is None for _, at in offsets):  # a chunk never written: h5py gives its fill value
+            with deferred():
+                return fix_dtype(np_guard(self.ref, lambda: self._dataset[(slice(b0, b1), *index)]))
+        box = tuple(len(range(*sl.indices(n))) for sl, n in zip(index, rest))
+        out = np.empty((b1 - b0, *box), dtype)
+        for first, at in offsets:
+            lo, hi = max(b0, first), min(b1, first + c)
+            read_runs(self._path, at, dtype, (c, *rest), (slice(lo - first, hi - first), *index),
+                      out=out[lo - b0:hi - b0])
+        return fix_dtype(out)
+
+    def _chunk_at(self, first: int) -> int | None:
+        if first not in self._chunks:
+            with deferred():
+                info = self._dataset.id.get_chunk_info_by_coord((first,) + (0,) * (len(self.shape) - 1))
+            self._chunks[first] = info.byte_offset if info.size else None
+        return self._chunks[first]
 
     def close(self):
         with deferred(reraise=False):  # cleanup, also after the output is in place: a signal waits for the next check
@@ -449,15 +497,63 @@ class H5Reader(Reader):
                 self._h5 = self._dataset = None
 
 
+def raw_offset(d) -> int | None:
+    """The byte offset in its file of a dataset's elements stored raw: contiguous, allocated, no filter, and a
+    file type whose bytes are the NumPy array's own (a native numeric type, bool, or bfloat16's opaque 2 bytes);
+    else None."""
+    if d.chunks is not None or d.is_virtual or d.external or not d.shape or not _raw_type(d):
+        return None
+    return d.id.get_offset()
+
+
+def _whole_elements(d) -> bool:
+    """Whether a chunked dataset's chunks are whole batch elements with no filter, their bytes the NumPy array's
+    (as raw_offset asks of contiguous ones)."""
+    return (d.chunks is not None and tuple(d.chunks[1:]) == tuple(d.shape[1:]) and _raw_type(d)
+            and d.id.get_create_plist().get_nfilters() == 0 and not d.is_virtual)
+
+
+def _raw_type(d) -> bool:
+    import h5py
+
+    dtype = d.dtype
+    if dtype.kind not in "biufcV" or dtype.names or dtype.subdtype or (dtype.kind == "V" and dtype.itemsize != 2):
+        return False
+    return dtype.isnative and d.id.get_type().get_size() == dtype.itemsize and h5py.check_dtype(enum=dtype) is None
+
+
 class _DatasetWriter(Writer):
-    _h5 = _dataset = None
+    """Writes through h5py, or, for a dataset stored raw (raw_offset), by positioned writes of its bytes into the
+    file beside HDF5 (a DirectFile: whole blocks with O_DIRECT): h5py holds the GIL through every write, which
+    stalls the compute threads, and writes through the page cache. HDF5 never caches a dataset's raw data, and
+    the file is flushed by HDF5 only after the last write."""
+
+    _h5 = _dataset = _raw = None
+    _raw_at = 0
     boxes = True
 
+    def _writes_raw(self, path: str) -> None:
+        at = raw_offset(self._dataset)
+        if at is not None:
+            self._raw, self._raw_at = DirectFile(path, truncate=False), at
+
+    def _close_raw(self) -> None:
+        if self._raw is not None:
+            raw, self._raw = self._raw, None
+            raw.close()
+
     def put(self, chunk, start):
+        if self._raw is not None:
+            row = math.prod(self.shape[1:]) * chunk.dtype.itemsize
+            self._raw.write_at(self._raw_at + start * row, np.ascontiguousarray(chunk).reshape(-1).view(np.uint8))
+            return
         with deferred():
             self._dataset[start : start + len(chunk)] = chunk
 
     def put_box(self, chunk, start, index):  # a hyperslab
+        if self._raw is not None:
+            write_box(self._raw, self._raw_at, self.shape, np.ascontiguousarray(chunk), start, index)
+            return
         with deferred():
             self._dataset[(slice(start, start + len(chunk)), *index)] = chunk
 
@@ -477,8 +573,10 @@ class H5FileWriter(_DatasetWriter):
             self._h5 = h5py.File(self.path, "w")
             self._dataset = create_dataset(self.ref, self._h5, self.name, self.shape, self.dtype, self.provenance,
                                            self.options)
+            self._writes_raw(self.path)
 
     def finish(self):
+        self._close_raw()
         with deferred():  # before io.Sink renames the file: an interrupt here still leaves nothing behind
             self._dataset = None
             self._h5.close()
@@ -488,6 +586,10 @@ class H5FileWriter(_DatasetWriter):
     def abort(self):
         with deferred(reraise=False):
             self._dataset = None
+            try:
+                self._close_raw()
+            except OSError:
+                pass  # a disk that is still full; the file is removed either way
             if self._h5 is not None:
                 try:
                     self._h5.close()
@@ -522,8 +624,10 @@ class H5InPlaceWriter(_DatasetWriter):
             _reuse_string_heap(self._h5, self._key)
             self._dataset = create_dataset(self.ref, self._h5, self._tmp, self.shape, self.dtype, self.provenance,
                                            self.options)
+            self._writes_raw(self.ref.path)
 
     def finish(self):
+        self._close_raw()
         with deferred():  # an interrupt up to here leaves the file as it was (io.Sink aborts)
             self._dataset = None
             self._h5.flush()  # a full disk shows here, before anything is moved into place
@@ -536,6 +640,10 @@ class H5InPlaceWriter(_DatasetWriter):
     def abort(self):
         with deferred(reraise=False):  # io.Sink's cleanup after this must run too
             self._dataset = None
+            try:
+                self._close_raw()
+            except OSError:
+                pass  # a disk that is still full; the hidden dataset is unlinked either way
             if self._h5 is None:
                 return
             try:
