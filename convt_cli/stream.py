@@ -42,6 +42,7 @@ from .shapes import filter_layout as filter_layout_name
 from .shapes import effective_kernel, filters_shape_as_tf, layout_rank_problem, tile_plan, tile_starts
 
 PIECE_BYTES = 8 << 20  # input + output of one piece of a run: enough per piece to keep every thread busy
+AHEAD = 3  # pieces read ahead, and written behind, beyond one per thread, where the budget has room for them
 
 _SIZE_UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40, "P": 2**50}
 _PROVENANCE = ("output_shape", "strides", "padding", "padding_given", "data_format", "dilations", "dtype", "pads",
@@ -184,24 +185,29 @@ def _finite(w: np.ndarray) -> bool:
 def _pieces(plan, needs, dtypes, x_ref, x_whole: bool, max_memory, available_memory, threads, finite=None):
     """(batch elements per piece, None, ahead, False), or (1, the output tile shape, ahead, finite) when one batch
     element does not fit the budget and its tiles do (spatial_tiles; finite: whether they were sized for filters
-    without inf or nan). `needs(overlap)` is run_needs' function with or without
-    the pieces read and written ahead; `ahead`: whether they fit (else the pieces take turns, as one element that
-    fits alone still beats tiles, which change the strategy and so the bits). dtypes: the input's and filters' as
-    read, the one computed in. finite(): whether the filters hold no inf or nan, asked only for tiles."""
-    for ahead in (True, False):
+    without inf or nan). `needs(overlap)` is run_needs' function with `overlap` pieces read and written ahead;
+    `ahead`: how many fit (AHEAD where the pieces fit as large as with one, 1 for tiles; 0: the pieces take turns,
+    as one element that fits alone still beats tiles, which change the strategy and so the bits). dtypes: the
+    input's and filters' as read, the one computed in. finite(): whether the filters hold no inf or nan, asked
+    only for tiles."""
+    limit = _limit(max_memory, available_memory)
+    for ahead in (1, 0):
         try:
             chunk = check_memory("run", needs(ahead), plan.batch, max_memory, available_memory,
                                  whole={"input": x_ref})
-            return min(chunk, piece_batch(plan, dtypes[0], dtypes[2])), None, ahead, False
         except ConvtError as e:
             refused = e
-    limit = _limit(max_memory, available_memory)
+            continue
+        chunk = min(chunk, piece_batch(plan, dtypes[0], dtypes[2]))
+        if ahead and (limit is None or sum(needs(AHEAD)(chunk).values()) <= limit):
+            ahead = AHEAD  # room for more pieces in flight, as large: the threads wait less on a slow write
+        return chunk, None, ahead, False
     clean = finite() if finite is not None and limit is not None and not x_whole else False
     # sized for every usable core whatever --threads says (fewer threads take less): a tiling, and so the bits,
     # the same for any thread count
     sizing = max(threads, runtime.resolve_threads(None))
     found = [(None if limit is None or x_whole else spatial_tiles(plan, *dtypes, limit, sizing, overlap=ahead,
-                                                                 finite=clean), ahead) for ahead in (True, False)]
+                                                                 finite=clean), ahead) for ahead in (1, 0)]
     for tile, ahead in found:
         if tile == tuple(plan.output_spatial):  # the whole element fits after all (the tile's tighter estimate)
             return 1, None, ahead, False
@@ -219,12 +225,12 @@ def _limit(max_memory, available_memory) -> int | None:
 TILE_PLANS = 2  # prepared filters kept for this many kinds of tile at once (first, inner, last along an axis)
 
 
-def tile_needs(plan, tile, x_dtype, w_dtype, dtype, threads, overlap=False, finite=False) -> dict:
+def tile_needs(plan, tile, x_dtype, w_dtype, dtype, threads, overlap=0, finite=False) -> dict:
     """{part: bytes} held at once while computing the output tiles of `tile` shape: the largest input window as
     read and cast, the filters as read and cast, and the engine's output and work for one tile at a time, with
     the prepared filters of TILE_PLANS kinds of tile; with `overlap`, one tile computed per thread, each with its
-    window, its output, one thread's work and the prepared filters it holds, and one more window and output tile
-    (see run_needs); with `finite` (filters without inf or nan), not the workspace of "taps", which only such
+    window, its output, one thread's work and the prepared filters it holds, and `overlap` more windows and output
+    tiles (see run_needs); with `finite` (filters without inf or nan), not the workspace of "taps", which only such
     filters use."""
     first, _ = tile_plan(dataclasses.replace(plan, batch=1), tuple((0, min(o, t)) for o, t in zip(
         plan.output_spatial, tile)))
@@ -245,11 +251,11 @@ def tile_needs(plan, tile, x_dtype, w_dtype, dtype, threads, overlap=False, fini
         # each other thread: its window, its output and work, and the prepared filters of a tile kind the cache
         # may have let go of meanwhile
         parts["tiles computed side by side"] = (lanes - 1) * (window + one)
-        parts["reading and writing ahead"] = window + math.prod(sub.output_shape) * dtype.itemsize
+        parts["reading and writing ahead"] = overlap * (window + math.prod(sub.output_shape) * dtype.itemsize)
     return parts
 
 
-def spatial_tiles(plan, x_dtype, w_dtype, dtype, limit: int, threads, overlap=False,
+def spatial_tiles(plan, x_dtype, w_dtype, dtype, limit: int, threads, overlap=0,
                   finite=False) -> tuple[int, ...] | None:
     """The output tile shape for one batch element that does not fit `limit` bytes: the trailing spatial axes whole
     as far as they fit, the next one cut to the most that fits (a multiple of its stride, so that the inner tiles
@@ -270,7 +276,7 @@ def _tiles(plan, tile) -> list:
     return [(box, *tile_plan(plan, box)) for box in boxes]
 
 
-def _run_tiles(plan, tile, x_src, x_ref, w, sink, threads, report, ahead=True) -> float:
+def _run_tiles(plan, tile, x_src, x_ref, w, sink, threads, report, ahead=1) -> float:
     """Each batch element's output a tile at a time (tile_plan: its input window, read alone, and its own pads),
     written in place, reading and writing overlapped with the compute; the seconds spent computing."""
     first = plan.spec.channels_first
@@ -298,14 +304,14 @@ def _run_tiles(plan, tile, x_src, x_ref, w, sink, threads, report, ahead=True) -
                       tell, ahead, threads)
 
 
-def overlapped(pieces: list, read, compute, write, done, ahead: bool = True, threads: int = 1) -> float:
+def overlapped(pieces: list, read, compute, write, done, ahead: int = 1, threads: int = 1) -> float:
     """For each piece in order: read(piece) on a reader thread, compute(piece, x, threads) on the compute threads,
     write(piece, y) and then done(piece) on a writer thread, in order: while pieces are computed, the next is read
     and the last written. With `ahead` and threads > 1 the pieces are computed side by side, one per thread
     (`lanes`, on the engine's worker threads, each computing with threads=1): pieces of a few MB keep every core
-    busy that way with no wait between them, and the engine's bits do not depend on its threads. At most lanes + 1
-    pieces' inputs and lanes + 1 pieces' outputs exist at once (the memory budget counts them: run_needs,
-    tile_needs); without `ahead`, one of each, computed with `threads` (reading piece k+1 then overlaps only
+    busy that way with no wait between them, and the engine's bits do not depend on its threads. At most
+    lanes + ahead pieces' inputs and as many outputs exist at once (the memory budget counts them: run_needs,
+    tile_needs); with ahead=0, one of each, computed with `threads` (reading piece k+1 then overlaps only
     writing k). A failure or KeyboardInterrupt anywhere stops them all and is raised here, after every thread has
     ended (so that the caller's abort never races a write). Under an address-space limit, and for one piece, the
     pieces take turns on this thread. Returns the seconds spent in compute (per lane)."""
@@ -315,7 +321,7 @@ def overlapped(pieces: list, read, compute, write, done, ahead: bool = True, thr
     lanes = max(1, min(threads, len(pieces))) if ahead else 1
     inner = 1 if lanes > 1 else threads
     stop = threading.Event()
-    inputs, outputs = (threading.Semaphore(lanes + 1 if ahead else 1) for _ in range(2))  # alive at once, each side
+    inputs, outputs = (threading.Semaphore(lanes + ahead if ahead else 1) for _ in range(2))  # alive at once
     inbox: queue.Queue = queue.Queue()
     ready: dict = {}  # piece index -> its output, until the writer takes it
     turn, taking = threading.Condition(), threading.Lock()
@@ -892,12 +898,12 @@ def _most_that_fit(needs, batch: int, limit: int) -> int:
     return fits
 
 
-def run_needs(plan, x_dtype, w_dtype, dtype, output=None, whole=(), threads=None, overlap=False):
+def run_needs(plan, x_dtype, w_dtype, dtype, output=None, whole=(), threads=None, overlap=0):
     """needs(b) for check_memory: b batch elements of the arrays as read, their casts to dtype, and the output
     with the engine's work (or, given output=(shape, dtype), the output as read). `whole` names the arrays that
-    are held whole whatever b ("input", "output": stdin and .npz members are read at once). With `overlap` (run's
-    reading and writing beside the compute: `overlapped`), one piece computed per thread (each with one thread's
-    work, the prepared filters shared), and one more piece of input and of output."""
+    are held whole whatever b ("input", "output": stdin and .npz members are read at once). With `overlap` > 0
+    (run's reading and writing beside the compute: `overlapped`), one piece computed per thread (each with one
+    thread's work, the prepared filters shared), and `overlap` more pieces of input and of output."""
     lanes = runtime.resolve_threads(threads)
 
     def needs(batch):
@@ -909,7 +915,7 @@ def run_needs(plan, x_dtype, w_dtype, dtype, output=None, whole=(), threads=None
             x_dtype.itemsize + (dtype.itemsize if x_dtype != dtype else 0))
         lane = piece + engine.estimate_bytes(one, dtype, threads=1) - engine.prepared_bytes(one, dtype)
         parts["pieces computed side by side"] = (lanes - 1) * lane
-        parts["reading and writing ahead"] = piece + math.prod(one.output_shape) * dtype.itemsize
+        parts["reading and writing ahead"] = overlap * (piece + math.prod(one.output_shape) * dtype.itemsize)
         return parts
 
     def _needs(batch, threads):
