@@ -2,8 +2,8 @@
 
 `run_files` plans from the headers alone, checks the memory budget and the free space, prepares the filters once,
 then reads the input a piece of the batch at a time, computes the piece and appends it to an atomic io.Sink, which
-makes the output visible only when it is whole; reading and writing run on their own threads beside the compute
-(`overlapped`). A batch element larger than the budget is computed in spatial tiles instead (`spatial_tiles`,
+makes the output visible only when it is whole; reading and writing run on their own threads beside the compute,
+which takes the pieces side by side, one per thread (`overlapped`). A batch element larger than the budget is computed in spatial tiles instead (`spatial_tiles`,
 shapes.tile_plan: each tile's input window read alone, its output written in place). `run_many` does that for
 many (input, output) pairs, reporting each pair's mistake and going on with the next; `verify_files` feeds the
 adjoint check piece by piece, or tile by tile on its own grid, the same way; `plan_files` is the plan alone.
@@ -79,8 +79,9 @@ def run_files(input_ref, filters_ref, output_ref, *, output_shape=None, strides=
         max_memory: the memory budget: bytes (an int) or a size like "512M", "2G", "1.5GiB" (powers of 1024);
             None: what available_memory reports.
         threads: threads to compute on; None: CONVT_NUM_THREADS, else every usable core.
-        progress: None, a callable progress(done, total) called after each piece with the batch elements done
-            and the batch size, or an object with update(n) (a tqdm or Click bar) given each piece's size.
+        progress: None, a callable progress(done, total) called after each piece is written with the batch
+            elements done and the batch size, or an object with update(n) (a tqdm or Click bar) given each piece's
+            size; called in order, one call at a time, from convt's writer thread when the pieces overlap.
         available_memory: a function returning the bytes that can be allocated without swapping, or None where
             that is unknown (no limit); None: MemAvailable of /proc/meminfo. For a caller that knows better (a
             container's limit, which MemAvailable does not show).
