@@ -1,7 +1,7 @@
 """Raw reads and writes beside the libraries, and pieces computed side by side.
 
-Matrix: DirectFile.write_at (offsets and lengths on and off the 4 KiB blocks, on a disk file system that takes
-O_DIRECT and on tmpfs, which refuses it) against a bytearray written the same way; .h5 outputs large enough to be
+Matrix: DirectFile's sequential writes and write_at (offsets and lengths on and off the 4 KiB blocks, on a disk file
+system that takes O_DIRECT and on tmpfs, which refuses it) against the bytes written plainly; .h5 outputs large enough to be
 written raw (RAW_BYTES) x dtype (float16, float32, float64, bfloat16, int32, complex64) x target (a new file, a
 dataset inside an existing file, a file with a user block) x pieces or tiles, read back by h5py; .h5 inputs read
 raw (contiguous; chunks of whole batch elements, also one never written) or through h5py (chunks that cut an
@@ -35,11 +35,32 @@ def _cwd(tmp_path, monkeypatch):
 # DirectFile.write_at
 
 
-@pytest.mark.parametrize("folder", ["tmp", "/dev/shm"])
-def test_positioned_direct_writes_give_the_bytes_of_plain_ones(tmp_path, folder):
-    if folder == "/dev/shm" and not os.path.isdir(folder):
-        folder = "tmp"
-    path = str(tmp_path / "d.bin") if folder == "tmp" else os.path.join(folder, f"convt-raw-{os.getpid()}.bin")
+@pytest.fixture(params=["tmp", "/dev/shm"])  # a disk file system takes O_DIRECT; tmpfs refuses it
+def scratch(request, tmp_path):
+    """A path for a new file, on a disk file system or on tmpfs; removed afterwards."""
+    folder = request.param if os.path.isdir(request.param) else "tmp"
+    path = str(tmp_path / "d.bin") if folder == "tmp" else os.path.join(folder, f"convt-test-{os.getpid()}.bin")
+    yield path
+    if os.path.exists(path):
+        os.remove(path)
+
+
+def test_direct_writes_give_the_same_bytes_as_plain_ones(scratch):
+    rng = np.random.default_rng(1)
+    parts = [rng.integers(0, 256, n, dtype=np.uint8) for n in (128, 5000, DirectFile.STAGE + 7, 4096, 3, 70000)]
+    f = DirectFile(scratch)
+    for part in parts:
+        assert f.write(part.data) == len(part)
+    assert f.tell() == sum(map(len, parts))
+    f.flush()  # what positioned writes then see
+    os.pwrite(f.fileno(), b"XY", 10)
+    f.close()
+    want = bytearray(b"".join(p.tobytes() for p in parts))
+    want[10:12] = b"XY"
+    assert open(scratch, "rb").read() == bytes(want)
+
+
+def test_positioned_direct_writes_give_the_bytes_of_plain_ones(scratch):
     rng = np.random.default_rng(3)
     size = 3 * DirectFile.STAGE + 12345
     want = bytearray(size)
@@ -47,26 +68,21 @@ def test_positioned_direct_writes_give_the_bytes_of_plain_ones(tmp_path, folder)
     cuts = sorted(set(rng.integers(1, size, 40).tolist()) | {4095, 4096, 8192, DirectFile.STAGE + 1})
     ranges = list(zip([0, *cuts], [*cuts, size]))
     rng.shuffle(ranges)
-    try:
-        f = DirectFile(path)
-        f.write(b"HEAD")  # staged by write(), pushed out before the first positioned write
-        for a, b in ranges:
-            if a < 4:
-                a = 4
-            data = rng.integers(0, 256, b - a, dtype=np.uint8)
-            f.write_at(a, data)
-            want[a:b] = data.tobytes()
-        f.close()
-        want[:4] = b"HEAD"
-        assert open(path, "rb").read() == bytes(want)
-        g = DirectFile(path, truncate=False)  # into an existing file: the rest stays
-        g.write_at(5000, b"xyz")
-        g.close()
-        want[5000:5003] = b"xyz"
-        assert open(path, "rb").read() == bytes(want)
-    finally:
-        if os.path.exists(path):
-            os.remove(path)
+    f = DirectFile(scratch)
+    f.write(b"HEAD")  # staged by write(), pushed out before the first positioned write
+    for a, b in ranges:
+        a = max(a, 4)
+        data = rng.integers(0, 256, b - a, dtype=np.uint8)
+        f.write_at(a, data)
+        want[a:b] = data.tobytes()
+    f.close()
+    want[:4] = b"HEAD"
+    assert open(scratch, "rb").read() == bytes(want)
+    g = DirectFile(scratch, truncate=False)  # into an existing file: the rest stays
+    g.write_at(5000, b"xyz")
+    g.close()
+    want[5000:5003] = b"xyz"
+    assert open(scratch, "rb").read() == bytes(want)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -276,17 +292,18 @@ def test_pieces_side_by_side_are_written_in_order_within_their_slots(threads):
 def test_without_room_ahead_the_pieces_are_computed_one_at_a_time_on_every_thread():
     given = []
     overlapped(list(range(5)), lambda p: p, lambda p, x, n: given.append(n) or x, lambda p, y: None,
-               lambda p: None, ahead=False, threads=2)
+               lambda p: None, ahead=0, threads=2)
     assert given == [2] * 5
 
 
+@pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("where", ["read", "compute", "write", "done"])
-def test_a_failure_beside_pieces_side_by_side_stops_every_thread(where):
+def test_a_failure_on_any_side_stops_every_thread_and_is_raised(where, threads):
     def boom(name, p):
         if where == name and p == 7:
             raise ValueError(f"{name} failed")
 
     with pytest.raises(ValueError, match=f"{where} failed"):
         overlapped(list(range(30)), lambda p: boom("read", p) or p, lambda p, x, n: boom("compute", p) or x,
-                   lambda p, y: boom("write", p), lambda p: boom("done", p), threads=2)
+                   lambda p, y: boom("write", p), lambda p: boom("done", p), threads=threads)
     assert not [t for t in threading.enumerate() if t.name in ("convt-reader", "convt-writer")]

@@ -321,22 +321,6 @@ def test_overlapped_keeps_the_order_and_at_most_two_pieces_on_each_side():
     assert not [t for t in threading.enumerate() if t.name in ("convt-reader", "convt-writer")]
 
 
-@pytest.mark.parametrize("where", ["read", "compute", "write", "done"])
-def test_a_failure_on_any_side_stops_both_threads_and_is_raised(where):
-    import threading
-
-    from convt_cli.stream import overlapped
-
-    def boom(name, p):
-        if where == name and p == 5:
-            raise ValueError(f"{name} failed")
-
-    with pytest.raises(ValueError, match=f"{where} failed"):
-        overlapped(list(range(20)), lambda p: boom("read", p) or p, lambda p, x, n: boom("compute", p) or x,
-                   lambda p, y: boom("write", p), lambda p: boom("done", p))
-    assert not [t for t in threading.enumerate() if t.name in ("convt-reader", "convt-writer")]
-
-
 def test_an_interrupted_streamed_run_leaves_nothing(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     np.save("x.npy", np.ones((40, 16, 16, 8), np.float32))
@@ -349,31 +333,6 @@ def test_an_interrupted_streamed_run_leaves_nothing(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         run_files("x.npy", "w.npy", "y.npy", strides=2, max_memory="1M", progress=stop)
     assert sorted(os.listdir(".")) == ["w.npy", "x.npy"]
-
-
-@pytest.mark.parametrize("folder", ["tmp", "/dev/shm"])  # a disk file system takes O_DIRECT; tmpfs refuses it
-def test_direct_writes_give_the_same_bytes_as_plain_ones(tmp_path, folder):
-    from convt_cli.formats.base import DirectFile
-
-    if folder == "/dev/shm" and not os.path.isdir(folder):
-        folder = "tmp"
-    path = str(tmp_path / "d.bin") if folder == "tmp" else os.path.join(folder, f"convt-test-{os.getpid()}.bin")
-    rng = np.random.default_rng(1)
-    parts = [rng.integers(0, 256, n, dtype=np.uint8) for n in (128, 5000, DirectFile.STAGE + 7, 4096, 3, 70000)]
-    try:
-        f = DirectFile(path)
-        for part in parts:
-            assert f.write(part.data) == len(part)
-        assert f.tell() == sum(map(len, parts))
-        f.flush()  # what positioned writes then see
-        os.pwrite(f.fileno(), b"XY", 10)
-        f.close()
-        want = bytearray(b"".join(p.tobytes() for p in parts))
-        want[10:12] = b"XY"
-        assert open(path, "rb").read() == bytes(want)
-    finally:
-        if os.path.exists(path):
-            os.remove(path)
 
 
 def test_the_tiling_and_so_the_bits_do_not_depend_on_the_thread_count(tmp_path, monkeypatch):
