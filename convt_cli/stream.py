@@ -78,10 +78,12 @@ def run_files(input_ref, filters_ref, output_ref, *, output_shape=None, strides=
         force: replace an existing output file or dataset.
         max_memory: the memory budget: bytes (an int) or a size like "512M", "2G", "1.5GiB" (powers of 1024);
             None: what available_memory reports.
-        threads: threads to compute on; None: CONVT_NUM_THREADS, else every usable core.
+        threads: threads to compute on; None: CONVT_NUM_THREADS, else every usable core. At most the usable
+            cores in tiles (the tiling is sized for them), and 1 under an address-space limit (RLIMIT_AS).
         progress: None, a callable progress(done, total) called after each piece is written with the batch
-            elements done and the batch size, or an object with update(n) (a tqdm or Click bar) given each piece's
-            size; called in order, one call at a time, from convt's writer thread when the pieces overlap.
+            elements done and the batch size (in tiles: the tiles done and their number), or an object with
+            update(n) (a tqdm or Click bar) given each piece's size (1 per tile); called in order, one call at a
+            time, from convt's writer thread when the pieces overlap.
         available_memory: a function returning the bytes that can be allocated without swapping, or None where
             that is unknown (no limit); None: MemAvailable of /proc/meminfo. For a caller that knows better (a
             container's limit, which MemAvailable does not show).
@@ -108,7 +110,7 @@ def run_files(input_ref, filters_ref, output_ref, *, output_shape=None, strides=
     [2, 10, 10, 4]
     """
     began = time.perf_counter()
-    cast, max_memory, threads = _dtype_name(dtype), _memory_limit(max_memory), runtime.resolve_threads(threads)
+    cast, max_memory, threads = _dtype_name(dtype), _memory_limit(max_memory), streaming_threads(threads)
     layout = filter_layout_name("filters", filter_layout)
     report = _reporter(progress)
     options = _write_options(compression, compression_level)
@@ -155,7 +157,7 @@ def run_files(input_ref, filters_ref, output_ref, *, output_shape=None, strides=
                     lambda p, x, n: compute(x, n), lambda p, y: sink.write(y),
                     lambda p: report(p[1] - p[0], p[1], plan.batch), ahead, threads)
             else:
-                seconds = _run_tiles(plan, tile, x_src, x_ref, w, sink, threads, report, ahead)
+                seconds = _run_tiles(plan, tile, x_src, x_ref, w, sink, tiled_threads(threads), report, ahead)
             stop_if_signalled()
             sink.commit()
         except BaseException:
@@ -204,9 +206,9 @@ def _pieces(plan, needs, dtypes, x_ref, x_whole: bool, max_memory, available_mem
             ahead = AHEAD  # room for more pieces in flight, as large: the threads wait less on a slow write
         return chunk, None, ahead, False
     clean = finite() if finite is not None and limit is not None and not x_whole else False
-    # sized for every usable core whatever --threads says (fewer threads take less): a tiling, and so the bits,
-    # the same for any thread count
-    sizing = max(threads, runtime.resolve_threads(None))
+    # sized for every usable core whatever --threads says (a tiled run computes on no more: tiled_threads): a
+    # tiling, and so the bits, the same for any thread count
+    sizing = runtime.usable_cores()
     found = [(None if limit is None or x_whole else spatial_tiles(plan, *dtypes, limit, sizing, overlap=ahead,
                                                                  finite=clean), ahead) for ahead in (1, 0)]
     for tile, ahead in found:
@@ -216,6 +218,21 @@ def _pieces(plan, needs, dtypes, x_ref, x_whole: bool, max_memory, available_mem
         if tile is not None:
             return 1, tile, ahead, clean
     raise refused
+
+
+def streaming_threads(threads) -> int:
+    """The threads a file-to-file call computes on: `threads` resolved, but 1 under an address-space limit (each
+    thread costs a malloc arena of 64 MiB of it and OpenBLAS's buffers, which no budget sees; OpenBLAS ends the
+    process when it cannot allocate them: this thread's are allocated here, first)."""
+    if address_space_left() is None:
+        return runtime.resolve_threads(threads)
+    runtime.warm_blas()
+    return 1
+
+
+def tiled_threads(threads: int) -> int:
+    """The threads of a run in tiles: no more than the usable cores its tiles were sized for (_pieces)."""
+    return min(threads, runtime.usable_cores())
 
 
 def _limit(max_memory, available_memory) -> int | None:
@@ -527,7 +544,7 @@ def verify_files(input_ref, filters_ref, output_ref=None, *, output_shape=None, 
     from .verify import AdjointCheck
 
     began = time.perf_counter()
-    cast, max_memory, threads = _dtype_name(dtype), _memory_limit(max_memory), runtime.resolve_threads(threads)
+    cast, max_memory, threads = _dtype_name(dtype), _memory_limit(max_memory), streaming_threads(threads)
     layout = filter_layout_name("filters", filter_layout)
     report = _reporter(progress)
     x_ref, w_ref = _refs(input_ref, filters_ref)
@@ -732,7 +749,7 @@ def plan_files(input_ref, filters_ref, *, output_shape=None, strides=1, padding=
     ...     plan_files(x, w, strides=2, padding="VALID")["output_shape"]
     [2, 11, 11, 4]
     """
-    cast, max_memory, threads = _dtype_name(dtype), _memory_limit(max_memory), runtime.resolve_threads(threads)
+    cast, max_memory, threads = _dtype_name(dtype), _memory_limit(max_memory), streaming_threads(threads)
     layout = filter_layout_name("filters", filter_layout)
     x_ref, w_ref = _refs(input_ref, filters_ref)
     (x_shape, x_dtype, _), (w_shape, w_dtype, w_load) = _open(x_ref), _open_filters(w_ref, layout)

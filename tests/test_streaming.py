@@ -68,9 +68,11 @@ def test_input_several_times_the_budget_streams_under_a_real_memory_cap(tmp_path
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="needs /proc to measure the address space")
-def test_one_volume_larger_than_a_real_memory_cap_runs_in_tiles_without_being_told(tmp_path):
-    # no --max-memory: the budget is what the address-space limit leaves (under a limit the run starts no reader
-    # or writer thread either, whose malloc arenas would take 64 MiB of it each)
+@pytest.mark.parametrize("threads", [[], ["--threads", "4"]])
+def test_one_volume_larger_than_a_real_memory_cap_runs_in_tiles_without_being_told(tmp_path, threads):
+    # no --max-memory: the budget is what the address-space limit leaves (under a limit the run computes on one
+    # thread and starts no reader or writer thread, whose malloc arenas would take 64 MiB of it each, whatever
+    # --threads asks)
     rng = np.random.default_rng(1)
     np.save(tmp_path / "tiny.npy", rng.standard_normal((1, 17, 16, 16, 8)).astype(np.float32))  # starts workers
     np.save(tmp_path / "vol.npy", rng.standard_normal((1, 64, 96, 96, 8)).astype(np.float32))  # 18 MiB in, 144 out
@@ -79,7 +81,8 @@ def test_one_volume_larger_than_a_real_memory_cap_runs_in_tiles_without_being_to
     baseline = _vm_peak_kb(["run", "tiny.npy", *flags, "-o", "tiny_out.npy"], tmp_path) * 1024
     cap = baseline + 96 * 2**20  # the output alone does not fit
     run = [sys.executable, "-m", "convt_cli", "run", "vol.npy", *flags, "-o", "capped.npy", "--json"]
-    capped = subprocess.run(run, cwd=tmp_path, capture_output=True, text=True, preexec_fn=_capped(cap), env=ENV)
+    capped = subprocess.run(run + threads, cwd=tmp_path, capture_output=True, text=True, preexec_fn=_capped(cap),
+                            env=ENV)
     assert capped.returncode == 0, capped.stderr
     assert '"tile_shape": [' in capped.stdout
     free = subprocess.run(run[:-3] + ["-o", "free.npy"], cwd=tmp_path, capture_output=True, text=True)

@@ -367,6 +367,13 @@ def worker_threads() -> int:
     return _POOL.alive
 
 
+def warm_blas() -> None:
+    """BLAS's buffers for this thread, allocated now by one small GEMM, before a large allocation: OpenBLAS ends the
+    process when it cannot allocate them at a later first GEMM, where NumPy would raise a clean MemoryError."""
+    with blas_one_thread():
+        _first_gemm(np.ones((_WARM, _WARM), dtype=np.float32))
+
+
 def warm(threads: int) -> None:
     """Start the worker threads a call with `threads` will use, before its large allocations (see _Pool._grow)."""
     if threads > 1 and not getattr(_in_worker, "active", False):
