@@ -881,7 +881,8 @@ def check_memory(op: str, needs, batch: int, max_memory: int | None, available_m
         seen = f" (available: {bytes_text(available)})" if available is not None else ""
         why = f"--max-memory is {bytes_text(max_memory)}{seen}"
     else:
-        why = f"only {bytes_text(available)} is available"
+        capped = " (what the address-space limit, ulimit -v, leaves)" if address_space_left() is not None else ""
+        why = f"only {bytes_text(available)} is available{capped}"
     fits = _most_that_fit(needs, batch, limit)
     if fits >= 1:
         return fits

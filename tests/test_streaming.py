@@ -90,3 +90,20 @@ def test_one_volume_larger_than_a_real_memory_cap_runs_in_tiles_without_being_to
     np.testing.assert_allclose(np.load(tmp_path / "capped.npy"), np.load(tmp_path / "free.npy"), rtol=1e-5,
                                atol=1e-5)
     assert not [p for p in os.listdir(tmp_path) if p.startswith(".convt")]
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="needs /proc to measure the address space")
+def test_a_cap_that_leaves_no_budget_is_named_in_the_refusal(tmp_path):
+    rng = np.random.default_rng(3)
+    np.save(tmp_path / "tiny.npy", rng.standard_normal((1, 17, 16, 16, 8)).astype(np.float32))
+    np.save(tmp_path / "vol.npy", rng.standard_normal((1, 64, 96, 96, 8)).astype(np.float32))
+    np.save(tmp_path / "w.npy", rng.standard_normal((3, 3, 3, 8, 8)).astype(np.float32))
+    flags = ["w.npy", "--strides", "2", "--force"]
+    # one thread, as under a cap: a little more than that run's peak leaves less than the margin for the budget
+    baseline = _vm_peak_kb(["run", "tiny.npy", *flags, "--threads", "1", "-o", "tiny_out.npy"], tmp_path) * 1024
+    run = [sys.executable, "-m", "convt_cli", "run", "vol.npy", *flags, "-o", "capped.npy"]
+    capped = subprocess.run(run, cwd=tmp_path, capture_output=True, text=True,
+                            preexec_fn=_capped(baseline + 8 * 2**20), env=ENV)
+    assert capped.returncode == 2 and capped.stderr.count("\n") == 1, capped.stderr
+    assert "(what the address-space limit, ulimit -v, leaves)" in capped.stderr
+    assert not (tmp_path / "capped.npy").exists()
