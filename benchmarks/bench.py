@@ -16,9 +16,11 @@ and OPENBLAS_L2_SIZE; it prints which BLAS kernel ran. TensorFlow is optional an
 """
 
 import argparse
+import contextlib
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -142,6 +144,17 @@ def emit(result: dict, path: str | None) -> None:
     if path:
         with open(path, "w") as f:
             json.dump(result, f, indent=1)
+
+
+@contextlib.contextmanager
+def scratch_folder(given: str | None, prefix: str):
+    """The folder a benchmark writes its arrays to: `given`, or a temporary one removed afterwards."""
+    folder = given or tempfile.mkdtemp(prefix=prefix)
+    try:
+        yield folder
+    finally:
+        if not given:
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 def convt_cmd():

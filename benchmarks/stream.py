@@ -26,17 +26,15 @@ import argparse
 import json
 import math
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
 import time
 
 import h5py
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench import blas_info, convt_cmd, emit, peak_rss_mb  # noqa: E402
+from bench import blas_info, convt_cmd, emit, peak_rss_mb, scratch_folder  # noqa: E402
 
 PER = (64, 64, 64)  # one batch element: 1 MiB of float32
 
@@ -197,10 +195,9 @@ def main():
     parser.add_argument("--folder")
     parser.add_argument("--json")
     args = parser.parse_args()
-    folder = args.folder or tempfile.mkdtemp(prefix="convt-stream-")
     batch = int(args.gib * 1024)
     rng = np.random.default_rng(0)
-    try:
+    with scratch_folder(args.folder, "convt-stream-") as folder:
         w = (rng.standard_normal((3, 3, 64, 64)) / 24).astype(np.float32)
         np.save(os.path.join(folder, "w.npy"), w)
         block = rng.standard_normal((256, *PER)).astype(np.float32)
@@ -208,9 +205,6 @@ def main():
                    "formats": [measure(fmt, folder, batch, block, w, args.budget, args.repeat)
                                for fmt in args.formats.split(",")]}
         emit(results, args.json)
-    finally:
-        if not args.folder:
-            shutil.rmtree(folder, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -16,15 +16,13 @@ outputs relative to the largest output value (tiles choose their own strategy, s
 import argparse
 import json
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
 
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench import blas_info, convt_cmd, emit, peak_rss_mb  # noqa: E402
+from bench import blas_info, convt_cmd, emit, peak_rss_mb, scratch_folder  # noqa: E402
 
 IN_MEMORY = """
 import json, time, numpy as np
@@ -45,10 +43,9 @@ def main():
     parser.add_argument("--folder")
     parser.add_argument("--json")
     args = parser.parse_args()
-    folder = args.folder or tempfile.mkdtemp(prefix="convt-volume-")
     n, c = args.size, 16
     rng = np.random.default_rng(0)
-    try:
+    with scratch_folder(args.folder, "convt-volume-") as folder:
         x = np.lib.format.open_memmap(os.path.join(folder, "vol.npy"), "w+", np.float32, (1, n, n, n, c))
         for z in range(0, n, 16):
             x[0, z:z + 16] = rng.standard_normal((min(16, n - z), n, n, c), dtype=np.float32)
@@ -86,9 +83,6 @@ def main():
         if budget_mb:
             result["under_budget_plus_baseline"] = rss <= budget_mb + base
         emit(result, args.json)
-    finally:
-        if not args.folder:
-            shutil.rmtree(folder, ignore_errors=True)
 
 
 if __name__ == "__main__":

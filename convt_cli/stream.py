@@ -3,8 +3,9 @@
 `run_files` plans from the headers alone, checks the memory budget and the free space, prepares the filters once,
 then reads the input a piece of the batch at a time, computes the piece and appends it to an atomic io.Sink, which
 makes the output visible only when it is whole; reading and writing run on their own threads beside the compute,
-which takes the pieces side by side, one per thread (`overlapped`). A batch element larger than the budget is computed in spatial tiles instead (`spatial_tiles`,
-shapes.tile_plan: each tile's input window read alone, its output written in place). `run_many` does that for
+which takes the pieces side by side, one per thread (`overlapped`). A batch element larger than the budget is
+computed in spatial tiles instead (`spatial_tiles`, shapes.tile_plan: each tile's input window read alone, its
+output written in place). `run_many` does that for
 many (input, output) pairs, reporting each pair's mistake and going on with the next; `verify_files` feeds the
 adjoint check piece by piece, or tile by tile on its own grid, the same way; `plan_files` is the plan alone.
 Batch pieces never change a bit of the result: the engine's blocks are fixed by the shapes, and verify's probes
@@ -220,13 +221,14 @@ def _pieces(plan, needs, dtypes, x_ref, x_whole: bool, max_memory, available_mem
     raise refused
 
 
-def streaming_threads(threads) -> int:
+def streaming_threads(threads, computes: bool = True) -> int:
     """The threads a file-to-file call computes on: `threads` resolved, but 1 under an address-space limit (each
     thread costs a malloc arena of 64 MiB of it and OpenBLAS's buffers, which no budget sees; OpenBLAS ends the
-    process when it cannot allocate them: this thread's are allocated here, first)."""
+    process when it cannot allocate them: for a call that `computes`, this thread's are allocated here, first)."""
     if address_space_left() is None:
         return runtime.resolve_threads(threads)
-    runtime.warm_blas()
+    if computes:
+        runtime.warm_blas()
     return 1
 
 
@@ -749,7 +751,8 @@ def plan_files(input_ref, filters_ref, *, output_shape=None, strides=1, padding=
     ...     plan_files(x, w, strides=2, padding="VALID")["output_shape"]
     [2, 11, 11, 4]
     """
-    cast, max_memory, threads = _dtype_name(dtype), _memory_limit(max_memory), streaming_threads(threads)
+    cast, max_memory = _dtype_name(dtype), _memory_limit(max_memory)
+    threads = streaming_threads(threads, computes=False)
     layout = filter_layout_name("filters", filter_layout)
     x_ref, w_ref = _refs(input_ref, filters_ref)
     (x_shape, x_dtype, _), (w_shape, w_dtype, w_load) = _open(x_ref), _open_filters(w_ref, layout)

@@ -1,8 +1,8 @@
 """Raw reads and writes beside the libraries, and pieces computed side by side.
 
 Matrix: DirectFile's sequential writes and write_at (offsets and lengths on and off the 4 KiB blocks, on a disk file
-system that takes O_DIRECT and on tmpfs, which refuses it) against the bytes written plainly; .h5 outputs large enough to be
-written raw (RAW_BYTES) x dtype (float16, float32, float64, bfloat16, int32, complex64) x target (a new file, a
+system that takes O_DIRECT and on tmpfs, which refuses it) against the bytes written plainly; .h5 outputs large
+enough to be written raw (RAW_BYTES) x dtype (float16, float32, float64, bfloat16, int32, complex64) x target (a new file, a
 dataset inside an existing file, a file with a user block) x pieces or tiles, read back by h5py; .h5 inputs read
 raw (contiguous; chunks of whole batch elements, also one never written) or through h5py (chunks that cut an
 element, compression, big-endian), batch slices and boxes, against h5py's own slicing; `overlapped` with several

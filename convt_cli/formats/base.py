@@ -379,6 +379,21 @@ def read_runs(path: str, data_at: int, dtype: np.dtype, shape, index, out: np.nd
     return out
 
 
+def pick_member(ref, names: list[str], noun: str, shown=", ".join, listed: bool = True) -> str:
+    """The member `ref` names of a file holding `names` (arrays of an .npz, tensors of a .safetensors file), or the
+    file's only one; else ref.fail, with `shown(names)` in the message (and in the one for several members only if
+    `listed`)."""
+    if ref.name is not None:
+        if ref.name not in names:
+            ref.fail(f"has no {noun} '{ref.name}': it holds {shown(names) or 'nothing'}")
+        return ref.name
+    if len(names) != 1:
+        first = names[0] if names else "NAME"
+        inside = f" ({shown(names)})" if listed else ""
+        ref.fail(f"holds {len(names)} {noun}s{inside}: name one, as {ref.path}:{first}")
+    return names[0]
+
+
 def one_of(words) -> str:
     """'a, b or c', as messages list formats and suffixes."""
     words = list(words)

@@ -461,20 +461,21 @@ class H5Reader(Reader):
         try:
             if self._at is not None:
                 return fix_dtype(read_runs(self._path, self._at, self._dataset.dtype, self.shape, full))
-            if self._per_chunk is not None and b1 > b0:
-                return self._read_chunks(b0, b1, index)
+            raw = self._read_chunks(b0, b1, index) if self._per_chunk is not None and b1 > b0 else None
+            if raw is not None:
+                return raw
         except OSError as e:
             self.ref.fail(f"cannot be read ({reason(e)})")
         with deferred():
             return fix_dtype(np_guard(self.ref, lambda: self._dataset[full]))
 
     def _read_chunks(self, b0, b1, index):
+        """The box from the chunks' bytes; None when one of them was never written (h5py gives its fill value)."""
         c, dtype = self._per_chunk, self._dataset.dtype
         rest = self.shape[1:]
         offsets = [(first, self._chunk_at(first)) for first in range(b0 - b0 % c, b1, c)]
-        if any(at is None for _, at in offsets):  # a chunk never written: h5py gives its fill value
-            with deferred():
-                return fix_dtype(np_guard(self.ref, lambda: self._dataset[(slice(b0, b1), *index)]))
+        if any(at is None for _, at in offsets):
+            return None
         box = tuple(len(range(*sl.indices(n))) for sl, n in zip(index, rest))
         out = np.empty((b1 - b0, *box), dtype)
         for first, at in offsets:
@@ -537,10 +538,15 @@ class _DatasetWriter(Writer):
         if at is not None:
             self._raw, self._raw_at = DirectFile(path, truncate=False), at
 
-    def _close_raw(self) -> None:
+    def _close_raw(self, quietly: bool = False) -> None:
+        """Close the raw writes' file; quietly (in abort) a failing close is let go: the output goes anyway."""
         if self._raw is not None:
             raw, self._raw = self._raw, None
-            raw.close()
+            try:
+                raw.close()
+            except OSError:  # a disk that is still full
+                if not quietly:
+                    raise
 
     def put(self, chunk, start):
         if self._raw is not None:
@@ -586,10 +592,7 @@ class H5FileWriter(_DatasetWriter):
     def abort(self):
         with deferred(reraise=False):
             self._dataset = None
-            try:
-                self._close_raw()
-            except OSError:
-                pass  # a disk that is still full; the file is removed either way
+            self._close_raw(quietly=True)
             if self._h5 is not None:
                 try:
                     self._h5.close()
@@ -640,10 +643,7 @@ class H5InPlaceWriter(_DatasetWriter):
     def abort(self):
         with deferred(reraise=False):  # io.Sink's cleanup after this must run too
             self._dataset = None
-            try:
-                self._close_raw()
-            except OSError:
-                pass  # a disk that is still full; the hidden dataset is unlinked either way
+            self._close_raw(quietly=True)
             if self._h5 is None:
                 return
             try:

@@ -19,7 +19,7 @@ import zipfile
 import numpy as np
 
 from ..errors import ConvtError
-from .base import Format, WriteOptions, fix_dtype, np_guard, one_of, reason
+from .base import Format, WriteOptions, fix_dtype, np_guard, one_of, pick_member, reason
 from .npy import NpyStreamWriter, npy_header, write_npy_header
 
 ZIP_MAGIC = b"PK"
@@ -31,14 +31,7 @@ _READABLE = {zipfile.ZIP_STORED: "stored", zipfile.ZIP_DEFLATED: "deflate", zipf
 
 
 def npz_member(ref, names: list[str]) -> str:
-    if ref.name is not None:
-        if ref.name not in names:
-            ref.fail(f"has no array '{ref.name}': it holds {', '.join(names) or 'nothing'}")
-        return ref.name
-    if len(names) != 1:
-        first = names[0] if names else "NAME"
-        ref.fail(f"holds {len(names)} arrays ({', '.join(names)}): name one, as {ref.path}:{first}")
-    return names[0]
+    return pick_member(ref, names, "array")
 
 
 def open_zip(ref):

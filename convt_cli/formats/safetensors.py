@@ -19,7 +19,7 @@ import struct
 import numpy as np
 
 from ..errors import ConvtError
-from .base import FileWriter, Format, Reader, WriteOptions, one_of
+from .base import FileWriter, Format, Reader, WriteOptions, one_of, pick_member
 
 CODES = {  # the format's dtype names <-> NumPy's (bfloat16: ml_dtypes')
     "BOOL": "bool", "U8": "uint8", "I8": "int8", "U16": "uint16", "I16": "int16", "U32": "uint32", "I32": "int32",
@@ -50,15 +50,7 @@ def _open(ref):
 
 def _tensor(ref, f) -> str:
     """The tensor `ref` names, or the file's only one."""
-    names = list(f.keys())
-    if ref.name is not None:
-        if ref.name not in names:
-            ref.fail(f"has no tensor '{ref.name}': it holds {_shown(names, 8) or 'nothing'}")
-        return ref.name
-    if len(names) != 1:
-        first = names[0] if names else "NAME"
-        ref.fail(f"holds {len(names)} tensors: name one, as {ref.path}:{first}")
-    return names[0]
+    return pick_member(ref, list(f.keys()), "tensor", lambda names: _shown(names, 8), listed=False)
 
 
 def _shown(names: list, most: int) -> str:
