@@ -21,7 +21,7 @@ from typing import NamedTuple
 
 # Suffixes after which a reference goes on with ':NAME', in the order io.parse_ref tries them; a test holds this
 # equal to formats.container_suffixes(), which cannot be imported here without loading NumPy at every Tab.
-CONTAINER_SUFFIXES = (".npz", ".h5", ".hdf5", ".safetensors")
+CONTAINER_SUFFIXES = (".npz", ".h5", ".hdf5", ".safetensors", ".zarr")
 PADDINGS = ("SAME", "VALID", "SAME_LOWER", "SAME_UPPER")
 _BREAKS = frozenset(":=")  # the characters of bash's default COMP_WORDBREAKS that can occur inside a convt word
 
@@ -48,6 +48,8 @@ def complete_array_ref(incomplete: str) -> list[Candidate]:
         return complete_files(incomplete)
     path, suffix, name = split
     try:
+        if suffix == ".zarr":
+            return [Candidate(f"{path}:{member}") for member in _zarr_members(path, name)]
         if not os.path.isfile(path):
             return []
         if suffix == ".npz":
@@ -110,6 +112,33 @@ def _npz_members(path: str, typed: str) -> list[str]:
     with zipfile.ZipFile(path) as z:
         members = [m[:-4] for m in z.namelist() if m.endswith(".npy")]
     return [m for m in members if _visible(m, typed)]
+
+
+def _zarr_members(path: str, typed: str) -> list[str]:
+    """Names under the group `typed` reaches in a zarr store (a folder), as for HDF5: groups end with '/'. Read from
+    the folders and their metadata files, with no zarr import at a Tab."""
+    import json
+
+    head, _, leaf = typed.rpartition("/")
+    folder = os.path.join(path, *[p for p in head.split("/") if p])
+    found = []
+    for name in sorted(os.listdir(folder)):
+        inside = os.path.join(folder, name)
+        if not _visible(name, leaf) or not os.path.isdir(inside):
+            continue
+        if os.path.isfile(os.path.join(inside, ".zgroup")):
+            kind = "group"
+        elif os.path.isfile(os.path.join(inside, ".zarray")):
+            kind = "array"
+        elif os.path.isfile(os.path.join(inside, "zarr.json")):
+            with open(os.path.join(inside, "zarr.json")) as f:
+                kind = json.load(f).get("node_type")
+        else:
+            continue
+        found.append(f"{head}/{name}/" if head or typed.startswith("/") else f"{name}/")
+        if kind == "array":
+            found[-1] = found[-1][:-1]
+    return found
 
 
 def _h5_members(path: str, typed: str) -> list[str]:

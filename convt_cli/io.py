@@ -180,7 +180,7 @@ def check_output(ref: ArrayRef, inputs: list[ArrayRef], force: bool, options: Wr
             ref.fail(f"is the same as {other.label} '{other.text}': write the output elsewhere")
     if not os.path.exists(ref.path):
         return
-    if os.path.isdir(ref.path):
+    if os.path.isdir(ref.path) and not fmt.folder:
         ref.fail("is a folder")
     fmt.check_existing(ref, force)
 

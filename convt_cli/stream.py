@@ -38,7 +38,7 @@ from .engine import runtime
 from .dtype_names import DTYPES
 from .errors import ConvtError
 from .interrupts import stop_if_signalled
-from .engine.layout import as_tf_filters, at, plan_with_layout
+from .engine.layout import as_tf_filters, at, plan_with_layout, shaped
 from .shapes import filter_layout as filter_layout_name
 from .shapes import effective_kernel, filters_shape_as_tf, layout_rank_problem, tile_plan, tile_starts
 
@@ -144,7 +144,8 @@ def run_files(input_ref, filters_ref, output_ref, *, output_shape=None, strides=
         compute = _conv_transpose_of(plan, w, threads) if tile is None else None
         provenance = {"convt_version": __version__, "convt_op": "conv_transpose", "convt_input": str(x_ref),
                       "convt_filters": str(w_ref), "convt_parameters": {k: info[k] for k in _PROVENANCE}}
-        options = dataclasses.replace(options, chunk_batch=min(chunk, plan.batch), attrs=attrs)
+        chunks = None if tile is None else (1, *shaped(plan.spec.channels_first, tuple(tile), plan.out_channels))
+        options = dataclasses.replace(options, chunk_batch=min(chunk, plan.batch), chunks=chunks, attrs=attrs)
         sink = io.Sink(out_ref, plan.output_shape, out_dtype, provenance, bool(force), options)
         try:
             if tile is not None and not sink.boxes:

@@ -137,16 +137,18 @@ CASES = [
          re.compile(r"Error: INPUT 't.npy': is not a readable .npy file \(.+\)"),
          lambda: put("t.npy", read("x.npy")[:30])),
     case("garbage-bytes", ["run", "g.npy", "w.npy", "-o", "y.npy"],
-         "Error: INPUT 'g.npy': is not a .npy, .npz, HDF5 or .safetensors file (it starts with "
+         "Error: INPUT 'g.npy': is not a .npy, .npz, HDF5 or .safetensors file or a zarr store (it starts with "
          "b'\\x00\\x01\\xfegarba')",
          lambda: put("g.npy", b"\x00\x01\xfegarbage" * 10)),
     case("empty-file", ["run", "e.npy", "w.npy", "-o", "y.npy"],
-         "Error: INPUT 'e.npy': is empty, expected a .npy, .npz, HDF5 or .safetensors file", lambda: put("e.npy", b"")),
+         "Error: INPUT 'e.npy': is empty, expected a .npy, .npz, HDF5 or .safetensors file "
+         "or a zarr store", lambda: put("e.npy", b"")),
     case("npy-suffix-on-csv", ["run", "x.csv.npy", "w.npy", "-o", "y.npy"],
-         "Error: INPUT 'x.csv.npy': is not a .npy, .npz, HDF5 or .safetensors file (it starts with b'1.0,2.0,')",
+         "Error: INPUT 'x.csv.npy': is not a .npy, .npz, HDF5 or .safetensors file "
+         "or a zarr store (it starts with b'1.0,2.0,')",
          lambda: put("x.csv.npy", b"1.0,2.0,3.0\n4.0,5.0,6.0\n")),
     case("npy-suffix-on-gzip", ["run", "x.gz.npy", "w.npy", "-o", "y.npy"],
-         re.compile(r"Error: INPUT 'x.gz.npy': is not a .npy, .npz, HDF5 or .safetensors file "
+         re.compile(r"Error: INPUT 'x.gz.npy': is not a .npy, .npz, HDF5 or .safetensors file or a zarr store "
                     r"\(it starts with b'\\x1f\\x8b.*'\)"),
          lambda: put("x.gz.npy", gzip.compress(read("x.npy"), mtime=0))),
     case("npy-header-negative-shape", ["run", "n.npy", "w.npy", "-o", "y.npy"],
@@ -163,14 +165,16 @@ CASES = [
          re.compile(r"Error: INPUT 'z.npz': is not a readable .npz file \(.+\)"),
          lambda: put("z.npz", b"PK\x03\x04 this is no zip")),
     case("h5-suffix-on-text", ["run", "x.h5", "w.npy", "-o", "y.npy"],
-         "Error: INPUT 'x.h5': is not a .npy, .npz, HDF5 or .safetensors file (it starts with b'not hdf5')",
+         "Error: INPUT 'x.h5': is not a .npy, .npz, HDF5 or .safetensors file "
+         "or a zarr store (it starts with b'not hdf5')",
          lambda: put("x.h5", b"not hdf5 at all")),
     case("h5-magic-then-junk", ["run", "x.h5", "w.npy", "-o", "y.npy"],
          re.compile(r"Error: INPUT 'x.h5': cannot be opened as HDF5 \(.+\)"),
          lambda: put("x.h5", b"\x89HDF\r\n\x1a\n" + b"\x00" * 100)),
     case("input-missing", ["run", "nope.npy", "w.npy", "-o", "y.npy"], "Error: INPUT 'nope.npy': no such file"),
     case("input-is-a-folder", ["run", "d", "w.npy", "-o", "y.npy"],
-         "Error: INPUT 'd': is a folder, expected a .npy, .npz, HDF5 or .safetensors file", lambda: os.mkdir("d")),
+         "Error: INPUT 'd': is a folder, expected a .npy, .npz, HDF5 or .safetensors file "
+         "or a zarr store", lambda: os.mkdir("d")),
     case("input-is-a-pipe", ["run", "fifo", "w.npy", "-o", "y.npy"],
          "Error: INPUT 'fifo': is not a regular file (a pipe or a device): give a file, or - to read a .npy stream "
          "from stdin", lambda: os.mkfifo("fifo")),
@@ -359,8 +363,8 @@ CASES = [
     case("output-is-a-folder", ["run", "x.npy", "w.npy", "-o", "y.npy", "--force"],
          "Error: OUTPUT 'y.npy': is a folder", lambda: os.mkdir("y.npy")),
     case("output-suffix-unknown", ["run", "x.npy", "w.npy", "-o", "y.csv"],
-         "Error: OUTPUT 'y.csv': unknown output format '.csv': expected .npy, .npz, .h5, .hdf5 or .safetensors, or - "
-         "for stdout"),
+         "Error: OUTPUT 'y.csv': unknown output format '.csv': expected .npy, .npz, .h5, .hdf5, .safetensors or "
+         ".zarr, or - for stdout"),
     case("output-h5-on-non-hdf5", ["run", "x.npy", "w.npy", "-o", "o.h5:/y", "--force"],
          "Error: OUTPUT 'o.h5:/y': exists and is not an HDF5 file", lambda: put("o.h5", b"plain text")),
     case("output-h5-root", ["run", "x.npy", "w.npy", "-o", "o.h5:/"],
@@ -438,7 +442,8 @@ CASES = [
          "Error: INPUT 't.npy': is truncated: header says shape (2, 5, 6, 3) float32, needing 848 bytes, the file "
          "has 844", lambda: put("t.npy", read("x.npy")[:-4])),
     case("info-garbage", ["info", "g.npy"],
-         "Error: FILE 'g.npy': is not a .npy, .npz, HDF5 or .safetensors file (it starts with b'garbage!')",
+         "Error: FILE 'g.npy': is not a .npy, .npz, HDF5 or .safetensors file "
+         "or a zarr store (it starts with b'garbage!')",
          lambda: put("g.npy", b"garbage!garbage!")),
     case("verify-output-wrong-shape", ["verify", "x.npy", "w.npy", "y0.npy"],
          "Error: OUTPUT 'y0.npy': has shape (2, 4, 6, 4), which INPUT 'x.npy' cannot give under these flags: "

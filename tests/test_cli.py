@@ -204,8 +204,8 @@ def test_run_stdin_to_stdout_with_json_on_stderr(work):
         (["run", "x.npy", "w.npy", "-o", "nowhere/y.npy"], None, "Error: OUTPUT 'nowhere/y.npy': folder 'nowhere' "
                                                                  "does not exist"),
         (["run", "x.npy", "w.npy", "-o", "y.txt"], None, "Error: OUTPUT 'y.txt': unknown output format '.txt': "
-                                                         "expected .npy, .npz, .h5, .hdf5 or .safetensors, or - for "
-                                                         "stdout"),
+                                                         "expected .npy, .npz, .h5, .hdf5, .safetensors or .zarr, or - "
+                                                         "for stdout"),
         (["run", "x.npy", "w.npy", "-o", "y.npy", "--strides", "2,x"], None,
          "Error: --strides: expected comma-separated integers like 2 or 1,2,2,1, got '2,x'"),
         (["run", "x.npy", "w.npy", "-o", "y.npy", "--padding", "0:1,1"], None,

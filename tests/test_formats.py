@@ -183,6 +183,10 @@ def test_the_registry_is_consistent():
     for name, fmt in formats.FORMATS.items():
         assert fmt.name == name and fmt.title
         _written(_target(fmt, stem=name), _array((2, 3), np.float32), chunk=1)
+        if fmt.folder:  # a store: told by what the folder holds, and no other format claims a folder
+            assert fmt.is_folder(f"{name}{fmt.suffixes[0]}") and not fmt.sniff(b"")
+            assert not any(o.is_folder(f"{name}{fmt.suffixes[0]}") for o in formats.FORMATS.values() if o is not fmt)
+            continue
         with open(f"{name}{fmt.suffixes[0]}", "rb") as f:
             head = f.read(16)
         assert fmt.sniff(head) and (not fmt.magic or head.startswith(fmt.magic)), name
@@ -258,7 +262,7 @@ def test_a_new_format_is_one_class_in_the_table(toy):
     ref = io.parse_ref("OUTPUT", "y.toy", must_exist=False)
     assert io.output_format(ref) == "toy"
     with pytest.raises(ConvtError, match=r"^OUTPUT 'y.txt': unknown output format '.txt': expected .npy, .npz, "
-                                         r".h5, .hdf5, .safetensors or .toy, or - for stdout$"):
+                                         r".h5, .hdf5, .safetensors, .zarr or .toy, or - for stdout$"):
         io.output_format(io.parse_ref("OUTPUT", "y.txt", must_exist=False))
     open("junk", "wb").write(b"junk")
     with pytest.raises(ConvtError, match=r"^INPUT 'junk': is not a .npy, .npz, HDF5, .safetensors or toy file"):

@@ -46,6 +46,7 @@ def test_sniff_trusts_bytes_not_suffixes():
     np.testing.assert_array_equal(io.load(io.parse_ref("INPUT", "h.npy")), np.arange(4))
     open("junk.npy", "wb").write(b"GARBAGE!")
     with pytest.raises(ConvtError, match=r"^INPUT 'junk.npy': is not a .npy, .npz, HDF5 or .safetensors file "
+                                         r"or a zarr store "
                                          r"\(it starts with b'GARBAGE!'\)$"):
         io.load(io.parse_ref("INPUT", "junk.npy"))
     open("empty.npy", "wb").close()

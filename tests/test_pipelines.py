@@ -277,7 +277,8 @@ def test_info_reports_each_bad_file_and_lists_the_others(work):
     assert r.exit_code == 2
     assert r.stdout.splitlines() == ["x.npy  (2, 5, 6, 3) float32", "w.npy  (3, 3, 4, 3) float32"]
     assert r.stderr.splitlines() == ["Error: FILE 'nope.npy': no such file",
-                                     "Error: FILE 'bad.npy': is not a .npy, .npz, HDF5 or .safetensors file (it "
+                                     "Error: FILE 'bad.npy': is not a .npy, .npz, HDF5 or .safetensors file "
+                                     "or a zarr store (it "
                                      "starts with b'not an a')"]
     r = invoke("info", "nope.npy", "x.npy", "--json")
     assert [json.loads(line) for line in r.stdout.splitlines()] == [

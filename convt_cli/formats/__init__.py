@@ -15,8 +15,9 @@ from .npy import NPY_MAGIC, Npy
 from .npz import ZIP_MAGIC, Npz
 from .safetensors import Safetensors
 from .std import Std
+from .zarr import Zarr
 
-FORMATS: dict[str, Format] = {f.name: f for f in (Npy(), Npz(), H5(), Safetensors())}
+FORMATS: dict[str, Format] = {f.name: f for f in (Npy(), Npz(), H5(), Safetensors(), Zarr())}
 # sniffed .safetensors first: it has no magic bytes, and its header's length may start with npz's "PK"
 SNIFF_ORDER = ("safetensors", "npy", "npz", "h5")
 STDIO: Format = Std()  # the reference `-`, whatever its bytes or suffix
@@ -34,8 +35,10 @@ PICKLE_ADVICE = ("is a pickle (as torch.save writes .pt, .pth and .bin files), w
 
 
 def titles() -> str:
-    """'.npy, .npz or HDF5': the formats, as messages list them."""
-    return one_of(f.title for f in FORMATS.values())
+    """'.npy, .npz or HDF5 file': the formats, as messages list them (folder formats last: 'or a zarr store')."""
+    files = one_of(f.title for f in FORMATS.values() if not f.folder) + " file"
+    folders = [f"a {f.title} store" for f in FORMATS.values() if f.folder]
+    return " or ".join([files, *folders]) if len(folders) < 2 else f"{files}, {', '.join(folders)}"
 
 
 def container_suffixes() -> tuple[str, ...]:
@@ -52,7 +55,10 @@ def input_format(ref) -> Format:
     if ref.is_std:
         return STDIO
     if os.path.isdir(ref.path):
-        ref.fail(f"is a folder, expected a {titles()} file")
+        for fmt in FORMATS.values():
+            if fmt.folder and fmt.is_folder(ref.path):
+                return fmt
+        ref.fail(f"is a folder, expected a {titles()}")
     if os.path.exists(ref.path) and not os.path.isfile(ref.path):
         # a pipe or device would be consumed by the sniff and could not be read again
         ref.fail("is not a regular file (a pipe or a device): give a file, or - to read a .npy stream from stdin")
@@ -77,8 +83,8 @@ def input_format(ref) -> Format:
     if pickle:
         _refuse_pickle(ref)
     if not head:
-        ref.fail(f"is empty, expected a {titles()} file")
-    ref.fail(f"is not a {titles()} file (it starts with {head[:8]!r})")
+        ref.fail(f"is empty, expected a {titles()}")
+    ref.fail(f"is not a {titles()} (it starts with {head[:8]!r})")
 
 
 def _refuse_pickle(ref):

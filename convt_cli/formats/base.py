@@ -33,6 +33,7 @@ class WriteOptions:
     compression: str | None = None  # None, or one of the format's `compressions` ('gzip', 'lzf')
     level: int | None = None  # the compression level, where the compression has levels (gzip: 0-9)
     chunk_batch: int | None = None  # batch elements per piece of the run: chunked formats chunk along them
+    chunks: tuple[int, ...] | None = None  # a tiled run's tile, as a whole chunk shape (zarr chunks along it)
     attrs: dict = field(default_factory=dict)  # attributes copied from the input (formats with attributes)
 
 
@@ -50,10 +51,15 @@ class Format:
     copies_file = False  # an output into an existing file writes a new copy of it (the disk needs room for both)
     has_attributes = False  # its arrays carry attributes (HDF5 datasets): provenance, --copy-attrs
     dtypes: tuple[str, ...] | None = None  # the dtype names its outputs can hold (None: any); others refused
+    folder = False  # a file of it is a folder (a zarr store), told by is_folder, never by bytes
 
     def sniff(self, head: bytes) -> bool:
         """Whether a file starting with `head` (its first bytes) is of this format."""
         return bool(self.magic) and head.startswith(self.magic)
+
+    def is_folder(self, path: str) -> bool:
+        """Whether the existing folder `path` is one of this format's (formats with `folder`)."""
+        return False
 
     # Reading
 

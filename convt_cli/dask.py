@@ -1,0 +1,146 @@
+"""conv_transpose and verify on dask arrays: lazy, chunked along the batch, computed by convt on Dask's workers.
+
+    import dask.array as da, convt_cli.dask
+    x = da.from_zarr("in.zarr")                      # (batch, *spatial, channels), chunked along the batch
+    y = convt_cli.dask.conv_transpose(x, w, strides=2)  # lazy: shape, dtype and chunks known, nothing computed
+    y.to_zarr("out.zarr")                            # or y.compute(), da.store(...), with any scheduler
+    report = convt_cli.dask.verify(x, w, y, strides=2)  # the adjoint check, a reduction over the chunks
+
+Each output chunk is the conv_transpose of one input chunk (its batch elements; the other axes are whole: an
+input chunked along them is rechunked, which Dask does lazily). The filters go into the graph once, as one
+key that every task depends on, so a worker receives them once, not once per task.
+
+Threads: Dask's own threads are the parallelism. Each task computes on one thread (the engine's bits never depend
+on its threads), so a worker of N threads keeps N cores busy and never more, on every scheduler: threads,
+processes, distributed. The results are the bits of the in-process run, whatever the chunks (batch elements are
+independent in the engine).
+
+dask is imported here, and only here: `pip install 'convt[dask]'`.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .errors import ConvtError
+
+
+def _dask():
+    try:
+        import dask
+        import dask.array
+    except ImportError:
+        raise ConvtError("the dask path needs dask: pip install 'convt[dask]'") from None
+    return dask
+
+
+def _batch_chunks(x, name: str):
+    """x as a dask array chunked along its first axis only (the others whole)."""
+    dask = _dask()
+    if not isinstance(x, dask.array.Array):
+        x = dask.array.asarray(x)
+    if x.ndim < 1:
+        raise ConvtError(f"{name}: expected an array with a batch axis, got a scalar")
+    whole = {axis: -1 for axis in range(1, x.ndim)}
+    if any(len(c) > 1 for c in x.chunks[1:]):
+        x = x.rechunk(whole)
+    return x
+
+
+def _plan(op: str, x_shape, w: np.ndarray, output_shape, strides, padding, data_format, dilations, filter_layout,
+          output_padding, groups):
+    from .engine.layout import plan_with_layout, tf_filters
+
+    w, layout = tf_filters(op, w, filter_layout)
+    plan = plan_with_layout(tuple(x_shape), w.shape, output_shape, strides, padding, data_format, dilations, layout,
+                            output_padding=output_padding, groups=groups)
+    return plan, w
+
+
+def conv_transpose(input, filters, output_shape=None, strides=1, padding="SAME", data_format=None, dilations=None,
+                   name=None, *, filter_layout="tf", output_padding=None, groups=1):
+    """convt_cli.conv_transpose of a dask array, as a lazy dask array.
+
+    Args:
+        input: a dask.array (anything else is wrapped by dask.array.asarray), chunked along the batch axis.
+        filters: a NumPy array (or what np.asarray takes), as for convt_cli.conv_transpose; it is one key of the
+            graph, sent to each worker once.
+        output_shape, strides, padding, data_format, dilations, name, filter_layout, output_padding, groups: as for
+            convt_cli.conv_transpose; output_shape's batch, when given, is the input's.
+
+    Returns:
+        A dask.array of the output's shape and dtype, chunked along the batch as the input is (one chunk across
+        every other axis). Every argument is checked now, with the same messages as in memory.
+    """
+    from . import engine
+
+    dask = _dask()
+    x = _batch_chunks(input, "conv_transpose")
+    w = filters if isinstance(filters, np.ndarray) else np.asarray(filters)
+    engine.dtypes.check_dtypes("conv_transpose", x.dtype, w.dtype)
+    plan, w = _plan("conv_transpose", x.shape, w, output_shape, strides, padding, data_format, dilations,
+                    filter_layout, output_padding, groups)
+    out_rest = tuple(int(n) for n in plan.output_shape[1:])
+    w_key = dask.delayed(w, pure=True)  # one key: sent to a worker once, whatever the number of tasks
+    chunks = (x.chunks[0], *((n,) for n in out_rest))
+    return dask.array.map_blocks(_chunk, x, w_key, plan, dtype=x.dtype, chunks=chunks,
+                                 meta=np.empty((0,) * x.ndim, x.dtype), name="convt-conv_transpose")
+
+
+def _chunk(x: np.ndarray, w: np.ndarray, plan) -> np.ndarray:
+    """One input chunk's output, on one thread (Dask's threads are the parallelism)."""
+    from .engine import run_conv_transpose
+
+    return run_conv_transpose(plan, x, w, threads=1)  # the plan's batch is the whole input's: any chunk of it runs
+
+
+def verify(input, filters, output, strides=1, padding="SAME", data_format=None, dilations=None, probes=None, seed=0,
+           rtol=None, *, filter_layout="tf", output_padding=None, groups=1, compute=True):
+    """convt_cli.verify.verify_conv_transpose on dask arrays: each batch chunk's sums on a worker, combined into the
+    report verify_conv_transpose gives in memory (the same numbers, whatever the chunks).
+
+    input and output may be dask arrays or anything dask.array.asarray takes; the output is rechunked along the
+    batch as the input is. compute=False returns a dask Delayed of the report instead.
+    """
+    from .engine.dtypes import check_dtypes
+    from .verify import AdjointCheck
+
+    dask = _dask()
+    x = _batch_chunks(input, "verify")
+    y = _batch_chunks(output, "verify")
+    w = filters if isinstance(filters, np.ndarray) else np.asarray(filters)
+    check_dtypes("verify", x.dtype, w.dtype)
+    if x.ndim >= 3 and y.ndim != x.ndim:
+        raise ConvtError(f"verify: output_shape {tuple(y.shape)} must have rank {x.ndim} like the input (batch, "
+                         f"spatial and channels in data_format order), got rank {y.ndim}")
+    plan, w = _plan("verify", x.shape, w, y.shape, strides, padding, data_format, dilations, filter_layout,
+                    output_padding, groups)
+    if y.dtype.name != x.dtype.name:
+        raise ConvtError(f"verify: output dtype {y.dtype.name} must match the input and filters dtype {x.dtype.name}")
+    check = AdjointCheck(plan, w, x.dtype.name, probes=probes, seed=seed, rtol=rtol, threads=1)  # checks the flags
+    y = y.rechunk({0: x.chunks[0]})
+    w_key = dask.delayed(w, pure=True)
+    starts = np.cumsum((0, *x.chunks[0][:-1])).tolist()
+    parts = [dask.delayed(_sums, pure=True)(xb, yb, w_key, plan, x.dtype.name, check.k, check.seed, rtol, int(b0))
+             for xb, yb, b0 in zip(x.to_delayed().ravel(), y.to_delayed().ravel(), starts)]
+    report = dask.delayed(_report, pure=True)(parts, plan, w_key, x.dtype.name, check.k, check.seed, rtol)
+    return report.compute() if compute else report
+
+
+def _sums(x, y, w, plan, dtype, probes, seed, rtol, offset):
+    """One batch chunk's part of the check: what AdjointCheck.add keeps of it."""
+    from .verify import AdjointCheck
+
+    check = AdjointCheck(plan, w, dtype, probes=probes, seed=seed, rtol=rtol, threads=1)
+    check.add(x, y, batch_offset=offset)
+    return check.nonfinite, check.parts
+
+
+def _report(parts, plan, w, dtype, probes, seed, rtol):
+    from .verify import AdjointCheck
+
+    check = AdjointCheck(plan, w, dtype, probes=probes, seed=seed, rtol=rtol, threads=1)
+    for nonfinite, chunk_parts in parts:
+        check.nonfinite += nonfinite
+        check.parts.extend(chunk_parts)
+    return check.report()
