@@ -8,6 +8,7 @@ finding a mismatch). NumPy loads only once a command runs, so that `convt --help
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import re
@@ -257,6 +258,12 @@ threads_option = click.option(
     "--threads", metavar="N", type=click.IntRange(min=1),
     help="Threads to compute on. Default: CONVT_NUM_THREADS, else every usable core. The result is bitwise "
          "the same for any number.")
+dask_option = click.option(
+    "--dask", "dask_address", metavar="[ADDRESS]", is_flag=False, flag_value="", default=None,
+    help="Compute on a Dask cluster: a scheduler's address (tcp://host:8786; --dask alone: "
+         "DASK_SCHEDULER_ADDRESS), or local[:N] for N worker processes started here. The workers read the input "
+         "themselves (zarr, .h5, .npy on storage they all see) and write a zarr output; other outputs are gathered "
+         "here. Each task computes on one thread of its worker; --max-memory is each task's budget.")
 quiet_option = click.option("--quiet", "-q", is_flag=True, help="No progress bar (shown on a terminal's stderr "
                                                                  "when the work streams in pieces).")
 
@@ -335,9 +342,10 @@ def cli():
 @click.option("--json", "as_json", is_flag=True,
               help="Print a JSON summary, one line per tensor, {\"error\": ...} for one that failed (on stderr "
                    "when the array goes to stdout).")
+@dask_option
 def run(input_ref, filters_ref, output_ref, output_shape, strides, padding, data_format, dilations, dtype,
         filter_layout, output_padding, groups, force, max_memory, threads, quiet, fail_fast, compression,
-        compression_level, copy_attrs, as_json):
+        compression_level, copy_attrs, as_json, dask_address):
     """Compute conv_transpose(INPUT, FILTERS) and write it to OUTPUT.
 
     FILTERS are spatial + [out_channels, in_channels] (TF's behaviour): the last axis matches INPUT's channels.
@@ -352,10 +360,11 @@ def run(input_ref, filters_ref, output_ref, output_shape, strides, padding, data
       convt run - w.npy --strides 2 -o - < x.npy | convt info -
       convt run data.h5:/inputs/ w.npy --strides 2 -o out.h5:/outputs/
       convt run 'in/*.npy' w.npy --strides 2 -o 'out/{stem}.npy'
+      convt run data.zarr w.npy --strides 2 -o out.zarr --dask tcp://scheduler:8786
     """
     from . import io, stream
 
-    with _Bar(quiet, "convt run") as bar:
+    with _cluster(dask_address, threads) as runners, _Bar(quiet, "convt run") as bar:
         options = dict(output_shape=output_shape, strides=strides, padding=padding, data_format=data_format,
                        dilations=dilations, dtype=dtype, filter_layout=filter_layout,
                        output_padding=output_padding, groups=groups, force=force,
@@ -368,14 +377,14 @@ def run(input_ref, filters_ref, output_ref, output_shape, strides, padding, data
         if items is None:
             with _json_error(as_json, output_ref == "-", input=input_ref, output=output_ref):
                 output_ref = io.fill_template(input_ref, output_ref)
-                info = stream.run_files(input_ref, filters_ref, output_ref, **options)
+                info = runners.run(input_ref, filters_ref, output_ref, **options)
             bar.close()
             if as_json:
                 click.echo(json.dumps(info), err=output_ref == "-")
             return
         failed, tried, written = False, 0, []
         try:
-            for info in stream.run_many(items, filters_ref, **options):
+            for info in stream.run_many(items, filters_ref, run=runners.run, **options):
                 tried += 1
                 bar.close()
                 with deferred(reraise=False):  # an item's lines whole: run_many acts on the signal next
@@ -392,6 +401,27 @@ def run(input_ref, filters_ref, output_ref, output_shape, strides, padding, data
             raise _Interrupted(_written_before(written, items, tried)) from None
     if failed:
         sys.exit(EXIT_TROUBLE)
+
+
+@contextlib.contextmanager
+def _cluster(dask_address, threads):
+    """What runs and verifies the files: in this process (stream's functions), or with --dask on a cluster whose
+    client is open for the whole command (cluster's, the client bound)."""
+    import types
+
+    from . import stream
+
+    if dask_address is None:
+        yield types.SimpleNamespace(run=stream.run_files, verify=stream.verify_files)
+        return
+    if threads is not None:
+        raise ConvtError("--threads: with --dask each task computes on one thread of its worker, and the workers' "
+                         "threads are the cluster's (dask worker --nthreads N): drop --threads")
+    from . import cluster
+
+    with cluster.connect(dask_address) as client:
+        yield types.SimpleNamespace(run=functools.partial(cluster.run_job, client, dask_address),
+                                    verify=functools.partial(cluster.verify_job, client, dask_address))
 
 
 @contextlib.contextmanager
@@ -557,8 +587,10 @@ def _info_line(path: str, a: dict) -> str:
 @threads_option
 @quiet_option
 @click.option("--json", "as_json", is_flag=True, help="Print the whole report as JSON.")
+@dask_option
 def verify(input_ref, filters_ref, output_ref, output_shape, strides, padding, data_format, dilations, dtype,
-           filter_layout, output_padding, groups, probes, seed, rtol, max_memory, threads, quiet, as_json):
+           filter_layout, output_padding, groups, probes, seed, rtol, max_memory, threads, quiet, as_json,
+           dask_address):
     """Check that OUTPUT is conv_transpose(INPUT, FILTERS) through the adjoint identity.
 
     For random probes x it compares <OUTPUT, x> with <INPUT, conv(x, FILTERS)>, never computing
@@ -574,7 +606,7 @@ def verify(input_ref, filters_ref, output_ref, output_shape, strides, padding, d
       convt verify 'in/*.npy' w.npy 'out/{stem}.npy' --strides 2
     """
     from . import io
-    from .stream import verify_files, verify_many
+    from .stream import verify_many
 
     options = dict(output_shape=output_shape, strides=strides, padding=padding, data_format=data_format,
                    dilations=dilations, dtype=dtype, filter_layout=filter_layout, output_padding=output_padding,
@@ -583,12 +615,14 @@ def verify(input_ref, filters_ref, output_ref, output_shape, strides, padding, d
                    threads=threads, available_memory=_available_memory)
     with _json_error(as_json, input=input_ref, filters=filters_ref, output=output_ref):
         items = io.expand_items(input_ref, output_ref)
-    if items is not None:
-        _verify_many(verify_many, items, filters_ref, options, quiet, as_json)
-        return
-    with _Bar(quiet, "convt verify") as bar, _json_error(as_json, input=input_ref, filters=filters_ref,
-                                                          output=output_ref):
-        report = verify_files(input_ref, filters_ref, output_ref, progress=bar, **options)
+    with _cluster(dask_address, threads) as runners:
+        if items is not None:
+            _verify_many(functools.partial(verify_many, verify=runners.verify), items, filters_ref, options, quiet,
+                         as_json)
+            return
+        with _Bar(quiet, "convt verify") as bar, _json_error(as_json, input=input_ref, filters=filters_ref,
+                                                              output=output_ref):
+            report = runners.verify(input_ref, filters_ref, output_ref, progress=bar, **options)
     if as_json:
         click.echo(json.dumps(report.to_dict()))
     else:

@@ -80,18 +80,25 @@ def conv_transpose(input, filters, output_shape=None, strides=1, padding="SAME",
     engine.dtypes.check_dtypes("conv_transpose", x.dtype, w.dtype)
     plan, w = _plan("conv_transpose", x.shape, w, output_shape, strides, padding, data_format, dilations,
                     filter_layout, output_padding, groups)
-    out_rest = tuple(int(n) for n in plan.output_shape[1:])
-    w_key = dask.delayed(w, pure=True)  # one key: sent to a worker once, whatever the number of tasks
-    chunks = (x.chunks[0], *((n,) for n in out_rest))
-    return dask.array.map_blocks(_chunk, x, w_key, plan, dtype=x.dtype, chunks=chunks,
-                                 meta=np.empty((0,) * x.ndim, x.dtype), name="convt-conv_transpose")
+    return lazy(x, dask.delayed(w, pure=True), plan, x.dtype.newbyteorder("="))
+
+
+def lazy(x, w_key, plan, dtype):
+    """The dask array of conv_transpose under `plan` of x (chunked along the batch only), the filters given as one
+    Delayed key (sent to a worker once); each chunk computed on one thread."""
+    import dask.array
+
+    chunks = (x.chunks[0], *((int(n),) for n in plan.output_shape[1:]))
+    return dask.array.map_blocks(_chunk, x, w_key, plan, dtype=dtype, chunks=chunks,
+                                 meta=np.empty((0,) * x.ndim, dtype), token="convt-conv_transpose")
 
 
 def _chunk(x: np.ndarray, w: np.ndarray, plan) -> np.ndarray:
-    """One input chunk's output, on one thread (Dask's threads are the parallelism)."""
-    from .engine import run_conv_transpose
+    """One input chunk's output, on one thread (Dask's threads are the parallelism), as convt run computes a
+    piece: the plan's batch is the whole input's, and any chunk of it runs."""
+    from . import engine
 
-    return run_conv_transpose(plan, x, w, threads=1)  # the plan's batch is the whole input's: any chunk of it runs
+    return engine.prepare(plan, w).run(x, threads=1)
 
 
 def verify(input, filters, output, strides=1, padding="SAME", data_format=None, dilations=None, probes=None, seed=0,
@@ -121,13 +128,13 @@ def verify(input, filters, output, strides=1, padding="SAME", data_format=None, 
     y = y.rechunk({0: x.chunks[0]})
     w_key = dask.delayed(w, pure=True)
     starts = np.cumsum((0, *x.chunks[0][:-1])).tolist()
-    parts = [dask.delayed(_sums, pure=True)(xb, yb, w_key, plan, x.dtype.name, check.k, check.seed, rtol, int(b0))
+    parts = [dask.delayed(chunk_sums, pure=True)(xb, yb, w_key, plan, x.dtype.name, check.k, check.seed, rtol, int(b0))
              for xb, yb, b0 in zip(x.to_delayed().ravel(), y.to_delayed().ravel(), starts)]
-    report = dask.delayed(_report, pure=True)(parts, plan, w_key, x.dtype.name, check.k, check.seed, rtol)
+    report = dask.delayed(combine, pure=True)(parts, plan, w_key, x.dtype.name, check.k, check.seed, rtol)
     return report.compute() if compute else report
 
 
-def _sums(x, y, w, plan, dtype, probes, seed, rtol, offset):
+def chunk_sums(x, y, w, plan, dtype, probes, seed, rtol, offset):
     """One batch chunk's part of the check: what AdjointCheck.add keeps of it."""
     from .verify import AdjointCheck
 
@@ -136,7 +143,8 @@ def _sums(x, y, w, plan, dtype, probes, seed, rtol, offset):
     return check.nonfinite, check.parts
 
 
-def _report(parts, plan, w, dtype, probes, seed, rtol):
+def combine(parts, plan, w, dtype, probes, seed, rtol):
+    """The report of chunk_sums' parts (any order), as one AdjointCheck fed every chunk gives it."""
     from .verify import AdjointCheck
 
     check = AdjointCheck(plan, w, dtype, probes=probes, seed=seed, rtol=rtol, threads=1)

@@ -118,10 +118,7 @@ def run_files(input_ref, filters_ref, output_ref, *, output_shape=None, strides=
     x_ref, w_ref = _refs(input_ref, filters_ref)
     out_ref = io.parse_ref("OUTPUT", _ref_text("OUTPUT", output_ref), must_exist=False)
     out_format = io.formats.output_format(out_ref)  # an unknown output suffix, before any file is opened
-    if copy_attrs and not out_format.has_attributes:
-        out_ref.fail(f"--copy-attrs: a {out_format.title} output holds no attributes: write to .h5")
-    if copy_attrs and (x_ref.is_std or not io.formats.input_format(x_ref).has_attributes):
-        x_ref.fail("--copy-attrs: the input holds no attributes to copy (only .h5 datasets have them)")
+    check_copy_attrs(copy_attrs, x_ref, out_ref, out_format)
     x_src = io.Source(x_ref, whole=io.same_h5_file(out_ref, x_ref))
     try:
         w_shape, w_dtype, w_load = _open_filters(w_ref, layout)
@@ -142,8 +139,7 @@ def run_files(input_ref, filters_ref, output_ref, *, output_shape=None, strides=
         info = _summary(plan, out_dtype, (x_ref, w_ref, out_ref), layout)
         attrs = io.attributes(x_ref) if copy_attrs else {}
         compute = _conv_transpose_of(plan, w, threads) if tile is None else None
-        provenance = {"convt_version": __version__, "convt_op": "conv_transpose", "convt_input": str(x_ref),
-                      "convt_filters": str(w_ref), "convt_parameters": {k: info[k] for k in _PROVENANCE}}
+        provenance = provenance_of(x_ref, w_ref, info)
         chunks = None if tile is None else (1, *shaped(plan.spec.channels_first, tuple(tile), plan.out_channels))
         options = dataclasses.replace(options, chunk_batch=min(chunk, plan.batch), chunks=chunks, attrs=attrs)
         sink = io.Sink(out_ref, plan.output_shape, out_dtype, provenance, bool(force), options)
@@ -171,6 +167,21 @@ def run_files(input_ref, filters_ref, output_ref, *, output_shape=None, strides=
                 gflop_per_s=round(plan.flops / seconds / 1e9, 3) if seconds > 0 else None,
                 **_pieces_info(plan, chunk, tile))
     return info
+
+
+def check_copy_attrs(copy_attrs: bool, x_ref, out_ref, out_format) -> None:
+    """Refuse --copy-attrs where the input has no attributes or the output cannot hold them."""
+    if copy_attrs and not out_format.has_attributes:
+        out_ref.fail(f"--copy-attrs: a {out_format.title} output holds no attributes: write to .h5 or .zarr")
+    if copy_attrs and (x_ref.is_std or not io.formats.input_format(x_ref).has_attributes):
+        x_ref.fail("--copy-attrs: the input holds no attributes to copy (only .h5 datasets and zarr arrays have "
+                   "them)")
+
+
+def provenance_of(x_ref, w_ref, info: dict) -> dict:
+    """The attributes an output that has attributes (.h5, zarr) records of the run that made it."""
+    return {"convt_version": __version__, "convt_op": "conv_transpose", "convt_input": str(x_ref),
+            "convt_filters": str(w_ref), "convt_parameters": {k: info[k] for k in _PROVENANCE}}
 
 
 def _pieces_info(plan, chunk, tile) -> dict:
@@ -464,7 +475,7 @@ def _box_index(first: bool, box) -> tuple:
     return at(first, tuple(slice(a, b) for a, b in box))
 
 
-def run_many(items, filters_ref, **options):
+def run_many(items, filters_ref, run=None, **options):
     """run_files for each (input_ref, output_ref) pair, with the same filters and options; a pair's mistake is
     reported and the others still run (stop iterating to stop).
 
@@ -473,6 +484,7 @@ def run_many(items, filters_ref, **options):
             ("data.h5:/inputs/" to "out.h5:/outputs/") or a glob with an output template ("in/*.npy" to
             "out/{stem}.npy").
         filters_ref: as for run_files.
+        run: what runs each pair (default run_files; the CLI's --dask gives cluster.run_job, bound to its client).
         **options: run_files' keyword arguments, for every pair.
 
     Yields:
@@ -485,7 +497,7 @@ def run_many(items, filters_ref, **options):
     for item_in, item_out in items:
         stop_if_signalled()  # a signal held while the last item was cleaned up or moved into place
         try:
-            info = run_files(item_in, filters_ref, item_out, **options)
+            info = (run or run_files)(item_in, filters_ref, item_out, **options)
         except ConvtError as e:
             info = _item_error(item_in, item_out, e)
         yield info
@@ -500,9 +512,9 @@ def _item_error(item_in, item_out, error: ConvtError) -> dict:
     return {"input": item_in, "output": item_out, "error": message}
 
 
-def verify_many(items, filters_ref, **options):
-    """verify_files for each (input_ref, output_ref) pair (output_ref None: computed), with the same filters and
-    options; a pair's mistake is reported and the others are still checked.
+def verify_many(items, filters_ref, verify=None, **options):
+    """verify_files (or `verify`, taking its arguments) for each (input_ref, output_ref) pair (output_ref None:
+    computed), with the same filters and options; a pair's mistake is reported and the others are still checked.
 
     Yields:
         Per pair, in order: the report's to_dict() (with input, filters, output and passed), or {"input",
@@ -511,7 +523,7 @@ def verify_many(items, filters_ref, **options):
     for item_in, item_out in items:
         stop_if_signalled()
         try:
-            info = verify_files(item_in, filters_ref, item_out, **options).to_dict()
+            info = (verify or verify_files)(item_in, filters_ref, item_out, **options).to_dict()
         except ConvtError as e:
             info = _item_error(item_in, item_out, e)
         yield info
@@ -561,25 +573,9 @@ def verify_files(input_ref, filters_ref, output_ref=None, *, output_shape=None, 
         y_src = None if y_ref is None else io.Source(y_ref)
         if y_src is not None:
             sources.append(y_src)
-        shape_of_output = y_src is not None and output_shape is None
-        if shape_of_output:
-            output_shape = list(y_src.shape)
-        beyond_tf = dict(output_padding=output_padding, groups=groups)
-        try:
-            plan = plan_with_layout(x_src.shape, w_shape, output_shape, strides, padding, data_format, dilations,
-                                    layout, **beyond_tf)
-        except ConvtError as e:  # the output's own shape, when it gave it, is what does not fit
-            if shape_of_output:  # unless INPUT and FILTERS do not fit each other whatever the output
-                _plan(x_ref, x_src.shape, w_shape, None, strides, padding, data_format, dilations, layout, **beyond_tf)
-                y_ref.fail(f"has shape {tuple(y_src.shape)}, which INPUT '{x_ref}' cannot give under these flags: {e}")
-            raise ConvtError(f"{x_ref.label} '{x_ref}': {e}") from None
-        if y_src is not None and tuple(y_src.shape) != plan.output_shape:
-            y_ref.fail(f"has shape {tuple(y_src.shape)} but --output-shape asks for {plan.output_shape}")
-        out_dtype = checked_dtype(cast, (x_ref, x_src.dtype), (w_ref, w_dtype))
-        if y_src is not None and y_src.dtype.name != out_dtype.name:
-            hint = (f": pass --dtype {y_src.dtype.name} to compute in its dtype" if y_src.dtype.name in DTYPES
-                    else "")
-            y_ref.fail(f"has dtype {y_src.dtype.name} but INPUT and FILTERS compute in {out_dtype.name}{hint}")
+        plan, out_dtype = verify_plan(x_ref, x_src.shape, x_src.dtype, w_ref, w_shape, w_dtype, y_ref,
+                                      None if y_src is None else (y_src.shape, y_src.dtype), output_shape, strides,
+                                      padding, data_format, dilations, layout, cast, output_padding, groups)
         whole = tuple(name for name, src in (("input", x_src), ("output", y_src)) if src is not None and src.whole)
         needs = run_needs(plan, x_src.dtype, w_dtype, out_dtype, None if y_src is None else (y_src.shape, y_src.dtype),
                           whole=whole, threads=threads)
@@ -628,6 +624,31 @@ def verify_files(input_ref, filters_ref, output_ref=None, *, output_shape=None, 
         del info[key]
     info.update(wall_seconds=round(time.perf_counter() - began, 6), **_pieces_info(plan, chunk, tile))
     return dataclasses.replace(result, context=info)
+
+
+def verify_plan(x_ref, x_shape, x_dtype, w_ref, w_shape, w_dtype, y_ref, y_header, output_shape, strides, padding,
+                data_format, dilations, layout, cast, output_padding, groups):
+    """(plan, dtype computed in) of a verify, refusing an OUTPUT (y_header: its shape and dtype, or None) whose
+    shape or dtype the flags cannot give."""
+    shape_of_output = y_header is not None and output_shape is None
+    if shape_of_output:
+        output_shape = list(y_header[0])
+    beyond_tf = dict(output_padding=output_padding, groups=groups)
+    try:
+        plan = plan_with_layout(x_shape, w_shape, output_shape, strides, padding, data_format, dilations, layout,
+                                **beyond_tf)
+    except ConvtError as e:  # the output's own shape, when it gave it, is what does not fit
+        if shape_of_output:  # unless INPUT and FILTERS do not fit each other whatever the output
+            _plan(x_ref, x_shape, w_shape, None, strides, padding, data_format, dilations, layout, **beyond_tf)
+            y_ref.fail(f"has shape {tuple(y_header[0])}, which INPUT '{x_ref}' cannot give under these flags: {e}")
+        raise ConvtError(f"{x_ref.label} '{x_ref}': {e}") from None
+    if y_header is not None and tuple(y_header[0]) != plan.output_shape:
+        y_ref.fail(f"has shape {tuple(y_header[0])} but --output-shape asks for {plan.output_shape}")
+    out_dtype = checked_dtype(cast, (x_ref, x_dtype), (w_ref, w_dtype))
+    if y_header is not None and y_header[1].name != out_dtype.name:
+        hint = f": pass --dtype {y_header[1].name} to compute in its dtype" if y_header[1].name in DTYPES else ""
+        y_ref.fail(f"has dtype {y_header[1].name} but INPUT and FILTERS compute in {out_dtype.name}{hint}")
+    return plan, out_dtype
 
 
 def verify_tiles(plan, dtypes, y_dtype, limit: int, probes, threads, finite=False) -> tuple[int, ...] | None:

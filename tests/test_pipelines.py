@@ -612,7 +612,7 @@ def test_a_missing_output_folder_is_one_error_for_a_whole_glob(work):
 def test_copy_attrs_into_a_format_without_attributes_is_refused(work):
     r = invoke("run", "x.npy", "w.npy", "-o", "y.npy", "--copy-attrs")
     assert (r.exit_code, r.stderr) == (2, "Error: OUTPUT 'y.npy': --copy-attrs: a .npy output holds no attributes: "
-                                          "write to .h5\n")
+                                          "write to .h5 or .zarr\n")
 
 
 def test_the_subpackages_the_readme_names_are_reachable_from_the_package():
@@ -698,7 +698,8 @@ def test_a_glob_over_npz_files_names_a_member_in_each(work):
     (["run", "x.npy", "w.npy", "-o", "a{.npy"], "Error: OUTPUT 'a{.npy': not a template convt can fill (expected "
                                                 "'}' before end of string; write {{ and }} for a brace in a name)"),
     (["run", "x.npy", "w.npy", "-o", "y.h5", "--copy-attrs"], "Error: INPUT 'x.npy': --copy-attrs: the input holds "
-                                                             "no attributes to copy (only .h5 datasets have them)"),
+                                                             "no attributes to copy (only .h5 datasets and zarr "
+                                                             "arrays have them)"),
 ])
 def test_small_messages(work, args, message):
     r = invoke(*args)

@@ -271,3 +271,18 @@ def test_names_inside_a_store_complete_as_groups_and_arrays():
     assert [c.value for c in complete_array_ref("s.zarr:/g/")] == ["s.zarr:/g/y", "s.zarr:/g/z"]
     assert [c.value for c in complete_array_ref("s.zarr:/g/z")] == ["s.zarr:/g/z"]
     assert complete_array_ref("missing.zarr:/") == []
+
+
+def test_attributes_are_copied_from_h5_to_a_store_as_json():
+    import h5py
+
+    x, _ = _pair()
+    with h5py.File("x.h5", "w") as f:
+        f["x"] = x
+        f["x"].attrs["units"] = "counts"
+        f["x"].attrs["scale"] = np.float32(0.5)
+        f["x"].attrs["axes"] = np.array([1, 2, 3])
+    assert invoke("run", "x.h5:/x", "w.npy", "-o", "y.zarr", "--copy-attrs").exit_code == 0
+    attrs = zarr.open_array("y.zarr", mode="r").attrs
+    assert (attrs["units"], attrs["scale"], attrs["axes"]) == ("counts", 0.5, [1, 2, 3])
+    assert attrs["convt_input"] == "x.h5:/x"

@@ -289,7 +289,7 @@ class ZarrWriter(Writer):
 
     def _open(self):
         zarr = _zarr(self.ref)
-        folder = os.path.dirname(self.ref.path) or "."
+        folder = os.path.abspath(os.path.dirname(self.ref.path) or ".")  # a pickled array finds it from anywhere
         if not os.path.exists(self.ref.path) or not self.path:  # a whole new store, beside
             with deferred():
                 self._tmp = tempfile.mkdtemp(prefix=HIDDEN, suffix=".tmp", dir=folder)
@@ -301,7 +301,7 @@ class ZarrWriter(Writer):
                 self._array = self._create(lambda **k: zarr.create_array(store=self._tmp, zarr_format=3, **k), None)
             return
         with deferred():
-            root = zarr.open_group(self.ref.path, mode="r+")
+            root = zarr.open_group(os.path.abspath(self.ref.path), mode="r+")
         parent, _, leaf = self.path.rpartition("/")
         parts = parent.split("/") if parent else []
         with deferred():
@@ -340,16 +340,17 @@ class ZarrWriter(Writer):
         with deferred():
             return create(**keywords) if name is None else create(name=name, **keywords)
 
-    def _stored(self, chunk: np.ndarray) -> np.ndarray:
-        return chunk.view(np.uint16) if self.dtype.name == "bfloat16" else chunk
+    @property
+    def array(self):
+        """The zarr array being written (hidden until finish()): others may write its chunks too, with put(), as
+        Dask's workers do; it pickles."""
+        return self._array
 
     def put(self, chunk, start):
-        with deferred():
-            self._array[start:start + len(chunk)] = self._stored(chunk)
+        put(self._array, chunk, start)
 
     def put_box(self, chunk, start, index):
-        with deferred():
-            self._array[(slice(start, start + len(chunk)), *index)] = self._stored(chunk)
+        put(self._array, chunk, start, index)
 
     def finish(self):
         self._array = None
@@ -377,6 +378,15 @@ class ZarrWriter(Writer):
                     folder = os.path.join(self.ref.path, *group.split("/"))
                     if sorted(os.listdir(folder)) == ["zarr.json"]:
                         shutil.rmtree(folder, ignore_errors=True)
+
+
+def put(array, chunk: np.ndarray, start: int, index: tuple = ()) -> None:
+    """Batch elements [start, start + len(chunk)), box `index` (slices after the batch axis), into an output
+    array (bfloat16 as its uint16 bits)."""
+    if chunk.dtype.name == "bfloat16":
+        chunk = chunk.view(np.uint16)
+    with deferred():
+        array[(slice(start, start + len(chunk)), *index)] = chunk
 
 
 def _move_into_place(built: str, target: str) -> None:
