@@ -72,12 +72,12 @@ def conv_transpose(input, filters, output_shape=None, strides=1, padding="SAME",
         A dask.array of the output's shape and dtype, chunked along the batch as the input is (one chunk across
         every other axis). Every argument is checked now, with the same messages as in memory.
     """
-    from . import engine
+    from .engine.dtypes import check_dtypes
 
     dask = _dask()
     x = _batch_chunks(input, "conv_transpose")
     w = filters if isinstance(filters, np.ndarray) else np.asarray(filters)
-    engine.dtypes.check_dtypes("conv_transpose", x.dtype, w.dtype)
+    check_dtypes("conv_transpose", x.dtype, w.dtype)
     plan, w = _plan("conv_transpose", x.shape, w, output_shape, strides, padding, data_format, dilations,
                     filter_layout, output_padding, groups)
     return lazy(x, dask.delayed(w, pure=True), plan, x.dtype.newbyteorder("="))

@@ -9,6 +9,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
 
 import dask.array as da
@@ -97,6 +98,17 @@ def test_on_a_cluster_of_processes_the_bits_are_the_in_process_ones(client):
         y = convt_dask.conv_transpose(da.from_array(x, chunks=(chunks, 12, 12, 16)), w, strides=2)
         assert client.compute(y).result().tobytes() == expected
     assert y.compute(scheduler="processes").tobytes() == expected
+
+
+def test_a_worker_of_several_threads_gives_the_same_bits():
+    from distributed import Client, LocalCluster
+
+    x, w = _pair(batch=9, size=12, c_in=16, c_out=16, seed=2)
+    expected = convt_cli.conv_transpose(x, w, strides=2).tobytes()
+    with LocalCluster(n_workers=1, threads_per_worker=3, processes=True, dashboard_address=":0") as local, \
+            Client(local) as c:
+        y = convt_dask.conv_transpose(da.from_array(x, chunks=(1, 12, 12, 16)), w, strides=2)
+        assert c.compute(y).result().tobytes() == expected
 
 
 @pytest.mark.parametrize("chunks", [1, 4, 10])
@@ -253,3 +265,14 @@ def test_threads_inside_a_worker_never_exceed_its_own(client):
     client.compute(y).result()
     after = client.run(threads_after)
     assert after == before  # no pool of convt's own, nor BLAS threads, beside the worker's thread
+
+
+def test_the_api_works_in_a_fresh_interpreter():
+    code = ("import numpy as np, dask.array as da, convt_cli.dask as cd; "
+            "x = np.ones((4, 3, 3, 2), np.float32); w = np.ones((2, 2, 3, 2), np.float32); "
+            "y = cd.conv_transpose(da.from_array(x, chunks=2), w, strides=2).compute(scheduler='sync'); "
+            "print(y.shape, float(y.sum()), cd.verify(x, w, y, strides=2).passed)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    # stride 2 = kernel 2: each output element gets one tap per input channel, 2; 4 x 6 x 6 x 3 of them
+    assert out.stdout.split() == ["(4,", "6,", "6,", "3)", "864.0", "True"]
