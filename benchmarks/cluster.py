@@ -3,8 +3,8 @@
     python benchmarks/cluster.py [--gib 2] [--workers 2] [--chunks 1,2,4,8,16,32] [--repeat 2] [--folder DIR]
                                  [--json results.json]
 
-Writes DIR/big.zarr (float32, batch x 64x64x64: 1 MiB per batch element, zarr's default zstd, chunks of 16
-elements) and 3x3 filters, 64 -> 64 channels, stride 1; DIR defaults to a temporary folder, removed afterwards.
+Writes DIR/big.zarr (float32, batch x 64x64x64: 1 MiB per batch element, zarr's default zstd, a chunk per
+element) and 3x3 filters, 64 -> 64 channels, stride 1; DIR defaults to a temporary folder, removed afterwards.
 Then, in one run, alternating, best of --repeat:
 - in process: `convt run big.zarr w.npy -o local.zarr --json` in a subprocess (streamed: reading, computing and
   writing overlapped), its wall_seconds;
@@ -12,10 +12,11 @@ Then, in one run, alternating, best of --repeat:
   LocalCluster of N one-thread worker processes started once by this script, its wall_seconds (the cluster's
   start, reported apart, is not in it), at each batch-per-task of --chunks, the workers writing local zarr.
 Reported: elements per second both ways and the ratio (cluster / in process) per chunk size; the scheduler's
-overhead per task (no-op tasks through the same cluster: seconds per task per worker thread); the compute per
-batch element (the in-process run's compute seconds x threads / batch), hence per chunk size the overhead's share
-of a task, and the smallest chunk at which it falls below 10%; peak RSS of each worker (above its baseline before
-the jobs), and the cluster's start time. Outputs are checked bitwise against the in-process one. Target: the
+overhead per task (no-op tasks through the same cluster: seconds per task per worker thread); per chunk size, the
+overhead's share of the run (its time beyond the largest chunk's, whose few tasks cost next to nothing) and what
+each extra task costs (scheduling, opening the input, preparing the filters), and the smallest chunk at which
+the share falls below 10%; per chunk size, the largest peak RSS of a worker (the workers are restarted before
+each job) and its excess over their baseline before any job; and the cluster's start time. Outputs are checked bitwise against the in-process one. Target: the
 cluster at least 0.8x the in-process throughput with chunks of that size.
 """
 
@@ -38,7 +39,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench import blas_info, convt_cmd, emit, scratch_folder  # noqa: E402
 
 PER = (64, 64, 64)
-ZARR_CHUNK = 16  # batch elements per chunk of the input store
+ZARR_CHUNK = 1  # batch elements per chunk of the input store: a task of any size reads whole chunks
 
 
 def _rss_mb() -> float:
@@ -66,11 +67,11 @@ def overhead_per_task(client, n=2000) -> float:
 def make_input(folder, batch, rng):
     import zarr
 
-    block = rng.standard_normal((ZARR_CHUNK, *PER)).astype(np.float32)
+    block = rng.standard_normal((16, *PER)).astype(np.float32)
     x = zarr.create_array(os.path.join(folder, "big.zarr"), shape=(batch, *PER), chunks=(ZARR_CHUNK, *PER),
                           dtype=np.float32)
-    for b0 in range(0, batch, ZARR_CHUNK):
-        x[b0:b0 + ZARR_CHUNK] = block[: min(ZARR_CHUNK, batch - b0)] + np.float32(b0)
+    for b0 in range(0, batch, 16):
+        x[b0:b0 + 16] = block[: min(16, batch - b0)] + np.float32(b0)
 
 
 def main():
@@ -100,6 +101,7 @@ def main():
             per_task = overhead_per_task(client)
             local = {"wall_seconds": float("inf")}
             on_cluster = {c: float("inf") for c in chunks}
+            peak: dict = {}
             for _ in range(args.repeat):
                 out = subprocess.run(convt_cmd() + ["run", "big.zarr", "w.npy", "-o", "local.zarr", "--force",
                                                     "--quiet", "--json"], capture_output=True, text=True, check=True)
@@ -107,22 +109,29 @@ def main():
                 if info["wall_seconds"] < local["wall_seconds"]:
                     local = info
                 for c in chunks:
+                    client.restart()  # fresh workers: each chunk size's own peak RSS
                     info = cluster.run_job(client, f"local:{args.workers}", "big.zarr", "w.npy", f"c{c}.zarr",
                                            force=True, batch_per_task=c)
                     on_cluster[c] = min(on_cluster[c], info["wall_seconds"])
-            peak_rss = client.run(_rss_mb)
-        threads = args.workers
-        compute_per_element = local["seconds"] * min(threads, os.cpu_count() or 1) / batch
+                    peak[c] = max(peak.get(c, 0.0), *client.run(_rss_mb).values())
         expected = zarr.open_array("local.zarr", mode="r")
         same = all(np.array_equal(zarr.open_array(f"c{c}.zarr", mode="r")[b0:b0 + 64], expected[b0:b0 + 64])
                    for c in chunks for b0 in range(0, batch, max(1, batch // 4)))
+        # what a task costs beyond its share of the work: against the largest chunk's run, whose few tasks add
+        # next to nothing, per extra task per worker thread (opening the input, preparing the filters, scheduling)
+        largest = max(chunks)
         rows = []
         for c in chunks:
-            share = per_task / (per_task + c * compute_per_element)
+            tasks, fewest = -(-batch // c), -(-batch // largest)
+            extra = on_cluster[c] - on_cluster[largest]
             rows.append({"batch_per_task": c, "mib_in_per_task": c * 1.0, "wall_seconds": round(on_cluster[c], 2),
                          "elements_per_s": round(batch / on_cluster[c], 1),
                          "over_in_process": round(local["wall_seconds"] / on_cluster[c], 3),
-                         "overhead_share": round(share, 4)})
+                         "overhead_share": round(max(0.0, extra) / on_cluster[c], 4),
+                         "overhead_per_task_ms": round(max(0.0, extra) * args.workers / (tasks - fewest) * 1e3, 2)
+                         if tasks > fewest else None,
+                         "worker_peak_rss_mb": round(peak[c], 1),
+                         "worker_peak_above_baseline_mb": round(peak[c] - max(base_rss.values()), 1)})
         below = [r for r in rows if r["overhead_share"] < 0.10]
         at = below[0] if below else None
         result = {
@@ -132,12 +141,10 @@ def main():
                            "elements_per_s": round(batch / local["wall_seconds"], 1),
                            "compute_seconds": round(local["seconds"], 2)},
             "scheduler_overhead_per_task_ms": round(per_task * 1e3, 3),
-            "compute_per_element_ms": round(compute_per_element * 1e3, 3),
             "by_chunk": rows,
             "smallest_chunk_below_10pct_overhead": at and at["batch_per_task"],
             "ratio_at_that_chunk": at and at["over_in_process"],
             "target_met": bool(at and at["over_in_process"] >= 0.8),
-            "worker_peak_rss_mb": [round(v, 1) for v in peak_rss.values()],
             "worker_baseline_rss_mb": [round(v, 1) for v in base_rss.values()],
             "bitwise_equal": bool(same),
         }

@@ -31,6 +31,7 @@ from . import formats
 from .errors import ConvtError
 from .formats import HDF5_MAGIC, NPY_MAGIC, ZIP_MAGIC  # noqa: F401  (part of io's surface)
 from .formats.base import WholeReader, WriteOptions, is_terminal
+from .formats.base import sync_folder as _sync_folder
 from .formats.base import reason as _reason
 from .formats.h5 import dataset_name
 from .interrupts import deferred
@@ -233,18 +234,6 @@ def _temp_file(folder: str) -> str:
     finally:
         os.close(fd)
     return path
-
-
-def _sync_folder(folder: str) -> None:
-    # make the rename itself durable; some filesystems cannot fsync a folder, and nothing is lost then
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except OSError:
-        pass
 
 
 def _remove(path: str | None) -> None:

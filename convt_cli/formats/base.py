@@ -85,6 +85,11 @@ class Format:
         format has none."""
         return {}
 
+    def batch_chunk(self, ref) -> int | None:
+        """Batch elements per stored chunk of the array `ref` names (None: not chunked, or not along the batch
+        alone): a reader of fewer decompresses the whole chunk each time."""
+        return None
+
     def members_under(self, ref) -> list[str] | None:
         """The arrays below the group `ref` names, relative to it; None when it names one array."""
         return None
@@ -315,6 +320,18 @@ class DirectFile:
             self._direct = self._plain = None
             self._bytes = None
             self._stage.release()
+
+
+def sync_folder(folder: str) -> None:
+    """Make a rename in `folder` durable; some filesystems cannot fsync a folder, and nothing is lost then."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:
+        pass
 
 
 def write_box(file, data_at: int, shape, chunk: np.ndarray, start: int, index: tuple) -> None:

@@ -32,6 +32,7 @@ import numpy as np
 from ..errors import ConvtError
 from ..interrupts import deferred
 from .base import Format, Reader, WriteOptions, Writer, check_plain, fix_header_dtype
+from .base import sync_folder as _sync_folder
 
 METADATA = ("zarr.json", ".zarray", ".zgroup")  # what makes a folder a store (v3, v2)
 HIDDEN = ".convt-"  # the names of arrays and stores being written
@@ -184,6 +185,10 @@ class Zarr(Format):
 
     def attributes(self, ref):
         return dict(find_array(ref).attrs)
+
+    def batch_chunk(self, ref):
+        a = find_array(ref)
+        return int(a.chunks[0]) if a.ndim else None
 
     def members_under(self, ref):
         path = array_path(ref.name)
@@ -417,17 +422,6 @@ def _sync_tree(folder: str) -> None:
             finally:
                 os.close(fd)
         _sync_folder(here)
-
-
-def _sync_folder(folder: str) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except OSError:
-        pass
 
 
 def _reconsolidate(store: str) -> None:
