@@ -66,7 +66,9 @@ def parse_address(text: str | None) -> tuple[str, str | int]:
 
 @contextlib.contextmanager
 def connect(address: str | None):
-    """A distributed Client for --dask ADDRESS (a LocalCluster started here for local[:N]), closed at the end."""
+    """A distributed Client for --dask ADDRESS (a LocalCluster started here for local[:N]), closed at the end.
+    For the command line: distributed's loggers are quieted while it starts and stops (process-wide, as
+    LocalCluster's own silence_logs); a script embedding convt makes its own Client and calls run_job."""
     kind, value = parse_address(address)
     try:
         import dask
@@ -160,7 +162,7 @@ class Slab:
         return ("convt-slab", self.text, self.label, self.shape, str(self.dtype), stamp)
 
 
-def shared_input(ref, label_text: str):
+def shared_input(ref):
     """Refuse what the workers cannot read by themselves; the absolute path they read (the same on every worker
     that shares the storage)."""
     if ref.is_std:
@@ -185,10 +187,11 @@ def task_batch(per_task_needs, batch: int, per_image: int, max_memory, available
     else what this machine has free shared by its worker threads)."""
     from .stream import check_memory
 
-    available = available_memory
-    if max_memory is None and available_memory is not None:
-        available = lambda: (available_memory() or 0) // threads if available_memory() is not None else None  # noqa: E731
-    fits = check_memory("run", per_task_needs, batch, max_memory, available)
+    def shared():
+        free = available_memory()
+        return None if free is None else free // threads
+
+    fits = check_memory("run", per_task_needs, batch, max_memory, shared if available_memory is not None else None)
     return max(1, min(fits, TASK_BYTES // max(1, per_image), batch))
 
 
@@ -279,7 +282,7 @@ def run_job(client, address, input_ref, filters_ref, output_ref, *, output_shape
     out_ref = io.parse_ref("OUTPUT", _ref_text("OUTPUT", output_ref), must_exist=False)
     out_format = io.formats.output_format(out_ref)
     check_copy_attrs(copy_attrs, x_ref, out_ref, out_format)
-    x_text = shared_input(x_ref, input_ref)
+    x_text = shared_input(x_ref)
     x_shape, x_dtype = io.read_header(x_ref)
     w_shape, w_dtype, w_load = _open_filters(w_ref, layout)
     plan = _plan(x_ref, x_shape, w_shape, output_shape, strides, padding, data_format, dilations, layout,
@@ -376,8 +379,8 @@ def verify_job(client, address, input_ref, filters_ref, output_ref=None, *, outp
     report = _reporter(progress)
     x_ref, w_ref = _refs(input_ref, filters_ref)
     y_ref = None if output_ref is None else io.parse_ref("OUTPUT", _ref_text("OUTPUT", output_ref))
-    x_text = shared_input(x_ref, input_ref)
-    y_text = None if y_ref is None else shared_input(y_ref, output_ref)
+    x_text = shared_input(x_ref)
+    y_text = None if y_ref is None else shared_input(y_ref)
     x_shape, x_dtype = io.read_header(x_ref)
     y_header = None if y_ref is None else io.read_header(y_ref)
     w_shape, w_dtype, w_load = _open_filters(w_ref, layout)

@@ -65,9 +65,17 @@ def test_readme_lists_enough_commands():
     assert sum(map(len, _command_blocks())) >= 10
 
 
-def test_python_api_example_runs():
-    (block,) = _blocks("python")
+def test_python_api_examples_run(tmp_path, monkeypatch):
+    shutil.copytree(os.path.join(ROOT, "samples"), tmp_path / "samples")
+    monkeypatch.chdir(tmp_path)
+    api, on_dask = _blocks("python")
     namespace = {}
-    exec(compile(block, "README.md", "exec"), namespace)
+    exec(compile(api, "README.md", "exec"), namespace)
     assert namespace["y"].shape == (8, 64, 64, 128)
     assert namespace["z"].shape == (8, 32, 32, 256)
+    namespace = {}
+    exec(compile(on_dask, "README.md", "exec"), namespace)
+    assert namespace["report"].passed and namespace["y"].shape == (2, 16, 16, 8)
+    import zarr
+
+    assert zarr.open_array("up.zarr", mode="r")[...].shape == (2, 16, 16, 8)
