@@ -6,14 +6,15 @@
     y.to_zarr("out.zarr")                            # or y.compute(), da.store(...), with any scheduler
     report = convt_cli.dask.verify(x, w, y, strides=2)  # the adjoint check, a reduction over the chunks
 
-Each output chunk is the conv_transpose of one input chunk (its batch elements; the other axes are whole: an
-input chunked along them is rechunked, which Dask does lazily). The filters go into the graph once, as one
-key that every task depends on, so a worker receives them once, not once per task.
+An input chunked along the batch only: each output chunk is the conv_transpose of one input chunk (its batch
+elements), bitwise the in-process result whatever the chunks (batch elements are independent in the engine). An
+input chunked along spatial axes too: the output comes in spatial tiles (`tiled`), each from the input window
+that reaches it, as convt run tiles an image larger than memory. The filters go into the graph once, as one key
+that every task depends on, so a worker receives them once, not once per task. verify joins spatial chunks.
 
 Threads: Dask's own threads are the parallelism. Each task computes on one thread (the engine's bits never depend
 on its threads), so a worker of N threads keeps N cores busy and never more, on every scheduler: threads,
-processes, distributed. The results are the bits of the in-process run, whatever the chunks (batch elements are
-independent in the engine).
+processes, distributed.
 
 dask is imported here, and only here: `pip install 'convt[dask]'`.
 """
@@ -34,16 +35,20 @@ def _dask():
     return dask
 
 
-def _batch_chunks(x, name: str):
-    """x as a dask array chunked along its first axis only (the others whole)."""
+def _as_dask(x, name: str):
     dask = _dask()
     if not isinstance(x, dask.array.Array):
         x = dask.array.asarray(x)
     if x.ndim < 1:
         raise ConvtError(f"{name}: expected an array with a batch axis, got a scalar")
-    whole = {axis: -1 for axis in range(1, x.ndim)}
+    return x
+
+
+def _batch_chunks(x, name: str):
+    """x as a dask array chunked along its first axis only (the others whole)."""
+    x = _as_dask(x, name)
     if any(len(c) > 1 for c in x.chunks[1:]):
-        x = x.rechunk(whole)
+        x = x.rechunk({axis: -1 for axis in range(1, x.ndim)})
     return x
 
 
@@ -62,25 +67,79 @@ def conv_transpose(input, filters, output_shape=None, strides=1, padding="SAME",
     """convt_cli.conv_transpose of a dask array, as a lazy dask array.
 
     Args:
-        input: a dask.array (anything else is wrapped by dask.array.asarray), chunked along the batch axis.
+        input: a dask.array (anything else is wrapped by dask.array.asarray), chunked along the batch axis and
+            any spatial axes (chunks along the channels are joined).
         filters: a NumPy array (or what np.asarray takes), as for convt_cli.conv_transpose; it is one key of the
             graph, sent to each worker once.
         output_shape, strides, padding, data_format, dilations, name, filter_layout, output_padding, groups: as for
             convt_cli.conv_transpose; output_shape's batch, when given, is the input's.
 
     Returns:
-        A dask.array of the output's shape and dtype, chunked along the batch as the input is (one chunk across
-        every other axis). Every argument is checked now, with the same messages as in memory.
+        A dask.array of the output's shape and dtype, chunked along the batch as the input is, and (an input chunked
+        along spatial axes) along them in tiles of the input's largest chunk times the stride; one chunk across the
+        channels. Every argument is checked now, with the same messages as in memory.
     """
     from .engine.dtypes import check_dtypes
 
     dask = _dask()
-    x = _batch_chunks(input, "conv_transpose")
+    x = _as_dask(input, "conv_transpose")
     w = filters if isinstance(filters, np.ndarray) else np.asarray(filters)
     check_dtypes("conv_transpose", x.dtype, w.dtype)
     plan, w = _plan("conv_transpose", x.shape, w, output_shape, strides, padding, data_format, dilations,
                     filter_layout, output_padding, groups)
-    return lazy(x, dask.delayed(w, pure=True), plan, x.dtype.newbyteorder("="))
+    first = plan.spec.channels_first
+    channel = 1 if first else x.ndim - 1
+    if len(x.chunks[channel]) > 1:
+        x = x.rechunk({channel: -1})  # a tile takes every channel
+    w_key = dask.delayed(w, pure=True)
+    dtype = x.dtype.newbyteorder("=")
+    if all(len(x.chunks[axis]) == 1 for axis in _spatial_axes(plan)):
+        return lazy(x, w_key, plan, dtype)
+    return tiled(x, w_key, plan, dtype)
+
+
+def _spatial_axes(plan) -> range:
+    n = len(plan.input_spatial)
+    return range(2, n + 2) if plan.spec.channels_first else range(1, n + 1)
+
+
+def tiled(x, w_key, plan, dtype):
+    """conv_transpose of an x chunked along spatial axes too: the output in spatial tiles, one task per batch chunk
+    and tile (shapes.tile_plan: each tile from the input window that reaches it, its halo read across the input's
+    chunks, with its own pads). Along each axis the tiles are the input's largest chunk times the stride: as many
+    tiles as input chunks, and the output chunked by them. The bits are those of this tiling on every run and
+    scheduler; against an untiled run, the same for int32 and within float rounding (each tile's strategy follows
+    its shape), as convt run's tiles."""
+    import itertools
+
+    import dask.array
+
+    from .engine.layout import at, shaped
+    from .shapes import tile_plan, tile_starts
+
+    first = plan.spec.channels_first
+    axes = _spatial_axes(plan)
+    sizes = [max(x.chunks[axis]) * s for axis, s in zip(axes, plan.spec.strides)]
+    boxes = [tile_starts(o, t) for o, t in zip(plan.output_spatial, sizes)]
+    starts = np.cumsum((0, *x.chunks[0][:-1])).tolist()
+    grid = np.empty((len(x.chunks[0]), *(len(b) for b in boxes)), dtype=object)
+    for (j, (b0, nb)), where in itertools.product(enumerate(zip(starts, x.chunks[0])),
+                                                  itertools.product(*(range(len(b)) for b in boxes))):
+        box = tuple(b[k] for b, k in zip(boxes, where))
+        sub, window = tile_plan(plan, box)
+        part = x[(slice(b0, b0 + nb), *at(first, tuple(slice(i0, i1) for i0, i1 in window)))]
+        shape = (nb, *shaped(first, tuple(o1 - o0 for o0, o1 in box), plan.out_channels))
+        block = dask.delayed(_tile, pure=True)(part, w_key, sub)
+        grid[(j, *where)] = dask.array.from_delayed(block, shape, dtype=dtype, meta=np.empty((0,) * x.ndim, dtype))
+    grid = np.expand_dims(grid, 1 if first else grid.ndim)  # the channel axis: one block across
+    return dask.array.block(grid.tolist())
+
+
+def _tile(x: np.ndarray, w: np.ndarray, sub) -> np.ndarray:
+    """One output tile of a batch chunk from its input window, on one thread."""
+    from . import engine
+
+    return engine.prepare(sub, w).run(np.ascontiguousarray(x), threads=1)
 
 
 def lazy(x, w_key, plan, dtype):

@@ -68,15 +68,57 @@ def test_the_filters_are_one_key_of_the_graph():
     assert len(holding) <= 1
 
 
-def test_spatial_chunks_are_joined_and_channels_first_and_groups_run():
+def test_channel_chunks_are_joined_and_channels_first_and_groups_run():
     rng = np.random.default_rng(4)
     x = rng.standard_normal((6, 4, 9, 7)).astype(np.float64)  # NCHW, 4 channels in 2 groups
     w = rng.standard_normal((2, 3, 3, 4)).astype(np.float64)  # (*kernel, out / groups, in)
-    xd = da.from_array(x, chunks=(2, 4, 3, 4))
+    xd = da.from_array(x, chunks=(2, 2, 9, 7))
     flags = dict(strides=(1, 2), padding="VALID", data_format="NCHW", groups=2)
     y = convt_dask.conv_transpose(xd, w, **flags)
     assert all(len(c) == 1 for c in y.chunks[1:])
     assert y.compute(scheduler="threads").tobytes() == convt_cli.conv_transpose(x, w, **flags).tobytes()
+
+
+@pytest.mark.parametrize("first", [False, True], ids=["NHWC", "NCHW"])
+def test_an_image_chunked_in_space_is_computed_in_tiles_of_the_chunks_times_the_stride(first):
+    rng = np.random.default_rng(8)
+    x = rng.standard_normal((3, 4, 20, 17) if first else (3, 20, 17, 4))
+    w = rng.standard_normal((3, 2, 5, 4))
+    flags = dict(strides=(2, 3), dilations=(1, 2), data_format="NCHW" if first else "NHWC")
+    y = convt_dask.conv_transpose(da.from_array(x, chunks=(2, 4, 7, 5) if first else (2, 7, 5, 4)), w, **flags)
+    spatial = y.chunks[2:] if first else y.chunks[1:3]
+    assert spatial == ((14, 14, 12), (15, 15, 15, 6))  # 7 x 2 and 5 x 3 output positions a tile
+    expected = convt_cli.conv_transpose(x, w, **flags)
+    np.testing.assert_allclose(y.compute(scheduler="threads"), expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_spatial_chunks_give_tiles_within_rounding_and_exact_in_int32(seed):
+    """Random ranks, layouts, strides, dilations, paddings and chunks: the tiled output against the untiled one
+    (and the loop reference's values through it): float64 within rounding, int32 exact, the same bits on every
+    scheduler; chunked as the input's largest chunk times the stride."""
+    from conftest import random_arrays
+
+    x, w, out_sizes, first, flags = random_arrays(seed)
+    rng = np.random.default_rng(seed)
+    flags["data_format"] = "channels_first" if first else "channels_last"
+    spatial = range(2, x.ndim) if first else range(1, x.ndim - 1)
+    chunks = [int(rng.integers(1, n + 1)) if axis in spatial else n for axis, n in enumerate(x.shape)]
+    chunks[0] = max(1, x.shape[0] // 2)
+    expected = convt_cli.conv_transpose(x, w, out_sizes, **flags)
+    y = convt_dask.conv_transpose(da.from_array(x, chunks=tuple(chunks)), w, out_sizes, **flags)
+    assert y.shape == expected.shape
+    got = y.compute(scheduler="threads")
+    assert got.tobytes() == y.compute(scheduler="sync").tobytes()
+    np.testing.assert_allclose(got, expected, rtol=1e-12, atol=1e-12 * max(1.0, np.abs(expected).max()))
+    if any(chunks[axis] < x.shape[axis] for axis in spatial):  # tiled: tiles of the largest chunk x stride
+        for axis, s in zip(spatial, flags["strides"]):
+            assert max(y.chunks[axis], default=0) <= max(chunks[axis] * s, 1)
+    else:  # chunked along the batch only: one chunk across each spatial axis
+        assert all(len(y.chunks[axis]) == 1 for axis in spatial)
+    xi, wi = np.round(x * 3).astype(np.int32), np.round(w * 3).astype(np.int32)
+    yi = convt_dask.conv_transpose(da.from_array(xi, chunks=tuple(chunks)), wi, out_sizes, **flags)
+    assert np.array_equal(yi.compute(scheduler="sync"), convt_cli.conv_transpose(xi, wi, out_sizes, **flags))
 
 
 def test_mistakes_are_reported_when_the_graph_is_made_with_the_in_memory_messages():
