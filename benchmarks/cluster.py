@@ -16,8 +16,9 @@ overhead per task (no-op tasks through the same cluster: seconds per task per wo
 overhead's share of the run (its time beyond the largest chunk's, whose few tasks cost next to nothing) and what
 each extra task costs (scheduling, opening the input, preparing the filters), and the smallest chunk at which
 the share falls below 10%; per chunk size, the largest peak RSS of a worker (the workers are restarted before
-each job) and its excess over their baseline before any job; and the cluster's start time. Outputs are checked bitwise against the in-process one. Target: the
-cluster at least 0.8x the in-process throughput with chunks of that size.
+each job) and its excess over their baseline before any job; and the cluster's start time. Outputs are checked
+bitwise against the in-process one. Target: the cluster at least 0.8x the in-process throughput with chunks of
+that size.
 """
 
 import argparse

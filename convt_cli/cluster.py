@@ -28,6 +28,7 @@ import math
 import os
 import re
 import time
+import uuid
 
 import numpy as np
 
@@ -61,7 +62,8 @@ def parse_address(text: str | None) -> tuple[str, str | int]:
     if re.match(r"^[a-z][a-z0-9+.-]*://\S+$", text) or re.match(r"^[\w.-]+:\d+$", text):
         return "scheduler", text
     where = f" (from {ENV})" if not given else ""
-    raise ConvtError(f"--dask: expected a scheduler address like tcp://host:8786, local or local:N, got {text!r}{where}")
+    raise ConvtError(f"--dask: expected a scheduler address like tcp://host:8786, local or local:N, got "
+                     f"{text!r}{where}")
 
 
 @contextlib.contextmanager
@@ -84,6 +86,7 @@ def connect(address: str | None):
                     cluster = LocalCluster(n_workers=value, threads_per_worker=1, processes=True,
                                            dashboard_address=":0", silence_logs=logging.CRITICAL)
                 client = Client(cluster)
+                client.register_plugin(OwnProcessGroup())
             else:
                 try:
                     client = Client(value, timeout="10s")
@@ -96,6 +99,26 @@ def connect(address: str | None):
                 client.close()
             if cluster is not None:
                 cluster.close()
+
+
+try:
+    from distributed import WorkerPlugin as _WorkerPlugin
+except ImportError:  # without distributed there is no --dask to start workers for
+    _WorkerPlugin = object
+
+
+class OwnProcessGroup(_WorkerPlugin):
+    """Each local worker process (and any the nanny starts again) leaves the command's process group, so that
+    Ctrl-C at a terminal, which signals the whole foreground group, reaches the client alone: it stops the job and
+    then the cluster, where each worker would otherwise die printing its own KeyboardInterrupt traceback."""
+
+    name = "convt-own-process-group"
+
+    def setup(self, worker):
+        try:
+            os.setpgrp()
+        except OSError:
+            pass
 
 
 def _worker_environment(dask) -> dict:
@@ -182,7 +205,8 @@ def dask_array(slab: Slab, chunk: int):
                                  meta=np.empty((0,) * slab.ndim, slab.dtype), name=False)
 
 
-def task_batch(per_task_needs, batch: int, per_image: int, max_memory, available_memory, threads: int) -> int:
+def task_batch(per_task_needs, batch: int, per_image: int, max_memory, available_memory, threads: int,
+               op: str = "run") -> int:
     """Batch elements per task: at most TASK_BYTES of input and output, within each task's budget (--max-memory,
     else what this machine has free shared by its worker threads)."""
     from .stream import check_memory
@@ -191,7 +215,7 @@ def task_batch(per_task_needs, batch: int, per_image: int, max_memory, available
         free = available_memory()
         return None if free is None else free // threads
 
-    fits = check_memory("run", per_task_needs, batch, max_memory, shared if available_memory is not None else None)
+    fits = check_memory(op, per_task_needs, batch, max_memory, shared if available_memory is not None else None)
     return max(1, min(fits, TASK_BYTES // max(1, per_image), batch))
 
 
@@ -238,6 +262,25 @@ def compute_blocks(client, blocks: list, done, in_order_write=None):
             client.cancel(list(futures.values()))
 
 
+def settle(client, prefix: str, timeout: float = 60.0) -> None:
+    """Wait until no worker still runs a task whose key starts with `prefix`: a cancelled task runs to its end,
+    and one writing into the hidden output would put back what abort() removes."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            busy = client.run(_running, prefix)
+        except Exception:  # noqa: BLE001 - no workers left to ask: none of them writes
+            return
+        if not any(busy.values()):
+            return
+        time.sleep(0.05)
+
+
+def _running(prefix: str, dask_worker=None) -> int:
+    """On a worker: its tasks that occupy a thread (cancelled ones included) whose key starts with prefix."""
+    return sum(1 for ts in dask_worker.state.all_running_tasks if str(ts.key).startswith(prefix))
+
+
 def _result(future):
     """A finished task's value; its failure as convt reports it: a ConvtError as it is, a worker lost too often
     (distributed's KilledWorker) or a lost scheduler as one line."""
@@ -269,7 +312,8 @@ def run_job(client, address, input_ref, filters_ref, output_ref, *, output_shape
     from . import dask as convt_dask
     from .formats.zarr import Zarr, ZarrWriter
     from .stream import (_dtype_name, _memory_limit, _open_filters, _plan, _refs, _ref_text, _reporter, _summary,
-                         _write_options, cast_to, check_copy_attrs, check_space, checked_dtype, provenance_of,
+                         _write_options, cast_to, check_copy_attrs, check_space, checked_dtype, copied_attributes,
+                         provenance_of,
                          run_needs)
     from .shapes import filter_layout as filter_layout_name
 
@@ -283,6 +327,9 @@ def run_job(client, address, input_ref, filters_ref, output_ref, *, output_shape
     out_format = io.formats.output_format(out_ref)
     check_copy_attrs(copy_attrs, x_ref, out_ref, out_format)
     x_text = shared_input(x_ref)
+    if io.same_h5_file(out_ref, x_ref):
+        out_ref.fail(f"is in the HDF5 file INPUT '{x_ref}' is read from: with --dask the workers read the input "
+                     f"while the output is written, and HDF5 cannot share a file that way: write to another file")
     x_shape, x_dtype = io.read_header(x_ref)
     w_shape, w_dtype, w_load = _open_filters(w_ref, layout)
     plan = _plan(x_ref, x_shape, w_shape, output_shape, strides, padding, data_format, dilations, layout,
@@ -301,7 +348,7 @@ def run_job(client, address, input_ref, filters_ref, output_ref, *, output_shape
     check_space(out_ref, math.prod(plan.output_shape) * out_dtype.itemsize)
     info = _summary(plan, out_dtype, (x_ref, w_ref, out_ref), layout)
     provenance = provenance_of(x_ref, w_ref, info)
-    attrs = io.attributes(x_ref) if copy_attrs else {}
+    attrs = copied_attributes(x_ref, copy_attrs, provenance)
     options = dataclasses.replace(options, chunk_batch=min(chunk, max(1, plan.batch)), attrs=attrs)
     x = dask_array(Slab(x_text, x_ref.label, x_shape, x_dtype, out_dtype), chunk)
     y = convt_dask.lazy(x, dask.delayed(w, pure=True), plan, out_dtype)
@@ -317,13 +364,16 @@ def run_job(client, address, input_ref, filters_ref, output_ref, *, output_shape
     compute_began = time.perf_counter()
     if isinstance(out_format, Zarr):
         writer = ZarrWriter(out_ref, plan.output_shape, out_dtype, provenance, bool(force), options)
+        prefix = f"convt-store-{uuid.uuid4().hex}"  # the keys of the tasks that write into the hidden array
         try:
             target = writer.array
-            stores = [dask.delayed(_store, pure=False)(block, target, b0) for block, b0 in zip(blocks, starts)]
+            stores = [dask.delayed(_store, pure=False)(block, target, b0, dask_key_name=f"{prefix}-{i}")
+                      for i, (block, b0) in enumerate(zip(blocks, starts))]
             compute_blocks(client, stores, tell)
             stop_if_signalled()
             writer.finish()
         except BaseException:
+            settle(client, prefix)
             writer.abort()
             raise
     else:
@@ -369,7 +419,7 @@ def verify_job(client, address, input_ref, filters_ref, output_ref=None, *, outp
 
     from . import dask as convt_dask
     from .stream import (_dtype_name, _memory_limit, _open_filters, _refs, _ref_text, _reporter, _summary,
-                         cast_to, run_needs, verify_plan, with_verify_work)
+                         cast_to, quiet_arithmetic, run_needs, verify_plan, with_hint, with_verify_work)
     from .shapes import filter_layout as filter_layout_name
     from .verify import AdjointCheck
 
@@ -394,7 +444,8 @@ def verify_job(client, address, input_ref, filters_ref, output_ref=None, *, outp
     needs = with_verify_work(run_needs(plan, x_dtype, w_dtype, out_dtype,
                                        None if y_header is None else y_header, threads=1),
                              plan, out_dtype, probes, 1)
-    chunk = task_batch(needs, plan.batch, per_image, max_memory, available_memory, threads) if plan.batch else 1
+    chunk = task_batch(needs, plan.batch, per_image, max_memory, available_memory, threads, "verify") \
+        if plan.batch else 1
     chunk = aligned(chunk, io.formats.input_format(x_ref).batch_chunk(x_ref))
     x = dask_array(Slab(x_text, x_ref.label, x_shape, x_dtype, out_dtype), chunk)
     w_key = dask.delayed(w, pure=True)
@@ -420,6 +471,14 @@ def verify_job(client, address, input_ref, filters_ref, output_ref=None, *, outp
     compute_blocks(client, parts, tell, keep)
     result = convt_dask.combine([found[i] for i in range(len(parts))], plan, w, out_dtype.name, check.k,
                                 check.seed, rtol)
+    if y_ref is not None and result.failing_tiles:  # what the first failing element looks like, read here
+        x_src, y_src = io.Source(x_ref), io.Source(y_ref)
+        try:
+            with quiet_arithmetic():
+                result = with_hint(result, plan, x_ref, x_src, y_src, w, out_dtype, probes, seed, rtol)
+        finally:
+            x_src.close()
+            y_src.close()
     info = _summary(plan, out_dtype, (x_ref, w_ref, y_ref if y_ref is not None else "(computed)"), layout)
     for key in ("output_bytes", "flops"):
         del info[key]

@@ -41,6 +41,9 @@ def _as_dask(x, name: str):
         x = dask.array.asarray(x)
     if x.ndim < 1:
         raise ConvtError(f"{name}: expected an array with a batch axis, got a scalar")
+    if any(np.isnan(c) for chunks in x.chunks for c in chunks):
+        raise ConvtError(f"{name}: the input's chunk sizes are unknown (as after boolean indexing): call "
+                         f"x.compute_chunk_sizes() first")
     return x
 
 

@@ -137,9 +137,9 @@ def run_files(input_ref, filters_ref, output_ref, *, output_shape=None, strides=
                                         max_memory, available_memory, threads, lambda: _finite(w))
         check_space(out_ref, math.prod(plan.output_shape) * out_dtype.itemsize)
         info = _summary(plan, out_dtype, (x_ref, w_ref, out_ref), layout)
-        attrs = io.attributes(x_ref) if copy_attrs else {}
         compute = _conv_transpose_of(plan, w, threads) if tile is None else None
         provenance = provenance_of(x_ref, w_ref, info)
+        attrs = copied_attributes(x_ref, copy_attrs, provenance)
         chunks = None if tile is None else (1, *shaped(plan.spec.channels_first, tuple(tile), plan.out_channels))
         options = dataclasses.replace(options, chunk_batch=min(chunk, plan.batch), chunks=chunks, attrs=attrs)
         sink = io.Sink(out_ref, plan.output_shape, out_dtype, provenance, bool(force), options)
@@ -176,6 +176,14 @@ def check_copy_attrs(copy_attrs: bool, x_ref, out_ref, out_format) -> None:
     if copy_attrs and (x_ref.is_std or not io.formats.input_format(x_ref).has_attributes):
         x_ref.fail("--copy-attrs: the input holds no attributes to copy (only .h5 datasets and zarr arrays have "
                    "them)")
+
+
+def copied_attributes(x_ref, copy_attrs: bool, provenance: dict) -> dict:
+    """What --copy-attrs copies: the input's attributes, but for those the provenance replaces anyway (an input
+    convt made has its own convt_*, which another format may not hold: a zarr array's JSON object in .h5)."""
+    if not copy_attrs:
+        return {}
+    return {k: v for k, v in io.attributes(x_ref).items() if k not in provenance}
 
 
 def provenance_of(x_ref, w_ref, info: dict) -> dict:
@@ -610,12 +618,8 @@ def verify_files(input_ref, filters_ref, output_ref=None, *, output_shape=None, 
                 report(b1 - b0, b1, plan.batch)
                 stop_if_signalled()
             result = check.report()
-            if y_src is not None and result.failing_tiles and tile is None:  # someone else's: what it looks like
-                b = result.failing_tiles[0].batch
-                x = cast_to(x_ref, x_src.read(b, b + 1), out_dtype, b, True)
-                hint = likely_cause(plan, x, w, y_src.read(b, b + 1), b, dict(
-                    probes=probes, seed=seed, rtol=rtol, dtype=out_dtype.name))
-                result = dataclasses.replace(result, hint=hint)
+            if y_src is not None and tile is None:
+                result = with_hint(result, plan, x_ref, x_src, y_src, w, out_dtype, probes, seed, rtol)
     finally:
         for src in sources:
             src.close()
@@ -624,6 +628,18 @@ def verify_files(input_ref, filters_ref, output_ref=None, *, output_shape=None, 
         del info[key]
     info.update(wall_seconds=round(time.perf_counter() - began, 6), **_pieces_info(plan, chunk, tile))
     return dataclasses.replace(result, context=info)
+
+
+def with_hint(result, plan, x_ref, x_src, y_src, w, out_dtype, probes, seed, rtol):
+    """A failed check of someone else's output, with what the first failing batch element looks like (likely_cause:
+    the usual mix-ups of layout, flip, stride or padding), read from the sources again."""
+    if not result.failing_tiles:
+        return result
+    b = result.failing_tiles[0].batch
+    x = cast_to(x_ref, x_src.read(b, b + 1), out_dtype, b, True)
+    hint = likely_cause(plan, x, w, y_src.read(b, b + 1), b, dict(probes=probes, seed=seed, rtol=rtol,
+                                                                    dtype=out_dtype.name))
+    return dataclasses.replace(result, hint=hint)
 
 
 def verify_plan(x_ref, x_shape, x_dtype, w_ref, w_shape, w_dtype, y_ref, y_header, output_shape, strides, padding,

@@ -318,3 +318,77 @@ def test_the_api_works_in_a_fresh_interpreter():
     assert out.returncode == 0, out.stderr
     # stride 2 = kernel 2: each output element gets one tap per input channel, 2; 4 x 6 x 6 x 3 of them
     assert out.stdout.split() == ["(4,", "6,", "6,", "3)", "864.0", "True"]
+
+
+def _walk(path):
+    return sorted((here, sorted(dirs), sorted(files)) for here, dirs, files in os.walk(path))
+
+
+def test_a_failing_task_leaves_nothing_in_a_new_or_existing_store(client, folder):
+    x = np.ones((40, 16, 16, 8), np.int32)
+    x[37] = 2**28  # its products overflow int32's accumulator bound: the task of element 37 fails
+    np.save("x.npy", x)
+    np.save("w.npy", np.ones((3, 3, 4, 8), np.int32))
+    zarr.open_group("s.zarr", mode="w").create_array("keep", data=np.arange(3))
+    before = _walk("s.zarr")
+    for target in ("new.zarr", "s.zarr:/deep/y"):
+        with pytest.raises(ConvtError, match="int32"):
+            cluster.run_job(client, "local:2", "x.npy", "w.npy", target, max_memory="1M")
+        assert not os.path.exists("new.zarr")
+        assert _walk("s.zarr") == before
+        assert [p for p in os.listdir(".") if p.startswith(".convt")] == []
+
+
+def test_local_workers_leave_the_commands_process_group(client):
+    groups = client.run(os.getpgrp)
+    assert len(groups) == 2 and os.getpgrp() not in groups.values()
+
+
+def test_ctrl_c_at_a_terminal_prints_one_line_and_leaves_nothing(folder):
+    _save(folder, batch=400, size=32, channels=32)
+    zarr.open_group("s.zarr", mode="w").create_array("keep", data=np.arange(3))
+    before = _walk("s.zarr")
+    process = subprocess.Popen(convt_command() + ["run", "x.npy", "w.npy", "-o", "s.zarr:/new/y", "--dask",
+                                                  "local:2", "--max-memory", "8M"], stderr=subprocess.PIPE, text=True,
+                               start_new_session=True)  # its own group, as a shell gives a foreground job
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not os.path.exists("s.zarr/new"):
+        assert process.poll() is None, process.communicate()[1]
+        time.sleep(0.05)
+    time.sleep(1.0)
+    assert process.poll() is None
+    os.killpg(process.pid, signal.SIGINT)  # what Ctrl-C at a terminal does: the whole foreground group
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == 2
+    assert err.strip().splitlines() == ["Error: interrupted; no output was written"]
+    assert _walk("s.zarr") == before
+
+
+def test_an_h5_output_into_the_h5_input_file_is_refused_with_dask(client, folder):
+    import h5py
+
+    x, _ = _save(folder, batch=2)
+    with h5py.File("d.h5", "w") as f:
+        f["x"] = x
+    with pytest.raises(ConvtError, match=r"^OUTPUT 'd.h5:/y': is in the HDF5 file INPUT 'd.h5:/x' is read from: "
+                                         r"with --dask .*write to another file$"):
+        cluster.run_job(client, "local:2", "d.h5:/x", "w.npy", "d.h5:/y")
+    with h5py.File("d.h5", "r") as f:
+        assert list(f) == ["x"]
+
+
+def test_a_failed_verify_on_the_cluster_carries_the_in_process_hint(client, folder):
+    _save(folder)
+    convt_cli.run_files("x.npy", "w.npy", "y.npy")
+    wrong = np.load("y.npy")
+    np.save("y_wrong.npy", wrong[:, ::-1])  # flipped along an axis
+    here = convt_cli.stream.verify_files("x.npy", "w.npy", "y_wrong.npy")
+    there = cluster.verify_job(client, "local:2", "x.npy", "w.npy", "y_wrong.npy")
+    assert not there.passed and there == here and there.hint == here.hint and here.hint
+
+
+def test_unknown_chunk_sizes_are_refused_with_a_message():
+    x, w = _pair()
+    xd = da.from_array(x, chunks=(2, 8, 8, 4))
+    with pytest.raises(ConvtError, match=r"chunk sizes are unknown .*compute_chunk_sizes\(\)"):
+        convt_dask.conv_transpose(xd[xd[:, 0, 0, 0] > -100], w)

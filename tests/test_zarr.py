@@ -286,3 +286,60 @@ def test_attributes_are_copied_from_h5_to_a_store_as_json():
     attrs = zarr.open_array("y.zarr", mode="r").attrs
     assert (attrs["units"], attrs["scale"], attrs["axes"]) == ("counts", 0.5, [1, 2, 3])
     assert attrs["convt_input"] == "x.h5:/x"
+
+
+def test_a_damaged_chunk_is_one_error_line_in_run_and_verify():
+    _pair()
+    assert invoke("run", "x.npy", "w.npy", "-o", "y.zarr").exit_code == 0
+    chunk = next(os.path.join(here, f) for here, _, files in os.walk("y.zarr/c") for f in files)
+    with open(chunk, "r+b") as f:
+        f.truncate(100)
+    for args in (["run", "y.zarr", "w5.npy", "-o", "z.npy"], ["verify", "x.npy", "w.npy", "y.zarr"]):
+        np.save("w5.npy", np.ones((3, 3, 2, 5), np.float32))
+        line = error_line(invoke(*args))
+        assert line.startswith("Error: ") and "cannot be read (" in line and "damaged or unreadable" in line
+    assert not os.path.exists("z.npy")
+
+
+def test_an_array_added_to_a_v2_store_is_v2_and_takes_gzip():
+    _pair()
+    zarr.open_group("v2.zarr", mode="w", zarr_format=2).create_array("a", data=np.zeros(3))
+    r = invoke("run", "x.npy", "w.npy", "-o", "v2.zarr:/out/y", "--compression", "gzip", "--compression-level", 7)
+    assert r.exit_code == 0, r.output
+    y = zarr.open_group("v2.zarr", mode="r")["out/y"]
+    assert y.metadata.zarr_format == 2 and "GZip" in repr(y.compressors) and "level=7" in repr(y.compressors)
+    assert invoke("run", "x.npy", "w.npy", "-o", "y.npy").exit_code == 0
+    assert y[...].tobytes() == np.load("y.npy").tobytes()
+
+
+def test_copy_attrs_from_a_store_made_by_convt_into_h5():
+    import h5py
+
+    _pair()
+    np.save("w5.npy", np.ones((3, 3, 2, 5), np.float32))
+    assert invoke("run", "x.npy", "w.npy", "-o", "y.zarr").exit_code == 0
+    zarr.open_array("y.zarr", mode="r+").attrs["meta"] = {"site": "A", "run": 3}
+    r = invoke("run", "y.zarr", "w5.npy", "-o", "z.h5:/z", "--copy-attrs")
+    assert r.exit_code == 0, r.output
+    with h5py.File("z.h5", "r") as f:
+        attrs = dict(f["z"].attrs)
+    assert json.loads(attrs["meta"]) == {"site": "A", "run": 3}
+    assert attrs["convt_input"] == "y.zarr"  # convt's own, of this run
+
+
+def test_a_new_store_is_as_readable_as_any_new_file():
+    _pair()
+    old = os.umask(0o022)
+    try:
+        assert invoke("run", "x.npy", "w.npy", "-o", "y.zarr").exit_code == 0
+        assert invoke("run", "x.npy", "w.npy", "-o", "y.npy").exit_code == 0
+    finally:
+        os.umask(old)
+    assert os.stat("y.zarr").st_mode & 0o777 == 0o755
+    assert os.stat("y.npy").st_mode & 0o777 == 0o644
+
+
+def test_a_compression_a_store_cannot_take_names_the_store():
+    _pair()
+    line = error_line(invoke("run", "x.npy", "w.npy", "-o", "y.zarr", "--compression", "lzf"))
+    assert line.startswith("Error: --compression lzf: OUTPUT 'y.zarr' is a zarr store, which takes only gzip")

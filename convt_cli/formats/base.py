@@ -99,7 +99,8 @@ class Format:
     def check_options(self, ref, options: WriteOptions) -> None:
         """Refuse, before any work, what the format cannot store (io.check_output)."""
         if options.compression is not None and options.compression not in self.compressions:
-            what = "stdout (a .npy stream)" if ref.path is None else f"a {self.title} file"
+            kind = "store" if self.folder else "file"
+            what = "stdout (a .npy stream)" if ref.path is None else f"a {self.title} {kind}"
             cannot = f"takes only {one_of(self.compressions)}" if self.compressions else "cannot be compressed"
             raise ConvtError(f"--compression {options.compression}: OUTPUT '{ref}' is {what}, which {cannot}; .npz "
                              f"outputs take gzip, .h5 outputs gzip or lzf")

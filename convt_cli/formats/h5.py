@@ -182,7 +182,7 @@ def create_dataset(ref, f, name: str, shape, dtype, provenance: dict, options: W
         if key == "dtype" and str(_plain(value)) != dtype.name:
             continue  # a dtype tag (bfloat16's) names the input's values, not a cast output's
         try:
-            d.attrs[key] = value
+            d.attrs[key] = json.dumps(value) if isinstance(value, dict) else value  # a zarr attribute's object
         # too large for an object header, a type h5py cannot write
         except (TypeError, ValueError, OSError, RuntimeError) as e:
             ref.fail(f"the input's attribute '{key}' cannot be stored ({type(e).__name__}: "

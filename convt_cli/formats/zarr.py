@@ -262,16 +262,25 @@ class ZarrReader(Reader):
         check_plain(ref, self.dtype)
 
     def read_all(self) -> np.ndarray:
-        with deferred():
-            return _as_read(self._array, self._array[...], self.dtype)
+        return self._read(...)
 
     def read(self, b0, b1):
-        with deferred():
-            return _as_read(self._array, self._array[b0:b1], self.dtype)
+        return self._read(slice(b0, b1))
 
     def read_box(self, b0, b1, index):
-        with deferred():
-            return _as_read(self._array, self._array[(slice(b0, b1), *index)], self.dtype)
+        return self._read((slice(b0, b1), *index))
+
+    def _read(self, index) -> np.ndarray:
+        """The values at `index`; a chunk zarr cannot decode (damaged, truncated) as one line naming the input."""
+        try:
+            with deferred():
+                return _as_read(self._array, self._array[index], self.dtype)
+        except (ConvtError, MemoryError):
+            raise
+        except Exception as e:  # noqa: BLE001 - codecs raise RuntimeError, zlib.error, ValueError, OSError...
+            text = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            self.ref.fail(f"cannot be read ({type(e).__name__}{': ' + text if text else ''}): a chunk of the store "
+                          f"is damaged or unreadable")
 
     def close(self):
         self._array = None
@@ -283,6 +292,7 @@ class ZarrWriter(Writer):
 
     boxes = True
     _tmp = _hidden = _array = None
+    _format = 3
     _new_groups: list[str] = []
 
     def __init__(self, ref, shape, dtype, provenance: dict, force: bool, options: WriteOptions = WriteOptions()):
@@ -298,6 +308,9 @@ class ZarrWriter(Writer):
         if not os.path.exists(self.ref.path) or not self.path:  # a whole new store, beside
             with deferred():
                 self._tmp = tempfile.mkdtemp(prefix=HIDDEN, suffix=".tmp", dir=folder)
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(self._tmp, 0o777 & ~umask)  # mkdtemp's is owner-only, and the rename would keep it
             if self.path:
                 with deferred():
                     root = zarr.open_group(self._tmp, mode="w", zarr_format=3)
@@ -307,6 +320,7 @@ class ZarrWriter(Writer):
             return
         with deferred():
             root = zarr.open_group(os.path.abspath(self.ref.path), mode="r+")
+        self._format = root.metadata.zarr_format  # an array added to a v2 store is v2: zarr mixes no formats
         parent, _, leaf = self.path.rpartition("/")
         parts = parent.split("/") if parent else []
         with deferred():
@@ -337,9 +351,15 @@ class ZarrWriter(Writer):
             self.ref.fail(f"an attribute cannot be stored as JSON ({e}): leave out --copy-attrs")
         compressors = "auto"
         if self.options.compression == "gzip":
-            from zarr.codecs import GzipCodec
+            level = 5 if self.options.level is None else int(self.options.level)
+            if self._format == 2:
+                from numcodecs import GZip
 
-            compressors = [GzipCodec(level=5 if self.options.level is None else int(self.options.level))]
+                compressors = [GZip(level=level)]
+            else:
+                from zarr.codecs import GzipCodec
+
+                compressors = [GzipCodec(level=level)]
         keywords = dict(shape=self.shape, dtype=dtype, chunks=chunks_for(self.shape, self.dtype, self.options),
                         compressors=compressors, attributes=attrs, fill_value=0)
         with deferred():
