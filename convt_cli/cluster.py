@@ -176,14 +176,6 @@ class Slab:
             source.close()
         return cast_to(ref, x, self.dtype, b0, b1 - b0 < self.shape[0])
 
-    def __dask_tokenize__(self):
-        try:
-            st = os.stat(io.parse_ref(self.label, self.text).path)
-            stamp = (st.st_mtime_ns, st.st_size, st.st_ino)
-        except (OSError, ConvtError):
-            stamp = None
-        return ("convt-slab", self.text, self.label, self.shape, str(self.dtype), stamp)
-
 
 def shared_input(ref):
     """Refuse what the workers cannot read by themselves; the absolute path they read (the same on every worker
@@ -205,18 +197,23 @@ def dask_array(slab: Slab, chunk: int):
                                  meta=np.empty((0,) * slab.ndim, slab.dtype), name=False)
 
 
-def task_batch(per_task_needs, batch: int, per_image: int, max_memory, available_memory, threads: int,
+def task_batch(needs, plan, x_ref, x_dtype, out_dtype, max_memory, available_memory, threads: int,
                op: str = "run") -> int:
-    """Batch elements per task: at most TASK_BYTES of input and output, within each task's budget (--max-memory,
-    else what this machine has free shared by its worker threads)."""
-    from .stream import check_memory
+    """Batch elements per task: at most TASK_BYTES of input and output, within each task's budget (`needs` against
+    --max-memory, else what this machine has free shared by its worker threads), aligned to the input's stored
+    chunks."""
+    from .stream import check_memory, image_bytes
+
+    if not plan.batch:
+        return 1
 
     def shared():
         free = available_memory()
         return None if free is None else free // threads
 
-    fits = check_memory(op, per_task_needs, batch, max_memory, shared if available_memory is not None else None)
-    return max(1, min(fits, TASK_BYTES // max(1, per_image), batch))
+    fits = check_memory(op, needs, plan.batch, max_memory, shared if available_memory is not None else None)
+    chunk = max(1, min(fits, TASK_BYTES // max(1, image_bytes(plan, x_dtype, out_dtype)), plan.batch))
+    return aligned(chunk, io.formats.input_format(x_ref).batch_chunk(x_ref))
 
 
 def aligned(chunk: int, stored: int | None) -> int:
@@ -338,11 +335,8 @@ def run_job(client, address, input_ref, filters_ref, output_ref, *, output_shape
     io.check_output(out_ref, [x_ref, w_ref], bool(force), options)
     w = cast_to(w_ref, w_load(), out_dtype)
     threads = _threads(client)
-    per_image = (math.prod(plan.input_shape[1:]) * x_dtype.itemsize
-                 + math.prod(plan.output_shape[1:]) * out_dtype.itemsize)
-    chunk = task_batch(run_needs(plan, x_dtype, w_dtype, out_dtype, threads=1), plan.batch, per_image, max_memory,
-                       available_memory, threads) if plan.batch else 1
-    chunk = aligned(chunk, io.formats.input_format(x_ref).batch_chunk(x_ref))
+    chunk = task_batch(run_needs(plan, x_dtype, w_dtype, out_dtype, threads=1), plan, x_ref, x_dtype, out_dtype,
+                       max_memory, available_memory, threads)
     if batch_per_task is not None:
         chunk = max(1, int(batch_per_task))
     check_space(out_ref, math.prod(plan.output_shape) * out_dtype.itemsize)
@@ -353,7 +347,7 @@ def run_job(client, address, input_ref, filters_ref, output_ref, *, output_shape
     x = dask_array(Slab(x_text, x_ref.label, x_shape, x_dtype, out_dtype), chunk)
     y = convt_dask.lazy(x, dask.delayed(w, pure=True), plan, out_dtype)
     blocks = list(y.to_delayed().ravel())
-    starts = [0, *np.cumsum(y.chunks[0])[:-1].tolist()]
+    starts = convt_dask.batch_starts(y)
     sizes = list(y.chunks[0])
     done = [0]
 
@@ -389,7 +383,7 @@ def run_job(client, address, input_ref, filters_ref, output_ref, *, output_shape
     info.update(seconds=round(seconds, 6), wall_seconds=round(time.perf_counter() - began, 6),
                 gflop_per_s=round(plan.flops / seconds / 1e9, 3) if seconds > 0 else None,
                 batch_per_chunk=min(chunk, plan.batch), pieces=len(blocks), tile_shape=None,
-                dask={"scheduler": address_text(client, address), "workers": len(client.nthreads()),
+                dask={"scheduler": address_text(address), "workers": len(client.nthreads()),
                       "threads": threads})
     return info
 
@@ -402,7 +396,8 @@ def _store(block: np.ndarray, target, b0: int) -> int:
     return len(block)
 
 
-def address_text(client, address) -> str:
+def address_text(address) -> str:
+    """The --dask value as the summary gives it: local:N (N resolved), or the scheduler's address."""
     kind, value = parse_address(address)
     return f"local:{value}" if kind == "local" else str(value)
 
@@ -439,24 +434,16 @@ def verify_job(client, address, input_ref, filters_ref, output_ref=None, *, outp
     w = cast_to(w_ref, w_load(), out_dtype)
     check = AdjointCheck(plan, w, out_dtype.name, probes=probes, seed=seed, rtol=rtol, threads=1)  # the flags
     threads = _threads(client)
-    per_image = (math.prod(plan.input_shape[1:]) * x_dtype.itemsize
-                 + math.prod(plan.output_shape[1:]) * out_dtype.itemsize)
-    needs = with_verify_work(run_needs(plan, x_dtype, w_dtype, out_dtype,
-                                       None if y_header is None else y_header, threads=1),
-                             plan, out_dtype, probes, 1)
-    chunk = task_batch(needs, plan.batch, per_image, max_memory, available_memory, threads, "verify") \
-        if plan.batch else 1
-    chunk = aligned(chunk, io.formats.input_format(x_ref).batch_chunk(x_ref))
+    needs = with_verify_work(run_needs(plan, x_dtype, w_dtype, out_dtype, y_header, threads=1), plan, out_dtype,
+                             probes, 1)
+    chunk = task_batch(needs, plan, x_ref, x_dtype, out_dtype, max_memory, available_memory, threads, "verify")
     x = dask_array(Slab(x_text, x_ref.label, x_shape, x_dtype, out_dtype), chunk)
     w_key = dask.delayed(w, pure=True)
     if y_ref is None:
         y = convt_dask.lazy(x, w_key, plan, out_dtype)
     else:
         y = dask_array(Slab(y_text, y_ref.label, y_header[0], y_header[1], y_header[1]), chunk)
-    starts = [0, *np.cumsum(x.chunks[0])[:-1].tolist()]
-    parts = [dask.delayed(convt_dask.chunk_sums, pure=True)(xb, yb, w_key, plan, out_dtype.name, check.k,
-                                                            check.seed, rtol, int(b0))
-             for xb, yb, b0 in zip(x.to_delayed().ravel(), y.to_delayed().ravel(), starts)]
+    parts = convt_dask.sums(x, y, w_key, plan, check, rtol)
     sizes = list(x.chunks[0])
     found: dict = {}
     done = [0]
@@ -484,6 +471,6 @@ def verify_job(client, address, input_ref, filters_ref, output_ref=None, *, outp
         del info[key]
     info.update(wall_seconds=round(time.perf_counter() - began, 6), batch_per_chunk=min(chunk, plan.batch),
                 pieces=len(parts), tile_shape=None,
-                dask={"scheduler": address_text(client, address), "workers": len(client.nthreads()),
+                dask={"scheduler": address_text(address), "workers": len(client.nthreads()),
                       "threads": threads})
     return dataclasses.replace(result, context=info)

@@ -124,7 +124,7 @@ def tiled(x, w_key, plan, dtype):
     axes = _spatial_axes(plan)
     sizes = [max(x.chunks[axis]) * s for axis, s in zip(axes, plan.spec.strides)]
     boxes = [tile_starts(o, t) for o, t in zip(plan.output_spatial, sizes)]
-    starts = np.cumsum((0, *x.chunks[0][:-1])).tolist()
+    starts = batch_starts(x)
     grid = np.empty((len(x.chunks[0]), *(len(b) for b in boxes)), dtype=object)
     for (j, (b0, nb)), where in itertools.product(enumerate(zip(starts, x.chunks[0])),
                                                   itertools.product(*(range(len(b)) for b in boxes))):
@@ -187,13 +187,23 @@ def verify(input, filters, output, strides=1, padding="SAME", data_format=None, 
     if y.dtype.name != x.dtype.name:
         raise ConvtError(f"verify: output dtype {y.dtype.name} must match the input and filters dtype {x.dtype.name}")
     check = AdjointCheck(plan, w, x.dtype.name, probes=probes, seed=seed, rtol=rtol, threads=1)  # checks the flags
-    y = y.rechunk({0: x.chunks[0]})
     w_key = dask.delayed(w, pure=True)
-    starts = np.cumsum((0, *x.chunks[0][:-1])).tolist()
-    parts = [dask.delayed(chunk_sums, pure=True)(xb, yb, w_key, plan, x.dtype.name, check.k, check.seed, rtol, int(b0))
-             for xb, yb, b0 in zip(x.to_delayed().ravel(), y.to_delayed().ravel(), starts)]
+    parts = sums(x, y.rechunk({0: x.chunks[0]}), w_key, plan, check, rtol)
     report = dask.delayed(combine, pure=True)(parts, plan, w_key, x.dtype.name, check.k, check.seed, rtol)
     return report.compute() if compute else report
+
+
+def batch_starts(x) -> list[int]:
+    """The first batch element of each of x's batch chunks."""
+    return np.cumsum((0, *x.chunks[0][:-1])).tolist()
+
+
+def sums(x, y, w_key, plan, check, rtol) -> list:
+    """Delayed chunk_sums of each batch chunk of x and y (chunked alike), for `check`'s dtype, probes and seed."""
+    import dask
+
+    return [dask.delayed(chunk_sums, pure=True)(xb, yb, w_key, plan, check.dtype, check.k, check.seed, rtol, int(b0))
+            for xb, yb, b0 in zip(x.to_delayed().ravel(), y.to_delayed().ravel(), batch_starts(x))]
 
 
 def chunk_sums(x, y, w, plan, dtype, probes, seed, rtol, offset):

@@ -890,12 +890,16 @@ def address_space_left() -> int | None:
         return None
 
 
+def image_bytes(plan, x_dtype, out_dtype) -> int:
+    """Bytes of input and output of one batch element."""
+    return (math.prod(plan.input_shape[1:]) * x_dtype.itemsize
+            + math.prod(plan.output_shape[1:]) * out_dtype.itemsize)
+
+
 def piece_batch(plan, x_dtype, out_dtype) -> int:
     """Batch elements per piece when memory is plenty: about PIECE_BYTES of input and output, so that the output
     need never be held whole."""
-    per_image = (math.prod(plan.input_shape[1:]) * x_dtype.itemsize
-                 + math.prod(plan.output_shape[1:]) * out_dtype.itemsize)
-    return max(1, PIECE_BYTES // max(1, per_image))
+    return max(1, PIECE_BYTES // max(1, image_bytes(plan, x_dtype, out_dtype)))
 
 
 def check_memory(op: str, needs, batch: int, max_memory: int | None, available_memory=None, whole=None) -> int:

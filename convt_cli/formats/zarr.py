@@ -108,7 +108,7 @@ def stored_dtype(array) -> np.dtype:
     return fix_header_dtype(dtype)
 
 
-def _as_read(array, data: np.ndarray, dtype: np.dtype) -> np.ndarray:
+def _as_read(data: np.ndarray, dtype: np.dtype) -> np.ndarray:
     data = np.asarray(data)
     if data.dtype != dtype:
         data = data.view(dtype) if data.dtype.itemsize == dtype.itemsize else data.astype(dtype)
@@ -274,7 +274,7 @@ class ZarrReader(Reader):
         """The values at `index`; a chunk zarr cannot decode (damaged, truncated) as one line naming the input."""
         try:
             with deferred():
-                return _as_read(self._array, self._array[index], self.dtype)
+                return _as_read(self._array[index], self.dtype)
         except (ConvtError, MemoryError):
             raise
         except Exception as e:  # noqa: BLE001 - codecs raise RuntimeError, zlib.error, ValueError, OSError...
